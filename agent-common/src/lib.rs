@@ -1,0 +1,197 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the user-space agent.
+//! Everything here is `#[repr(C)]` with explicit padding and a size assertion, so both sides agree byte for byte.
+#![no_std]
+
+pub mod hist;
+pub mod tracepoints;
+
+pub use hist::{HIST_BUCKETS, bucket_index};
+
+/// Map names: the kernel declares them, user space looks them up; never repeat the strings.
+pub mod maps {
+    /// `LruHashMap<u64 /* struct sock * */, FlowState>`: per-flow state.
+    pub const FLOWS: &str = "TF_FLOWS";
+    /// `PerCpuArray<u64>`: capture counters, indexed by [`crate::counters`].
+    pub const COUNTERS: &str = "TF_COUNTERS";
+    /// `PerCpuArray<u64>`: node-wide RTT histogram (µs), [`crate::HIST_BUCKETS`] entries.
+    pub const NODE_RTT_HIST: &str = "TF_NODE_RTT";
+    /// `Array<Config>` with one entry: filters and kernel offsets written by user space before attach.
+    pub const CONFIG: &str = "TF_CONFIG";
+    /// `Array<u8>` with 65536 entries: non-zero marks a port to watch (used when `FILTER_PORTS` is set).
+    pub const PORTS: &str = "TF_PORTS";
+    /// `RingBuf`: the final [`crate::FlowState`] of each TCP socket reaching `TCP_CLOSE`.
+    pub const CLOSED: &str = "TF_CLOSED";
+}
+
+/// Program names (the Rust function names in `agent-ebpf`) and the tracepoints they attach to.
+pub mod programs {
+    pub const TCP_PROBE: (&str, &str, &str) = ("tf_tcp_probe", "tcp", "tcp_probe");
+    pub const TCP_RETRANSMIT: (&str, &str, &str) =
+        ("tf_tcp_retransmit_skb", "tcp", "tcp_retransmit_skb");
+    pub const SOCK_SET_STATE: (&str, &str, &str) =
+        ("tf_inet_sock_set_state", "sock", "inet_sock_set_state");
+    /// Every program the agent loads; `bpftool prog` shows each name truncated to 15 bytes.
+    pub const ALL: [(&str, &str, &str); 3] = [TCP_PROBE, TCP_RETRANSMIT, SOCK_SET_STATE];
+}
+
+/// Indices into the `TF_COUNTERS` per-CPU array.
+pub mod counters {
+    pub const PROBE_EVENTS: u32 = 0;
+    pub const RETRANSMIT_EVENTS: u32 = 1;
+    pub const STATE_EVENTS: u32 = 2;
+    pub const FLOWS_CREATED: u32 = 3;
+    /// The LRU map refused an insert: the flow's events are not counted.
+    pub const FLOW_INSERT_FAILED: u32 = 4;
+    /// The ring buffer was full: a flow-closed event was lost.
+    pub const CLOSED_DROPPED: u32 = 5;
+    /// Events of flows the filter excludes.
+    pub const FILTERED_EVENTS: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// Capacity of the per-flow LRU map.
+pub const MAX_FLOWS: u32 = 16384;
+/// Size of the flow-closed ring buffer in bytes (a power of two, a multiple of the page size).
+pub const CLOSED_RINGBUF_BYTES: u32 = 1 << 20;
+
+/// `Config::flags` bits.
+pub const FILTER_PORTS: u32 = 1;
+pub const FILTER_NETNS: u32 = 1 << 1;
+pub const FILTER_CGROUP: u32 = 1 << 2;
+/// `offsets` hold values read from the running kernel's BTF.
+pub const OFFSETS_VALID: u32 = 1 << 3;
+
+/// `FlowState::flags` bits.
+/// The filter excludes this flow: its events are counted as filtered and otherwise ignored.
+pub const FLOW_IGNORED: u16 = 1;
+/// `last_snd_una` holds a value, so the next sample can count acknowledged bytes.
+pub const FLOW_HAVE_UNA: u16 = 1 << 1;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+/// `include/net/tcp_states.h`.
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_SYN_SENT: u8 = 2;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LISTEN: u8 = 10;
+
+/// Field offsets inside kernel structures, read by user space from `/sys/kernel/btf/vmlinux`
+/// (the agent's own CO-RE): the kernel programs follow pointers only through these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock` → `__sk_common.skc_net` (a `struct net *`).
+    pub sock_net: u32,
+    /// `struct net` → `ns.inum` (the netns inode number, as in `/proc/PID/ns/net`).
+    pub net_inum: u32,
+    /// `struct sock` → `sk_cgrp_data.cgroup` (a `struct cgroup *`).
+    pub sock_cgroup: u32,
+    /// `struct cgroup` → `kn` (a `struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` → `id` (the cgroup id, as `bpf_get_current_cgroup_id` reports).
+    pub kernfs_id: u32,
+    /// `struct sk_buff` → `cb` plus `struct tcp_skb_cb` → `tcp_gso_segs`: segments in a TCP skb.
+    pub skb_gso_segs: u32,
+}
+
+/// Written by user space into `TF_CONFIG[0]` before the programs are attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// With `FILTER_NETNS`: watch only sockets in this network namespace (inode number).
+    pub netns: u32,
+    /// With `FILTER_CGROUP`: watch only sockets owned by this cgroup (id).
+    pub cgroup_id: u64,
+    pub offsets: KernelOffsets,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// Per-flow state, cumulative since the flow was first seen; user space takes deltas.
+/// Updates come from TCP paths that hold the socket lock, so one flow is never updated by two CPUs at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    /// The `struct sock *` this flow is keyed by (unique while the socket lives; the entry goes at close).
+    pub sk: u64,
+    /// The kernel's socket cookie (`sock_cookie` of `tcp:tcp_probe`); 0 until the first RTT sample.
+    pub cookie: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// RTT samples (one per `tcp_probe` event: an incoming segment on an established socket).
+    pub rtt_samples: u64,
+    pub srtt_sum_us: u64,
+    pub bytes_acked: u64,
+    /// Retransmitted segments (what `ss`'s `retrans:…/total` and `TcpRetransSegs` count).
+    pub retrans_segs: u64,
+    /// Retransmitted skbs (one tracepoint event each; an skb may carry several segments).
+    pub retrans_events: u64,
+    pub state_changes: u64,
+    /// Cgroup id of the owning socket (0 when unknown).
+    pub cgroup_id: u64,
+    /// Local and remote address; IPv4 uses the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u16,
+    /// Network namespace inode number (0 when unknown).
+    pub netns: u32,
+    /// Process that opened the connection (known for `connect()`; 0 otherwise).
+    pub pid: u32,
+    pub last_srtt_us: u32,
+    pub snd_cwnd: u32,
+    /// `snd_nxt - snd_una` at the last sample.
+    pub bytes_in_flight: u32,
+    pub last_snd_una: u32,
+    /// Current TCP state (`include/net/tcp_states.h`).
+    pub state: u32,
+    pub _pad: u32,
+    /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
+    pub rtt_hist: [u32; HIST_BUCKETS],
+}
+const _: () = assert!(core::mem::size_of::<FlowState>() == 160 + 4 * HIST_BUCKETS);
+
+impl FlowState {
+    pub const fn zeroed() -> Self {
+        Self {
+            sk: 0,
+            cookie: 0,
+            first_seen_ns: 0,
+            last_seen_ns: 0,
+            rtt_samples: 0,
+            srtt_sum_us: 0,
+            bytes_acked: 0,
+            retrans_segs: 0,
+            retrans_events: 0,
+            state_changes: 0,
+            cgroup_id: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            family: 0,
+            sport: 0,
+            dport: 0,
+            flags: 0,
+            netns: 0,
+            pid: 0,
+            last_srtt_us: 0,
+            snd_cwnd: 0,
+            bytes_in_flight: 0,
+            last_snd_una: 0,
+            state: 0,
+            _pad: 0,
+            rtt_hist: [0; HIST_BUCKETS],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data: repr(C), integer fields only, explicit padding, no invalid bit patterns.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowState {}
+}

@@ -1,0 +1,130 @@
+//! Field offsets of the tracepoint records the kernel programs read, copied from
+//! `/sys/kernel/tracing/events/<sys>/<name>/format`. A test compares every entry with the running
+//! kernel's format file, so a kernel that moves a field fails that test instead of a measurement.
+
+/// One field the programs read: (name in the format file, byte offset, byte size).
+pub type Field = (&'static str, usize, usize);
+
+/// `tcp:tcp_probe` (`include/trace/events/tcp.h`), fired by `tcp_rcv_established()` for every incoming
+/// segment on an established socket; carries the sender-side smoothed RTT.
+/// ```text
+/// field:__u8 saddr[28];        offset:8;   size:28;  (sockaddr_in or sockaddr_in6)
+/// field:__u8 daddr[28];        offset:36;  size:28;
+/// field:__u16 sport;           offset:64;  size:2;
+/// field:__u16 dport;           offset:66;  size:2;
+/// field:__u16 family;          offset:68;  size:2;
+/// field:__u32 snd_nxt;         offset:80;  size:4;
+/// field:__u32 snd_una;         offset:84;  size:4;
+/// field:__u32 snd_cwnd;        offset:88;  size:4;
+/// field:__u32 srtt;            offset:100; size:4;  (µs: tp->srtt_us >> 3)
+/// field:__u64 sock_cookie;     offset:112; size:8;
+/// field:const void * skaddr;   offset:128; size:8;
+/// ```
+pub mod tcp_probe {
+    pub const SADDR: usize = 8;
+    pub const DADDR: usize = 36;
+    pub const SPORT: usize = 64;
+    pub const DPORT: usize = 66;
+    pub const FAMILY: usize = 68;
+    pub const SND_NXT: usize = 80;
+    pub const SND_UNA: usize = 84;
+    pub const SND_CWND: usize = 88;
+    pub const SRTT: usize = 100;
+    pub const SOCK_COOKIE: usize = 112;
+    pub const SKADDR: usize = 128;
+    pub const FIELDS: [super::Field; 11] = [
+        ("saddr", SADDR, 28),
+        ("daddr", DADDR, 28),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("snd_nxt", SND_NXT, 4),
+        ("snd_una", SND_UNA, 4),
+        ("snd_cwnd", SND_CWND, 4),
+        ("srtt", SRTT, 4),
+        ("sock_cookie", SOCK_COOKIE, 8),
+        ("skaddr", SKADDR, 8),
+    ];
+}
+
+/// `tcp:tcp_retransmit_skb`, fired at the end of `__tcp_retransmit_skb()`; `err` is 0 when the
+/// segment really left (only then does the kernel add to `tp->total_retrans`).
+/// ```text
+/// field:const void * skbaddr;  offset:8;  size:8;
+/// field:const void * skaddr;   offset:16; size:8;
+/// field:int state;             offset:24; size:4;
+/// field:__u16 sport;           offset:28; size:2;
+/// field:__u16 dport;           offset:30; size:2;
+/// field:__u16 family;          offset:32; size:2;
+/// field:__u8 saddr[4];         offset:34; size:4;
+/// field:__u8 daddr[4];         offset:38; size:4;
+/// field:__u8 saddr_v6[16];     offset:42; size:16;
+/// field:__u8 daddr_v6[16];     offset:58; size:16;
+/// field:int err;               offset:76; size:4;
+/// ```
+pub mod tcp_retransmit_skb {
+    pub const SKBADDR: usize = 8;
+    pub const SKADDR: usize = 16;
+    pub const SPORT: usize = 28;
+    pub const DPORT: usize = 30;
+    pub const FAMILY: usize = 32;
+    pub const SADDR: usize = 34;
+    pub const DADDR: usize = 38;
+    pub const SADDR_V6: usize = 42;
+    pub const DADDR_V6: usize = 58;
+    pub const ERR: usize = 76;
+    pub const FIELDS: [super::Field; 10] = [
+        ("skbaddr", SKBADDR, 8),
+        ("skaddr", SKADDR, 8),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+        ("err", ERR, 4),
+    ];
+}
+
+/// `sock:inet_sock_set_state`, fired by `inet_sk_set_state()`/`inet_sk_state_store()` on every
+/// state change of an inet socket (TCP, SCTP, MPTCP: filter on `protocol`).
+/// ```text
+/// field:const void * skaddr;   offset:8;  size:8;
+/// field:int oldstate;          offset:16; size:4;
+/// field:int newstate;          offset:20; size:4;
+/// field:__u16 sport;           offset:24; size:2;
+/// field:__u16 dport;           offset:26; size:2;
+/// field:__u16 family;          offset:28; size:2;
+/// field:__u16 protocol;        offset:30; size:2;
+/// field:__u8 saddr[4];         offset:32; size:4;
+/// field:__u8 daddr[4];         offset:36; size:4;
+/// field:__u8 saddr_v6[16];     offset:40; size:16;
+/// field:__u8 daddr_v6[16];     offset:56; size:16;
+/// ```
+pub mod inet_sock_set_state {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+    pub const FIELDS: [super::Field; 11] = [
+        ("skaddr", SKADDR, 8),
+        ("oldstate", OLDSTATE, 4),
+        ("newstate", NEWSTATE, 4),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("protocol", PROTOCOL, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
+}

@@ -1,0 +1,179 @@
+//! Maps and the per-flow bookkeeping shared by the programs: find or create a flow, apply the filter,
+//! count events. Kept free of tracepoint details so each program stays a read-filter-aggregate step.
+
+use agent_common::{
+    CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FLOW_IGNORED,
+    FlowState, HIST_BUCKETS, MAX_FLOWS, OFFSETS_VALID, counters,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+};
+
+#[map(name = "TF_FLOWS")]
+pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "TF_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+#[map(name = "TF_NODE_RTT")]
+static NODE_RTT: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS as u32, 0);
+
+#[map(name = "TF_CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "TF_PORTS")]
+static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
+#[map(name = "TF_CLOSED")]
+pub static CLOSED: RingBuf = RingBuf::with_byte_size(CLOSED_RINGBUF_BYTES, 0);
+
+/// Scratch space for building a new flow: `FlowState` is larger than the 512-byte BPF stack.
+#[map(name = "TF_SCRATCH")]
+static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, programs do not nest on one CPU for these tracepoints.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_node_rtt(bucket: usize) {
+    if let Some(c) = NODE_RTT.get_ptr_mut(bucket as u32) {
+        // SAFETY: as in `count`.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Identity of a socket as a tracepoint reports it.
+pub struct Tuple {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// What the flow map holds for a socket.
+pub enum Lookup {
+    Tracked(*mut FlowState),
+    /// Tracked, but the filter excludes it.
+    Ignored,
+    Missing,
+}
+
+#[inline(always)]
+pub fn lookup(sk: u64) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(sk) else {
+        return Lookup::Missing;
+    };
+    // SAFETY: map value pointer returned by the kernel for this key.
+    if unsafe { (*flow).flags } & FLOW_IGNORED != 0 {
+        count(counters::FILTERED_EVENTS);
+        return Lookup::Ignored;
+    }
+    Lookup::Tracked(flow)
+}
+
+/// Reads a kernel pointer-sized or smaller value at `base + off`; 0 when the read faults.
+#[inline(always)]
+fn read_kernel<T: Default>(base: u64, off: u32) -> T {
+    // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+/// Creates the flow for `sk` (first event seen for it), applying the filter once per flow.
+/// Returns `None` when the filter excludes it or the map is full.
+#[inline(always)]
+pub fn create(sk: u64, tuple: &Tuple, pid: u32) -> Option<*mut FlowState> {
+    let cfg = CONFIG.get(0)?;
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot, exclusively ours for the duration of this program run.
+    let flow = unsafe { &mut *scratch };
+    *flow = FlowState::zeroed();
+    flow.sk = sk;
+    flow.family = tuple.family;
+    flow.sport = tuple.sport;
+    flow.dport = tuple.dport;
+    flow.saddr = tuple.saddr;
+    flow.daddr = tuple.daddr;
+    flow.pid = pid;
+    let now = now_ns();
+    flow.first_seen_ns = now;
+    flow.last_seen_ns = now;
+    if cfg.flags & OFFSETS_VALID != 0 {
+        let o = &cfg.offsets;
+        let net: u64 = read_kernel(sk, o.sock_net);
+        if net != 0 {
+            flow.netns = read_kernel(net, o.net_inum);
+        }
+        let cgroup: u64 = read_kernel(sk, o.sock_cgroup);
+        if cgroup != 0 {
+            let kn: u64 = read_kernel(cgroup, o.cgroup_kn);
+            if kn != 0 {
+                flow.cgroup_id = read_kernel(kn, o.kernfs_id);
+            }
+        }
+    }
+    if !admitted(cfg, flow) {
+        flow.flags |= FLOW_IGNORED;
+    }
+    let ignored = flow.flags & FLOW_IGNORED != 0;
+    if FLOWS.insert(sk, &*flow, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created it first (then use that one), or the map refused the insert.
+        return match FLOWS.get_ptr_mut(sk) {
+            Some(existing) if !ignored => Some(existing),
+            Some(_) => None,
+            None => {
+                count(counters::FLOW_INSERT_FAILED);
+                None
+            }
+        };
+    }
+    count(counters::FLOWS_CREATED);
+    if ignored {
+        count(counters::FILTERED_EVENTS);
+        return None;
+    }
+    FLOWS.get_ptr_mut(sk)
+}
+
+#[inline(always)]
+fn admitted(cfg: &Config, flow: &FlowState) -> bool {
+    if cfg.flags & FILTER_PORTS != 0 {
+        let local = PORTS.get(flow.sport as u32).copied().unwrap_or(0);
+        let remote = PORTS.get(flow.dport as u32).copied().unwrap_or(0);
+        if local == 0 && remote == 0 {
+            return false;
+        }
+    }
+    if cfg.flags & FILTER_NETNS != 0 && flow.netns != cfg.netns {
+        return false;
+    }
+    if cfg.flags & FILTER_CGROUP != 0 && flow.cgroup_id != cfg.cgroup_id {
+        return false;
+    }
+    true
+}
+
+/// Segments in a TCP skb (`tcp_skb_pcount()`: `TCP_SKB_CB(skb)->tcp_gso_segs`), 1 when unknown.
+#[inline(always)]
+pub fn skb_segments(skb: u64) -> u64 {
+    let Some(cfg) = CONFIG.get(0) else { return 1 };
+    if cfg.flags & OFFSETS_VALID == 0 || skb == 0 {
+        return 1;
+    }
+    let segs: u16 = read_kernel(skb, cfg.offsets.skb_gso_segs);
+    if segs == 0 { 1 } else { segs as u64 }
+}

@@ -1,0 +1,222 @@
+//! The three TCP tracepoint programs. Each quotes the fields it reads; the offsets live in
+//! `agent_common::tracepoints` and are checked against the running kernel's format files by a test.
+
+use agent_common::{
+    AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
+    bucket_index, counters,
+    tracepoints::{inet_sock_set_state as ss, tcp_probe as tp, tcp_retransmit_skb as rt},
+};
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
+
+use crate::flow::{self, CLOSED, FLOWS, Lookup, Tuple};
+
+/// Direct load from the tracepoint record. Only for naturally aligned fields: the verifier allows
+/// aligned context loads, which cost far less than `bpf_probe_read_kernel`.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: `off` comes from the checked format offsets and is aligned for `T`.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(off) as *const T) }
+}
+
+/// Reads a possibly unaligned field through `bpf_probe_read_kernel` (off the hot path only).
+#[inline(always)]
+fn read<T: Default>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: the offset lies inside the record described by the format file.
+    unsafe { ctx.read_at::<T>(off) }.unwrap_or_default()
+}
+
+/// Tuple from a record with separate IPv4 (`saddr[4]`) and IPv6 (`saddr_v6[16]`) fields.
+#[inline(always)]
+fn split_tuple(ctx: &TracePointContext, o: [usize; 7]) -> Tuple {
+    let [family, sport, dport, saddr, daddr, saddr6, daddr6] = o;
+    let family: u16 = read(ctx, family);
+    let mut t = Tuple {
+        family,
+        sport: read(ctx, sport),
+        dport: read(ctx, dport),
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET6 {
+        t.saddr = read(ctx, saddr6);
+        t.daddr = read(ctx, daddr6);
+    } else {
+        let s: [u8; 4] = read(ctx, saddr);
+        let d: [u8; 4] = read(ctx, daddr);
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+    }
+    t
+}
+
+/// `tcp:tcp_probe` — see `agent_common::tracepoints::tcp_probe` for the record.
+/// One RTT sample per incoming segment on an established socket: per-flow and node histograms,
+/// cwnd, bytes in flight, bytes newly acknowledged.
+#[tracepoint(category = "tcp", name = "tcp_probe")]
+pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
+    flow::count(counters::PROBE_EVENTS);
+    let sk: u64 = field(&ctx, tp::SKADDR);
+    let flow = match flow::lookup(sk) {
+        Lookup::Tracked(f) => f,
+        Lookup::Ignored => return 0,
+        Lookup::Missing => {
+            let family: u16 = field(&ctx, tp::FAMILY);
+            let mut t = Tuple {
+                family,
+                sport: field(&ctx, tp::SPORT),
+                dport: field(&ctx, tp::DPORT),
+                saddr: [0; 16],
+                daddr: [0; 16],
+            };
+            // saddr/daddr hold a sockaddr_in (address at +4) or a sockaddr_in6 (address at +8).
+            if family == AF_INET {
+                t.saddr[..4].copy_from_slice(&field::<[u8; 4]>(&ctx, tp::SADDR + 4));
+                t.daddr[..4].copy_from_slice(&field::<[u8; 4]>(&ctx, tp::DADDR + 4));
+            } else {
+                t.saddr = read(&ctx, tp::SADDR + 8);
+                t.daddr = read(&ctx, tp::DADDR + 8);
+            }
+            match flow::create(sk, &t, 0) {
+                Some(f) => f,
+                None => return 0,
+            }
+        }
+    };
+    let srtt: u32 = field(&ctx, tp::SRTT);
+    let una: u32 = field(&ctx, tp::SND_UNA);
+    let nxt: u32 = field(&ctx, tp::SND_NXT);
+    let bucket = bucket_index(srtt);
+    // SAFETY: map value pointer; updates of one flow are serialised by the socket lock.
+    let f = unsafe { &mut *flow };
+    if f.cookie == 0 {
+        f.cookie = field(&ctx, tp::SOCK_COOKIE);
+    }
+    f.last_seen_ns = flow::now_ns();
+    f.rtt_samples += 1;
+    f.srtt_sum_us += srtt as u64;
+    f.last_srtt_us = srtt;
+    f.snd_cwnd = field(&ctx, tp::SND_CWND);
+    f.bytes_in_flight = nxt.wrapping_sub(una);
+    if f.flags & FLOW_HAVE_UNA != 0 {
+        let acked = una.wrapping_sub(f.last_snd_una);
+        // A backwards step (reordered sample) is not new data acknowledged.
+        if acked < (1 << 31) {
+            f.bytes_acked += acked as u64;
+        }
+    }
+    f.last_snd_una = una;
+    f.flags |= FLOW_HAVE_UNA;
+    if let Some(slot) = f.rtt_hist.get_mut(bucket) {
+        *slot += 1;
+    }
+    flow::count_node_rtt(bucket);
+    0
+}
+
+/// `tcp:tcp_retransmit_skb` — see `agent_common::tracepoints::tcp_retransmit_skb`.
+/// Counts segments as the kernel's `total_retrans` does: only when `err == 0`, weighted by the skb's
+/// segment count.
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tf_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    flow::count(counters::RETRANSMIT_EVENTS);
+    let err: i32 = field(&ctx, rt::ERR);
+    if err != 0 {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, rt::SKADDR);
+    let flow = match flow::lookup(sk) {
+        Lookup::Tracked(f) => f,
+        Lookup::Ignored => return 0,
+        Lookup::Missing => {
+            let t = split_tuple(
+                &ctx,
+                [
+                    rt::FAMILY,
+                    rt::SPORT,
+                    rt::DPORT,
+                    rt::SADDR,
+                    rt::DADDR,
+                    rt::SADDR_V6,
+                    rt::DADDR_V6,
+                ],
+            );
+            match flow::create(sk, &t, 0) {
+                Some(f) => f,
+                None => return 0,
+            }
+        }
+    };
+    let segs = flow::skb_segments(field(&ctx, rt::SKBADDR));
+    // SAFETY: as in `tf_tcp_probe`.
+    let f = unsafe { &mut *flow };
+    f.retrans_segs += segs;
+    f.retrans_events += 1;
+    f.last_seen_ns = flow::now_ns();
+    0
+}
+
+/// `sock:inet_sock_set_state` — see `agent_common::tracepoints::inet_sock_set_state`.
+/// Counts state changes; a socket reaching `TCP_CLOSE` sends its final state to user space through
+/// the ring buffer and leaves the map. Listening sockets are not flows and are skipped.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    flow::count(counters::STATE_EVENTS);
+    let protocol: u16 = field(&ctx, ss::PROTOCOL);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, ss::SKADDR);
+    let newstate: i32 = field(&ctx, ss::NEWSTATE);
+    let oldstate: i32 = field(&ctx, ss::OLDSTATE);
+    if newstate == TCP_LISTEN as i32 || oldstate == TCP_LISTEN as i32 {
+        return 0;
+    }
+    let flow = match flow::lookup(sk) {
+        Lookup::Tracked(f) => f,
+        Lookup::Ignored => {
+            if newstate == TCP_CLOSE as i32 {
+                let _ = FLOWS.remove(sk);
+            }
+            return 0;
+        }
+        Lookup::Missing if newstate == TCP_CLOSE as i32 => return 0,
+        Lookup::Missing => {
+            let t = split_tuple(
+                &ctx,
+                [
+                    ss::FAMILY,
+                    ss::SPORT,
+                    ss::DPORT,
+                    ss::SADDR,
+                    ss::DADDR,
+                    ss::SADDR_V6,
+                    ss::DADDR_V6,
+                ],
+            );
+            // connect() runs in the connecting process: the only transition whose `current` is the owner.
+            let pid = if newstate == TCP_SYN_SENT as i32 {
+                (bpf_get_current_pid_tgid() >> 32) as u32
+            } else {
+                0
+            };
+            match flow::create(sk, &t, pid) {
+                Some(f) => f,
+                None => return 0,
+            }
+        }
+    };
+    // SAFETY: as in `tf_tcp_probe`.
+    let f = unsafe { &mut *flow };
+    f.state_changes += 1;
+    f.state = newstate as u32;
+    f.last_seen_ns = flow::now_ns();
+    if newstate == TCP_CLOSE as i32 {
+        if CLOSED.output::<agent_common::FlowState>(&*f, 0).is_err() {
+            flow::count(counters::CLOSED_DROPPED);
+        }
+        let _ = FLOWS.remove(sk);
+    }
+    0
+}

@@ -1,0 +1,128 @@
+//! Field offsets of kernel structures, read from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//! The kernel programs follow `struct sock` pointers only through these, so they stay right on any kernel.
+
+use std::path::Path;
+
+use agent_common::KernelOffsets;
+use btf_rs::{Btf, Type};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetError {
+    #[error("cannot read BTF from {path}: {source} (does this kernel have CONFIG_DEBUG_INFO_BTF?)")]
+    Read { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no struct `{0}`")]
+    NoStruct(String),
+    #[error("kernel BTF: struct `{strukt}` has no member path `{path}`")]
+    NoMember { strukt: String, path: String },
+    #[error("kernel BTF lookup failed: {0}")]
+    Btf(#[from] btf_rs::Error),
+}
+
+/// Default location of the kernel's own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Reads every offset the kernel programs need.
+pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
+    let btf = Btf::from_file(path).map_err(|source| OffsetError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let off = |s: &str, p: &str| member_offset(&btf, s, p);
+    Ok(KernelOffsets {
+        sock_net: off("sock", "__sk_common.skc_net.net")?,
+        net_inum: off("net", "ns.inum")?,
+        sock_cgroup: off("sock", "sk_cgrp_data.cgroup")?,
+        cgroup_kn: off("cgroup", "kn")?,
+        kernfs_id: off("kernfs_node", "id")?,
+        skb_gso_segs: off("sk_buff", "cb")? + off("tcp_skb_cb", "tcp_gso_segs")?,
+    })
+}
+
+/// Byte offset of `path` (dot-separated members; anonymous structs and unions are searched through)
+/// inside `struct strukt`.
+pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Result<u32, OffsetError> {
+    let root = btf
+        .resolve_types_by_name(strukt)?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(|| OffsetError::NoStruct(strukt.to_string()))?;
+    let mut ty = root;
+    let mut bits = 0u32;
+    for name in path.split('.') {
+        let (off, member_ty) =
+            find_member(btf, &ty, name)?.ok_or_else(|| OffsetError::NoMember {
+                strukt: strukt.to_string(),
+                path: path.to_string(),
+            })?;
+        bits += off;
+        ty = member_ty;
+    }
+    Ok(bits / 8)
+}
+
+/// Finds `name` among the members of a struct or union type, descending into anonymous members.
+/// Returns the member's bit offset and its type with typedefs and qualifiers stripped.
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, OffsetError> {
+    let members = match ty {
+        Type::Struct(s) | Type::Union(s) => &s.members,
+        _ => return Ok(None),
+    };
+    for m in members {
+        let m_name = btf.resolve_name(m).unwrap_or_default();
+        let m_ty = strip(btf, btf.resolve_chained_type(m)?)?;
+        if m_name == name {
+            return Ok(Some((m.bit_offset(), m_ty)));
+        }
+        if m_name.is_empty()
+            && let Some((inner, t)) = find_member(btf, &m_ty, name)?
+        {
+            return Ok(Some((m.bit_offset() + inner, t)));
+        }
+    }
+    Ok(None)
+}
+
+fn strip(btf: &Btf, mut ty: Type) -> Result<Type, OffsetError> {
+    loop {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                btf.resolve_chained_type(t)?
+            }
+            Type::TypeTag(t) => btf.resolve_chained_type(t)?,
+            _ => return Ok(ty),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checked against the running kernel; layouts that have been stable for years on x86-64.
+    #[test]
+    fn offsets_from_running_kernel() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skip: {VMLINUX_BTF} absent");
+            return;
+        }
+        let o = kernel_offsets(path).unwrap();
+        // `__sk_common` is the first member of `struct sock`; `skc_net` lies inside it.
+        assert!(o.sock_net > 0 && o.sock_net < 136, "{o:?}");
+        // `cb` of sk_buff has been at 40 on 64-bit kernels since 2015; tcp_gso_segs right after seq, end_seq.
+        assert_eq!(o.skb_gso_segs, 40 + 8, "{o:?}");
+        assert!(o.kernfs_id > 0 && o.cgroup_kn > 0, "{o:?}");
+    }
+
+    #[test]
+    fn missing_member_is_an_error() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            return;
+        }
+        let btf = Btf::from_file(path).unwrap();
+        let err = member_offset(&btf, "sock", "no_such_member").unwrap_err();
+        assert!(err.to_string().contains("no_such_member"), "{err}");
+    }
+}

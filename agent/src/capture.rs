@@ -1,0 +1,243 @@
+//! Loads the kernel programs, configures and attaches them, and reads their maps. Dropping a
+//! [`Capture`] detaches every program (the links are file descriptors: a killed agent detaches too).
+
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{
+    Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS, OFFSETS_VALID,
+    counters, maps, programs,
+};
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{btf_offsets, window::Counters};
+
+/// The compiled kernel programs, embedded at build time by `build.rs` (aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tokenflow"));
+
+/// Which flows to watch; empty filters watch everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Watch flows whose local or remote port is one of these.
+    pub ports: Vec<u16>,
+    /// Watch only sockets in this network namespace (inode number).
+    pub netns: Option<u32>,
+    /// Watch only sockets owned by this cgroup (id).
+    pub cgroup_id: Option<u64>,
+}
+
+pub struct Capture {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    flows: HashMap<MapData, u64, FlowState>,
+    counters: PerCpuArray<MapData, u64>,
+    node_rtt: PerCpuArray<MapData, u64>,
+    closed: AsyncFd<RingBuf<MapData>>,
+    /// Flows closed since the last snapshot, drained from the ring buffer as they arrive.
+    closed_flows: Vec<FlowState>,
+}
+
+/// Cumulative kernel state at one instant (see `window::Snapshot`).
+pub struct KernelState {
+    pub live: Vec<FlowState>,
+    pub closed: Vec<FlowState>,
+    pub counters: Counters,
+    pub node_hist: Vec<u64>,
+}
+
+impl Capture {
+    /// Loads and attaches the programs. Needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN.
+    pub fn start(filter: &Filter, btf: &Path) -> Result<Self> {
+        ensure_tracefs()?;
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| privilege_hint(e.into()))?;
+
+        let mut cfg = Config::default();
+        match btf_offsets::kernel_offsets(btf) {
+            Ok(offsets) => {
+                cfg.offsets = offsets;
+                cfg.flags |= OFFSETS_VALID;
+            }
+            Err(e) if filter.netns.is_some() || filter.cgroup_id.is_some() => {
+                return Err(e).context("netns/cgroup filters need the kernel's BTF");
+            }
+            Err(e) => tracing::warn!(
+                "{e}; netns, cgroup and multi-segment retransmit counts will be missing"
+            ),
+        }
+        if !filter.ports.is_empty() {
+            cfg.flags |= FILTER_PORTS;
+            let mut ports: Array<_, u8> = Array::try_from(map(&mut ebpf, maps::PORTS)?)?;
+            for &p in &filter.ports {
+                ports
+                    .set(u32::from(p), 1, 0)
+                    .context("writing the port filter")?;
+            }
+        }
+        if let Some(ns) = filter.netns {
+            cfg.flags |= FILTER_NETNS;
+            cfg.netns = ns;
+        }
+        if let Some(id) = filter.cgroup_id {
+            cfg.flags |= FILTER_CGROUP;
+            cfg.cgroup_id = id;
+        }
+        let mut config: Array<_, Config> = Array::try_from(map(&mut ebpf, maps::CONFIG)?)?;
+        config
+            .set(0, cfg, 0)
+            .context("writing the capture config")?;
+
+        for (prog, category, tracepoint) in programs::ALL {
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("program {prog} missing from the eBPF object"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("verifier rejected {prog}"))?;
+            p.attach(category, tracepoint)
+                .with_context(|| format!("attaching {prog} to {category}:{tracepoint}"))?;
+        }
+
+        let flows = HashMap::try_from(take(&mut ebpf, maps::FLOWS)?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?;
+        let node_rtt = PerCpuArray::try_from(take(&mut ebpf, maps::NODE_RTT_HIST)?)?;
+        let ring = RingBuf::try_from(take(&mut ebpf, maps::CLOSED)?)?;
+        // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd holds it.
+        let closed =
+            unsafe { AsyncFd::register(ring) }.context("registering the ring buffer with tokio")?;
+        Ok(Self {
+            _ebpf: ebpf,
+            flows,
+            counters,
+            node_rtt,
+            closed,
+            closed_flows: Vec::new(),
+        })
+    }
+
+    /// Waits until the ring buffer has flow-closed events and moves them into the pending list.
+    pub async fn drain_closed(&mut self) -> Result<()> {
+        let mut guard = self.closed.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<FlowState>() {
+                // SAFETY: the kernel wrote a whole FlowState (size checked); read_unaligned copies it out.
+                let flow = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowState>()) };
+                self.closed_flows.push(flow);
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Reads the whole cumulative state; the closed flows gathered so far move into it.
+    pub fn snapshot(&mut self) -> Result<KernelState> {
+        // Anything queued but not yet woken for.
+        let ring = self.closed.get_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<FlowState>() {
+                // SAFETY: as in `drain_closed`.
+                let flow = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowState>()) };
+                self.closed_flows.push(flow);
+            }
+        }
+        let mut live = Vec::new();
+        for entry in self.flows.iter() {
+            match entry {
+                Ok((_, flow)) if flow.flags & agent_common::FLOW_IGNORED == 0 => live.push(flow),
+                Ok(_) => {}
+                // The flow closed between listing its key and reading it.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading the flow map"),
+            }
+        }
+        let mut counters = [0u64; counters::COUNT as usize];
+        for (i, c) in counters.iter_mut().enumerate() {
+            *c = self.counters.get(&(i as u32), 0)?.iter().sum();
+        }
+        let mut node_hist = vec![0u64; HIST_BUCKETS];
+        for (i, c) in node_hist.iter_mut().enumerate() {
+            *c = self.node_rtt.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(KernelState {
+            live,
+            closed: std::mem::take(&mut self.closed_flows),
+            counters,
+            node_hist,
+        })
+    }
+
+    /// Raw fd of the ring buffer (for tests that check it is gone).
+    pub fn ring_fd(&self) -> i32 {
+        self.closed.get_ref().as_raw_fd()
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+/// aya attaches tracepoints through tracefs; a fresh machine may not have it mounted.
+fn ensure_tracefs() -> Result<()> {
+    let dir = PathBuf::from("/sys/kernel/tracing");
+    if dir.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        &dir,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context(
+        "tracefs is not mounted and mounting it failed; run: mount -t tracefs tracefs /sys/kernel/tracing",
+    )
+}
+
+fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        e.context(
+            "loading eBPF programs needs root: run with sudo, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN",
+        )
+    } else {
+        e.context("loading the eBPF object")
+    }
+}
+
+/// Fails early, with the fix, when the process lacks the capabilities the kernel will demand.
+pub fn check_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
+        return Ok(());
+    }
+    bail!(
+        "tokenflow-agent needs privileges to load eBPF programs: run it with sudo, or grant \
+         CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (e.g. sudo setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which tokenflow-agent))"
+    )
+}

@@ -1,0 +1,23 @@
+//! `tokenflow-agent`: see `tokenflow-agent --help`.
+
+use clap::Parser;
+use tokenflow_agent::{cli::Args, run::run};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenflow-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

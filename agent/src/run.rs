@@ -1,0 +1,122 @@
+//! The agent's main loop: one window per interval until the duration ends or a signal arrives;
+//! the last (partial) window is flushed and the programs are detached on the way out.
+
+use std::{
+    io::Write,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use tokenflow_schema::TelemetryWindow;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::{Instant, MissedTickBehavior, interval_at},
+};
+
+use crate::{
+    capture::{Capture, check_privileges},
+    cli::{Args, Sink},
+    window::{Snapshot, WindowBuilder},
+};
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    check_privileges()?;
+    let filter = args.filter()?;
+    let mut capture = Capture::start(&filter, &args.btf)?;
+    tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
+
+    let mut builder = WindowBuilder::new(args.node_id.clone());
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut tick = interval_at(Instant::now() + args.interval, args.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let windows_wanted = args.duration.map(|d| windows_for(d, args.interval));
+    let mut emitted = 0u64;
+    let mut start_ms = unix_ms();
+
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let w = close_window(&mut capture, &mut builder, &mut start_ms)?;
+                emit(args.sink, &w)?;
+                emitted += 1;
+                if windows_wanted.is_some_and(|n| emitted >= n) {
+                    break;
+                }
+            }
+            r = capture.drain_closed() => r?,
+            _ = sigint.recv() => { flush(&mut capture, &mut builder, &mut start_ms, args.sink)?; break; }
+            _ = sigterm.recv() => { flush(&mut capture, &mut builder, &mut start_ms, args.sink)?; break; }
+        }
+    }
+    drop(capture);
+    tracing::info!(windows = emitted, "detached; bye");
+    Ok(())
+}
+
+/// Number of whole intervals in `duration`, at least one.
+pub fn windows_for(duration: Duration, interval: Duration) -> u64 {
+    let n = duration.as_nanos().div_ceil(interval.as_nanos().max(1));
+    (n as u64).max(1)
+}
+
+fn close_window(
+    capture: &mut Capture,
+    builder: &mut WindowBuilder,
+    start_ms: &mut u64,
+) -> Result<TelemetryWindow> {
+    let k = capture.snapshot()?;
+    let end = unix_ms();
+    let w = builder.build(Snapshot {
+        live: k.live,
+        closed: k.closed,
+        counters: k.counters,
+        node_hist: k.node_hist,
+        start_unix_ms: *start_ms,
+        end_unix_ms: end,
+    });
+    *start_ms = end;
+    Ok(w)
+}
+
+fn flush(
+    capture: &mut Capture,
+    builder: &mut WindowBuilder,
+    start_ms: &mut u64,
+    sink: Sink,
+) -> Result<()> {
+    tracing::info!("signal received: flushing the last window");
+    let w = close_window(capture, builder, start_ms)?;
+    emit(sink, &w)
+}
+
+fn emit(sink: Sink, w: &TelemetryWindow) -> Result<()> {
+    match sink {
+        Sink::Stdout => {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, w)?;
+            out.write_all(b"\n")?;
+            out.flush().context("writing a window to stdout")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_count_rounds_up() {
+        let s = Duration::from_secs;
+        assert_eq!(windows_for(s(5), s(1)), 5);
+        assert_eq!(windows_for(Duration::from_millis(5500), s(1)), 6);
+        assert_eq!(windows_for(Duration::from_millis(10), s(1)), 1);
+    }
+}

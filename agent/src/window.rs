@@ -1,0 +1,274 @@
+//! Turns cumulative kernel state into per-interval windows: deltas against the previous snapshot of
+//! each flow, grouped per remote address and for the whole node. Pure: no maps, no clock.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use agent_common::{AF_INET6, FlowState, counters};
+use tokenflow_schema::{
+    CaptureStats, FlowWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, TelemetryWindow,
+};
+
+use crate::hist::{merge, summarize};
+
+/// Capture counters summed over CPUs, indexed by `agent_common::counters`.
+pub type Counters = [u64; counters::COUNT as usize];
+
+/// What the kernel held at the end of one interval.
+pub struct Snapshot {
+    /// Flows still in the map.
+    pub live: Vec<FlowState>,
+    /// Final state of flows that closed since the last snapshot.
+    pub closed: Vec<FlowState>,
+    pub counters: Counters,
+    /// Node-wide RTT histogram, summed over CPUs.
+    pub node_hist: Vec<u64>,
+    pub start_unix_ms: u64,
+    pub end_unix_ms: u64,
+}
+
+/// Keeps the previous snapshot so each window holds only its own interval.
+#[derive(Default)]
+pub struct WindowBuilder {
+    node_id: String,
+    prev_flows: HashMap<u64, FlowState>,
+    prev_counters: Counters,
+    prev_node_hist: Vec<u64>,
+}
+
+/// One flow's activity within the interval.
+struct Delta {
+    flow: FlowState,
+    hist: Vec<u64>,
+    samples: u64,
+    srtt_sum_us: u64,
+    bytes_acked: u64,
+    retransmits: u64,
+    state_changes: u64,
+    closed: bool,
+}
+
+impl Delta {
+    fn between(prev: Option<&FlowState>, cur: &FlowState, closed: bool) -> Self {
+        // A different first_seen_ns means the kernel reused the key for a new socket.
+        let prev = prev.filter(|p| p.first_seen_ns == cur.first_seen_ns);
+        let zero = FlowState::zeroed();
+        let p = prev.unwrap_or(&zero);
+        let hist = cur
+            .rtt_hist
+            .iter()
+            .zip(p.rtt_hist.iter())
+            .map(|(c, p)| u64::from(c.saturating_sub(*p)))
+            .collect();
+        Delta {
+            flow: *cur,
+            hist,
+            samples: cur.rtt_samples.saturating_sub(p.rtt_samples),
+            srtt_sum_us: cur.srtt_sum_us.saturating_sub(p.srtt_sum_us),
+            bytes_acked: cur.bytes_acked.saturating_sub(p.bytes_acked),
+            retransmits: cur.retrans_segs.saturating_sub(p.retrans_segs),
+            state_changes: cur.state_changes.saturating_sub(p.state_changes),
+            closed,
+        }
+    }
+
+    fn add(&mut self, other: Delta) {
+        merge(&mut self.hist, &other.hist);
+        self.flow = other.flow;
+        self.samples += other.samples;
+        self.srtt_sum_us += other.srtt_sum_us;
+        self.bytes_acked += other.bytes_acked;
+        self.retransmits += other.retransmits;
+        self.state_changes += other.state_changes;
+        self.closed |= other.closed;
+    }
+
+    fn active(&self) -> bool {
+        self.samples + self.bytes_acked + self.retransmits + self.state_changes > 0 || self.closed
+    }
+}
+
+impl WindowBuilder {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Builds the window for the interval that `snap` closes and remembers it as the new baseline.
+    pub fn build(&mut self, snap: Snapshot) -> TelemetryWindow {
+        let secs = (snap.end_unix_ms.saturating_sub(snap.start_unix_ms) as f64 / 1000.0).max(1e-3);
+        let mut deltas: BTreeMap<u64, Delta> = BTreeMap::new();
+        let mut next_prev = HashMap::with_capacity(snap.live.len());
+        for cur in &snap.live {
+            deltas.insert(
+                cur.sk,
+                Delta::between(self.prev_flows.get(&cur.sk), cur, false),
+            );
+            next_prev.insert(cur.sk, *cur);
+        }
+        for cur in &snap.closed {
+            // Seen live in this same snapshot: the baseline is that live copy.
+            let base = next_prev
+                .remove(&cur.sk)
+                .or_else(|| self.prev_flows.get(&cur.sk).copied());
+            let d = Delta::between(base.as_ref(), cur, true);
+            match deltas.get_mut(&cur.sk) {
+                Some(existing) => existing.add(d),
+                None => {
+                    deltas.insert(cur.sk, d);
+                }
+            }
+        }
+        self.prev_flows = next_prev;
+
+        let flows: Vec<FlowWindow> = deltas
+            .values()
+            .filter(|d| d.active())
+            .map(|d| flow_window(d, secs))
+            .collect();
+        let remotes = remote_windows(deltas.values().filter(|d| d.active()), secs);
+
+        let node_hist: Vec<u64> = snap
+            .node_hist
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.saturating_sub(self.prev_node_hist.get(i).copied().unwrap_or(0)))
+            .collect();
+        self.prev_node_hist = snap.node_hist;
+        let active: Vec<&Delta> = deltas.values().filter(|d| d.active()).collect();
+        let retransmits: u64 = active.iter().map(|d| d.retransmits).sum();
+        let node = NodeWindow {
+            rtt: summarize(&node_hist, active.iter().map(|d| d.srtt_sum_us).sum()),
+            active_flows: active.iter().filter(|d| !d.closed).count() as u32,
+            closed_flows: active.iter().filter(|d| d.closed).count() as u32,
+            bytes_acked: active.iter().map(|d| d.bytes_acked).sum(),
+            retransmits,
+            retransmit_rate_per_s: retransmits as f64 / secs,
+            state_changes: active.iter().map(|d| d.state_changes).sum(),
+        };
+
+        let c = |i: u32| {
+            let i = i as usize;
+            snap.counters[i].saturating_sub(self.prev_counters[i])
+        };
+        let capture = CaptureStats {
+            probe_events: c(counters::PROBE_EVENTS),
+            retransmit_events: c(counters::RETRANSMIT_EVENTS),
+            state_events: c(counters::STATE_EVENTS),
+            flows_created: c(counters::FLOWS_CREATED),
+            flow_insert_failed: c(counters::FLOW_INSERT_FAILED),
+            closed_dropped: c(counters::CLOSED_DROPPED),
+            filtered_events: c(counters::FILTERED_EVENTS),
+            flows_tracked: snap.live.len() as u32,
+        };
+        self.prev_counters = snap.counters;
+
+        TelemetryWindow {
+            schema_version: SCHEMA_VERSION,
+            node_id: self.node_id.clone(),
+            start_unix_ms: snap.start_unix_ms,
+            end_unix_ms: snap.end_unix_ms,
+            flows,
+            remotes,
+            node,
+            capture,
+        }
+    }
+}
+
+fn flow_window(d: &Delta, secs: f64) -> FlowWindow {
+    let f = &d.flow;
+    FlowWindow {
+        cookie: f.cookie,
+        local: endpoint(f.family, &f.saddr, f.sport).to_string(),
+        remote: endpoint(f.family, &f.daddr, f.dport).to_string(),
+        netns: f.netns,
+        cgroup_id: f.cgroup_id,
+        pid: f.pid,
+        state: tcp_state_name(f.state).to_string(),
+        rtt: summarize(&d.hist, d.srtt_sum_us),
+        last_srtt_us: f.last_srtt_us,
+        snd_cwnd: f.snd_cwnd,
+        bytes_in_flight: f.bytes_in_flight,
+        bytes_acked: d.bytes_acked,
+        retransmits: d.retransmits,
+        retransmit_rate_per_s: d.retransmits as f64 / secs,
+        state_changes: d.state_changes,
+        closed: d.closed,
+    }
+}
+
+fn remote_windows<'a>(deltas: impl Iterator<Item = &'a Delta>, secs: f64) -> Vec<RemoteWindow> {
+    #[derive(Default)]
+    struct Acc {
+        flows: u32,
+        hist: Vec<u64>,
+        sum: u64,
+        bytes_acked: u64,
+        retransmits: u64,
+        state_changes: u64,
+    }
+    let mut by_remote: BTreeMap<IpAddr, Acc> = BTreeMap::new();
+    for d in deltas {
+        let a = by_remote
+            .entry(address(d.flow.family, &d.flow.daddr))
+            .or_default();
+        a.flows += 1;
+        merge(&mut a.hist, &d.hist);
+        a.sum += d.srtt_sum_us;
+        a.bytes_acked += d.bytes_acked;
+        a.retransmits += d.retransmits;
+        a.state_changes += d.state_changes;
+    }
+    by_remote
+        .into_iter()
+        .map(|(addr, a)| RemoteWindow {
+            remote_addr: addr.to_string(),
+            flows: a.flows,
+            rtt: summarize(&a.hist, a.sum),
+            bytes_acked: a.bytes_acked,
+            retransmits: a.retransmits,
+            retransmit_rate_per_s: a.retransmits as f64 / secs,
+            state_changes: a.state_changes,
+        })
+        .collect()
+}
+
+pub fn address(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+pub fn endpoint(family: u16, raw: &[u8; 16], port: u16) -> SocketAddr {
+    SocketAddr::new(address(family, raw), port)
+}
+
+/// Names from `include/net/tcp_states.h`.
+pub fn tcp_state_name(state: u32) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+#[path = "window_tests.rs"]
+mod tests;

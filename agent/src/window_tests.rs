@@ -1,0 +1,149 @@
+use agent_common::{AF_INET, FlowState, HIST_BUCKETS, TCP_CLOSE, TCP_ESTABLISHED, bucket_index};
+use proptest::prelude::*;
+
+use super::*;
+
+fn flow(sk: u64, remote: [u8; 4], first_seen: u64) -> FlowState {
+    let mut f = FlowState::zeroed();
+    f.sk = sk;
+    f.family = AF_INET;
+    f.saddr[..4].copy_from_slice(&[198, 18, 0, 1]);
+    f.daddr[..4].copy_from_slice(&remote);
+    f.sport = 40000;
+    f.dport = 8000;
+    f.first_seen_ns = first_seen;
+    f.state = TCP_ESTABLISHED as u32;
+    f
+}
+
+fn sample(f: &mut FlowState, rtt_us: u32, n: u32) {
+    f.rtt_hist[bucket_index(rtt_us)] += n;
+    f.rtt_samples += n as u64;
+    f.srtt_sum_us += rtt_us as u64 * n as u64;
+}
+
+fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
+    Snapshot {
+        live,
+        closed,
+        counters: [0; counters::COUNT as usize],
+        node_hist: vec![0; HIST_BUCKETS],
+        start_unix_ms: t,
+        end_unix_ms: t + 1000,
+    }
+}
+
+#[test]
+fn second_window_holds_only_its_interval() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(1, [198, 18, 2, 2], 10);
+    sample(&mut f, 20_000, 10);
+    f.retrans_segs = 3;
+    let w1 = b.build(snap(vec![f], vec![], 0));
+    assert_eq!(w1.flows.len(), 1);
+    assert_eq!(w1.flows[0].retransmits, 3);
+    assert_eq!(w1.flows[0].rtt.samples, 10);
+
+    sample(&mut f, 80_000, 5);
+    f.retrans_segs = 4;
+    let w2 = b.build(snap(vec![f], vec![], 1000));
+    assert_eq!(w2.flows[0].rtt.samples, 5);
+    assert_eq!(w2.flows[0].retransmits, 1);
+    let p50 = w2.flows[0].rtt.p50_us as f64;
+    assert!((p50 - 80_000.0).abs() / 80_000.0 < 0.07, "p50 {p50}");
+    assert_eq!(w2.flows[0].retransmit_rate_per_s, 1.0);
+}
+
+#[test]
+fn idle_flows_are_left_out() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(1, [198, 18, 2, 2], 10);
+    sample(&mut f, 1000, 1);
+    b.build(snap(vec![f], vec![], 0));
+    let w = b.build(snap(vec![f], vec![], 1000));
+    assert!(w.flows.is_empty());
+    assert_eq!(w.capture.flows_tracked, 1);
+}
+
+#[test]
+fn closed_flow_reports_final_delta_once() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(7, [198, 18, 2, 2], 10);
+    sample(&mut f, 5000, 4);
+    b.build(snap(vec![f], vec![], 0));
+    sample(&mut f, 5000, 2);
+    f.state = TCP_CLOSE as u32;
+    f.state_changes += 1;
+    let w = b.build(snap(vec![], vec![f], 1000));
+    assert_eq!(w.flows.len(), 1);
+    assert!(w.flows[0].closed);
+    assert_eq!(w.flows[0].rtt.samples, 2);
+    assert_eq!(w.flows[0].state, "CLOSE");
+    assert_eq!(w.node.closed_flows, 1);
+    let w = b.build(snap(vec![], vec![], 2000));
+    assert!(w.flows.is_empty(), "closed flow must not reappear");
+}
+
+#[test]
+fn flow_seen_live_and_closed_in_one_snapshot_is_merged() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(7, [198, 18, 2, 2], 10);
+    sample(&mut f, 5000, 4);
+    let live = f;
+    sample(&mut f, 5000, 1);
+    f.state = TCP_CLOSE as u32;
+    let w = b.build(snap(vec![live], vec![f], 0));
+    assert_eq!(w.flows.len(), 1);
+    assert_eq!(w.flows[0].rtt.samples, 5);
+    assert!(w.flows[0].closed);
+}
+
+#[test]
+fn reused_key_is_a_new_flow() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(9, [198, 18, 2, 2], 10);
+    sample(&mut f, 5000, 100);
+    b.build(snap(vec![f], vec![], 0));
+    let mut g = flow(9, [198, 18, 2, 3], 99);
+    sample(&mut g, 5000, 3);
+    let w = b.build(snap(vec![g], vec![], 1000));
+    assert_eq!(w.flows[0].rtt.samples, 3);
+    assert_eq!(w.flows[0].remote, "198.18.2.3:8000");
+}
+
+#[test]
+fn remotes_group_flows_by_address() {
+    let mut b = WindowBuilder::new("n1");
+    let mut a = flow(1, [198, 18, 2, 2], 1);
+    let mut c = flow(2, [198, 18, 2, 2], 1);
+    let mut d = flow(3, [198, 18, 2, 9], 1);
+    sample(&mut a, 10_000, 1);
+    sample(&mut c, 30_000, 1);
+    sample(&mut d, 50_000, 1);
+    let w = b.build(snap(vec![a, c, d], vec![], 0));
+    assert_eq!(w.remotes.len(), 2);
+    let r = &w.remotes[0];
+    assert_eq!(
+        (r.remote_addr.as_str(), r.flows, r.rtt.samples),
+        ("198.18.2.2", 2, 2)
+    );
+    assert_eq!(r.rtt.mean_us, 20_000);
+}
+
+proptest! {
+    /// Summing every window's samples gives the kernel's cumulative count, however the
+    /// cumulative state grows between snapshots.
+    #[test]
+    fn windows_partition_the_samples(steps in prop::collection::vec((0u32..50, 1u32..100_000), 1..20)) {
+        let mut b = WindowBuilder::new("n");
+        let mut f = flow(1, [198, 18, 2, 2], 1);
+        let mut total = 0u64;
+        for (i, (n, rtt)) in steps.iter().enumerate() {
+            sample(&mut f, *rtt, *n);
+            let w = b.build(snap(vec![f], vec![], i as u64 * 1000));
+            total += w.flows.iter().map(|x| x.rtt.samples).sum::<u64>();
+            prop_assert_eq!(w.node.rtt.samples, 0); // node histogram is separate input
+        }
+        prop_assert_eq!(total, f.rtt_samples);
+    }
+}

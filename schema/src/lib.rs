@@ -1,0 +1,143 @@
+//! Wire contracts shared by every TokenFlow process: the telemetry window the agent emits each interval.
+//! Every type is serde + JSON Schema; `SCHEMA_VERSION` changes whenever a field changes meaning.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Version of the telemetry window format.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One interval of a node's TCP telemetry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryWindow {
+    pub schema_version: u32,
+    pub node_id: String,
+    /// Start and end of the interval, milliseconds since the Unix epoch.
+    pub start_unix_ms: u64,
+    pub end_unix_ms: u64,
+    /// Every flow with activity in the interval (closed flows included, with `closed: true`).
+    pub flows: Vec<FlowWindow>,
+    /// The same flows grouped by remote address.
+    pub remotes: Vec<RemoteWindow>,
+    /// Node-wide RTT over every watched flow.
+    pub node: NodeWindow,
+    /// Health of the capture itself.
+    pub capture: CaptureStats,
+}
+
+/// RTT percentiles of one interval, microseconds, from a log2 histogram with 8 linear sub-buckets
+/// (each figure within 6.25 % of the exact sample percentile).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RttSummary {
+    pub samples: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowWindow {
+    /// Kernel socket cookie (0 when the flow had no RTT sample yet).
+    pub cookie: u64,
+    /// `ip:port`, IPv6 in brackets.
+    pub local: String,
+    pub remote: String,
+    /// Network namespace inode (as in `/proc/PID/ns/net`), 0 when unknown.
+    pub netns: u32,
+    pub cgroup_id: u64,
+    /// Process that called `connect()`, 0 when unknown (accepted sockets).
+    pub pid: u32,
+    /// TCP state at the end of the interval (`ESTABLISHED`, `CLOSE`, …).
+    pub state: String,
+    pub rtt: RttSummary,
+    /// Smoothed RTT at the last sample, µs.
+    pub last_srtt_us: u32,
+    pub snd_cwnd: u32,
+    pub bytes_in_flight: u32,
+    pub bytes_acked: u64,
+    /// Retransmitted segments in the interval.
+    pub retransmits: u64,
+    /// Retransmitted segments per second.
+    pub retransmit_rate_per_s: f64,
+    pub state_changes: u64,
+    pub closed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteWindow {
+    pub remote_addr: String,
+    pub flows: u32,
+    pub rtt: RttSummary,
+    pub bytes_acked: u64,
+    pub retransmits: u64,
+    pub retransmit_rate_per_s: f64,
+    pub state_changes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeWindow {
+    pub rtt: RttSummary,
+    pub active_flows: u32,
+    pub closed_flows: u32,
+    pub bytes_acked: u64,
+    pub retransmits: u64,
+    pub retransmit_rate_per_s: f64,
+    pub state_changes: u64,
+}
+
+/// Events the kernel programs handled in the interval, and anything lost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureStats {
+    pub probe_events: u64,
+    pub retransmit_events: u64,
+    pub state_events: u64,
+    pub flows_created: u64,
+    /// Flows the per-flow map could not hold (their events are missing).
+    pub flow_insert_failed: u64,
+    /// Flow-closed events lost because the ring buffer was full.
+    pub closed_dropped: u64,
+    pub filtered_events: u64,
+    /// Flows in the kernel map at the end of the interval.
+    pub flows_tracked: u32,
+}
+
+/// JSON Schema of [`TelemetryWindow`].
+pub fn telemetry_window_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(TelemetryWindow)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_every_field() {
+        let schema = telemetry_window_schema();
+        let text = schema.to_string();
+        for field in [
+            "schema_version",
+            "flows",
+            "remotes",
+            "retransmit_rate_per_s",
+            "p99_us",
+            "flows_tracked",
+        ] {
+            assert!(text.contains(field), "schema lacks {field}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let bad =
+            r#"{"samples":1,"p50_us":1,"p95_us":1,"p99_us":1,"max_us":1,"mean_us":1,"extra":2}"#;
+        assert!(serde_json::from_str::<RttSummary>(bad).is_err());
+    }
+}
