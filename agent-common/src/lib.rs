@@ -149,7 +149,8 @@ pub struct FlowState {
     pub last_snd_una: u32,
     /// Current TCP state (`include/net/tcp_states.h`).
     pub state: u32,
-    pub _pad: u32,
+    /// Bit `1 << state` for every TCP state the socket has entered since it was first seen.
+    pub states_seen: u32,
     /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
     pub rtt_hist: [u32; HIST_BUCKETS],
 }
@@ -182,7 +183,7 @@ impl FlowState {
             bytes_in_flight: 0,
             last_snd_una: 0,
             state: 0,
-            _pad: 0,
+            states_seen: 0,
             rtt_hist: [0; HIST_BUCKETS],
         }
     }

@@ -92,6 +92,7 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     let f = unsafe { &mut *flow };
     if f.cookie == 0 {
         f.cookie = field(&ctx, tp::SOCK_COOKIE);
+        f.sport = field(&ctx, tp::SPORT);
     }
     f.last_seen_ns = flow::now_ns();
     f.rtt_samples += 1;
@@ -209,8 +210,15 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: as in `tf_tcp_probe`.
     let f = unsafe { &mut *flow };
+    if f.sport == 0 {
+        // connect() enters SYN_SENT before it picks the source port: take it from a later event.
+        f.sport = field(&ctx, ss::SPORT);
+    }
     f.state_changes += 1;
     f.state = newstate as u32;
+    if (0..32).contains(&newstate) {
+        f.states_seen |= 1 << newstate;
+    }
     f.last_seen_ns = flow::now_ns();
     if newstate == TCP_CLOSE as i32 {
         if CLOSED.output::<agent_common::FlowState>(&*f, 0).is_err() {

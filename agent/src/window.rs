@@ -190,6 +190,10 @@ fn flow_window(d: &Delta, secs: f64) -> FlowWindow {
         cgroup_id: f.cgroup_id,
         pid: f.pid,
         state: tcp_state_name(f.state).to_string(),
+        states_seen: (1..=12)
+            .filter(|s| f.states_seen & (1 << s) != 0)
+            .map(|s| tcp_state_name(s).to_string())
+            .collect(),
         rtt: summarize(&d.hist, d.srtt_sum_us),
         last_srtt_us: f.last_srtt_us,
         snd_cwnd: f.snd_cwnd,

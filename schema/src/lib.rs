@@ -54,6 +54,8 @@ pub struct FlowWindow {
     pub pid: u32,
     /// TCP state at the end of the interval (`ESTABLISHED`, `CLOSE`, …).
     pub state: String,
+    /// Every TCP state the socket has entered since the agent first saw it, in `tcp_states.h` order.
+    pub states_seen: Vec<String>,
     pub rtt: RttSummary,
     /// Smoothed RTT at the last sample, µs.
     pub last_srtt_us: u32,

@@ -1,1 +1,30 @@
-//! placeholder
+//! Helpers for the privileged integration tests: root gating (a skip fails under `CI=true`), one test at
+//! a time, the agent as a real subprocess, TCP endpoints inside test-bed namespaces, and `ss` as oracle.
+
+pub mod agent;
+pub mod ss;
+pub mod tcp;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Privileged tests share the kernel (programs, namespaces): one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Holds the serial lock; `None` means "skip" (not root, outside CI).
+pub struct Privileged(#[allow(dead_code)] MutexGuard<'static, ()>);
+
+/// Returns the lock when the test can run. Without root it prints why it skips, and under
+/// `CI=true` it fails instead: CI must never pass by skipping.
+pub fn privileged(test: &str) -> Option<Privileged> {
+    if !nix::unistd::geteuid().is_root() {
+        let msg =
+            format!("{test}: needs root (eBPF, network namespaces); run `sudo cargo xtask test`");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{msg} — refusing to skip under CI=true");
+        }
+        eprintln!("SKIP {msg}");
+        return None;
+    }
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    Some(Privileged(guard))
+}

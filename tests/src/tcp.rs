@@ -1,0 +1,112 @@
+//! Real TCP endpoints inside test-bed namespaces. A socket belongs to the namespace it was created in,
+//! so it is created on a thread inside that namespace and then used from anywhere.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokenflow_testbed::in_netns;
+
+/// Accepts connections in a namespace and reads everything they send.
+pub struct DiscardServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    pub received: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DiscardServer {
+    pub fn start(ns: &str, addr: SocketAddr) -> Result<Self> {
+        let listener = in_netns(ns, move || TcpListener::bind(addr).context("bind"))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (s, r) = (stop.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns: Vec<JoinHandle<()>> = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        let (s, r) = (s.clone(), r.clone());
+                        let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+                        conns.push(std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 65536];
+                            while !s.load(Ordering::Relaxed) {
+                                match c.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(n) => {
+                                        r.fetch_add(n as u64, Ordering::Relaxed);
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        }));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => break,
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            received,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DiscardServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from inside namespace `ns` (the connecting thread belongs to this process).
+pub fn connect_from(ns: &str, to: SocketAddr) -> Result<TcpStream> {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5)).context("connect")
+    })
+}
+
+/// Writes `chunk`-byte blocks at about `bytes_per_s` for `duration`; returns the bytes written.
+pub fn send_paced(
+    stream: &mut TcpStream,
+    bytes_per_s: u64,
+    chunk: usize,
+    duration: Duration,
+) -> Result<u64> {
+    let buf = vec![0x5au8; chunk];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < duration {
+        stream.write_all(&buf)?;
+        sent += chunk as u64;
+        let due = Duration::from_secs_f64(sent as f64 / bytes_per_s as f64);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(sent)
+}

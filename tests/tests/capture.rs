@@ -1,0 +1,315 @@
+//! Kernel TCP capture against the kernel's own counters, on real sockets in network namespaces.
+//! Each test builds its own client—router—server test bed and removes it afterwards.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use tokenflow_schema::{FlowWindow, TelemetryWindow};
+use tokenflow_testbed::{CLIENT_ADDR, SERVER_ADDR, Testbed};
+use tokenflow_tests::{
+    agent::Agent,
+    privileged, ss,
+    tcp::{DiscardServer, connect_from, send_paced},
+};
+
+fn server(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port))
+}
+
+/// Agent watching only the client namespace and one port.
+fn agent_for(bed: &Testbed, port: u16) -> Result<Agent> {
+    let netns = format!("/run/netns/{}", bed.client);
+    Agent::start(&[
+        "--interval",
+        "1s",
+        "--netns",
+        &netns,
+        "--port",
+        &port.to_string(),
+    ])
+}
+
+/// Every window entry of the client flow with this local port.
+fn flow_entries(windows: &[TelemetryWindow], local_port: u16) -> Vec<FlowWindow> {
+    let local = format!("{CLIENT_ADDR}:{local_port}");
+    windows
+        .iter()
+        .flat_map(|w| w.flows.iter().filter(|f| f.local == local).cloned())
+        .collect()
+}
+
+/// Bytes the socket has sent that the peer has not acknowledged yet (TIOCOUTQ).
+fn unacked(stream: &std::net::TcpStream) -> Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    anyhow::ensure!(rc == 0, "ioctl TIOCOUTQ failed");
+    Ok(n)
+}
+
+#[test]
+fn rtt_agrees_with_ss_at_20_and_80_ms() -> Result<()> {
+    let Some(_lock) = privileged("rtt_agrees_with_ss") else {
+        return Ok(());
+    };
+    for delay_ms in [20u64, 80] {
+        let mut bed = Testbed::create("rtt")?;
+        bed.set_delay(Duration::from_millis(delay_ms))?;
+        let _srv = DiscardServer::start(&bed.server, server(5201))?;
+        let agent = agent_for(&bed, 5201)?;
+        let mut stream = connect_from(&bed.client, server(5201))?;
+        let port = stream.local_addr()?.port();
+        // App-limited (200 KB/s), so the only queue is the fixed delay: RTT is the path's.
+        send_paced(&mut stream, 200_000, 2_000, Duration::from_secs(4))?;
+        let ss = ss::sockets(&bed.client, &SERVER_ADDR.to_string())?
+            .into_iter()
+            .find(|s| s.local_port == port)
+            .context("ss does not show the test socket")?;
+        let seen = agent.windows().len();
+        let windows = agent.wait_windows(seen + 1, Duration::from_secs(5))?;
+        let flows = flow_entries(&windows, port);
+        let last = flows
+            .iter()
+            .rev()
+            .find(|f| f.rtt.samples >= 5)
+            .with_context(|| format!("no window with RTT samples for port {port}: {windows:#?}"))?;
+        let agent_ms = last.rtt.p50_us as f64 / 1000.0;
+        eprintln!(
+            "delay {delay_ms} ms: agent p50 {agent_ms:.2} ms ({} samples), ss rtt {:.2} ms",
+            last.rtt.samples, ss.rtt_ms
+        );
+        assert!(
+            ss.rtt_ms >= delay_ms as f64,
+            "delay line not in the path: ss rtt {} ms",
+            ss.rtt_ms
+        );
+        let err = (agent_ms - ss.rtt_ms).abs() / ss.rtt_ms;
+        assert!(
+            err <= 0.20,
+            "agent p50 {agent_ms} ms vs ss {} ms: {:.1} % apart",
+            ss.rtt_ms,
+            err * 100.0
+        );
+        assert!(last.cookie != 0, "tcp_probe carries the socket cookie");
+    }
+    Ok(())
+}
+
+#[test]
+fn retransmits_equal_kernel_total_retrans_under_5_percent_loss() -> Result<()> {
+    let Some(_lock) = privileged("retransmits_equal_kernel") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("loss")?;
+    bed.set_loss(50, 5202)?;
+    let _srv = DiscardServer::start(&bed.server, server(5202))?;
+    let mut agent = agent_for(&bed, 5202)?;
+    let mut stream = connect_from(&bed.client, server(5202))?;
+    let port = stream.local_addr()?.port();
+    send_paced(&mut stream, 2_000_000, 16_384, Duration::from_secs(4))?;
+    let t0 = Instant::now();
+    while unacked(&stream)? > 0 {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("data still unacknowledged after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kernel = ss::sockets(&bed.client, &SERVER_ADDR.to_string())?
+        .into_iter()
+        .find(|s| s.local_port == port)
+        .context("ss does not show the test socket")?
+        .total_retrans;
+    // Two more windows so the agent has read the map after the last retransmit; stop before close,
+    // so a lost FIN cannot add a retransmit the oracle did not count.
+    let seen = agent.windows().len();
+    agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+    agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
+    let ours: u64 = flow_entries(&agent.windows(), port)
+        .iter()
+        .map(|f| f.retransmits)
+        .sum();
+    eprintln!("retransmitted segments: agent {ours}, kernel total_retrans {kernel}");
+    assert!(
+        kernel > 0,
+        "5 % loss produced no retransmit: the loss rule is not in the path"
+    );
+    assert_eq!(ours, kernel);
+    drop(stream);
+    Ok(())
+}
+
+#[test]
+fn connect_and_close_show_every_state_transition() -> Result<()> {
+    let Some(_lock) = privileged("connect_and_close") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("state")?;
+    let _srv = DiscardServer::start(&bed.server, server(5203))?;
+    let agent = agent_for(&bed, 5203)?;
+    let mut stream = connect_from(&bed.client, server(5203))?;
+    let port = stream.local_addr()?.port();
+    send_paced(&mut stream, 100_000, 1_000, Duration::from_millis(300))?;
+    drop(stream);
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+    let flows = flow_entries(&windows, port);
+    let last = flows
+        .last()
+        .context("the closed flow is missing from the windows")?;
+    eprintln!("states seen: {:?}, final {}", last.states_seen, last.state);
+    assert!(last.closed);
+    assert_eq!(last.state, "CLOSE");
+    assert_eq!(
+        last.states_seen,
+        ["ESTABLISHED", "SYN_SENT", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    );
+    let changes: u64 = flows.iter().map(|f| f.state_changes).sum();
+    assert_eq!(
+        changes, 5,
+        "SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE"
+    );
+    assert_eq!(
+        last.pid,
+        std::process::id(),
+        "connect() ran in this test process"
+    );
+    Ok(())
+}
+
+/// Names of loaded BPF programs (`bpftool prog show --json`).
+fn loaded_programs() -> Result<Vec<String>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("bpftool")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// How many of the agent's programs are loaded (names are cut to 15 bytes by the kernel).
+fn ours_loaded() -> Result<usize> {
+    let names = loaded_programs()?;
+    Ok(agent_common::programs::ALL
+        .iter()
+        .filter(|(p, _, _)| {
+            names
+                .iter()
+                .any(|n| n == p || n.as_str() == &p[..p.len().min(15)])
+        })
+        .count())
+}
+
+fn wait_unloaded() -> Result<()> {
+    let t0 = Instant::now();
+    while ours_loaded()? > 0 {
+        if t0.elapsed() > Duration::from_secs(2) {
+            bail!(
+                "agent programs still loaded 2 s after exit: {:?}",
+                loaded_programs()?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn nothing_stays_attached_after_sigterm_or_sigkill() -> Result<()> {
+    let Some(_lock) = privileged("nothing_stays_attached") else {
+        return Ok(());
+    };
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        let mut agent = Agent::start(&["--interval", "1s"])?;
+        assert_eq!(
+            ours_loaded()?,
+            3,
+            "all three programs load while the agent runs"
+        );
+        let took = agent.signal_and_wait(sig, Duration::from_secs(5))?;
+        assert!(took <= Duration::from_secs(2), "{sig} exit took {took:?}");
+        if sig == Signal::SIGTERM {
+            assert!(
+                !agent.windows().is_empty(),
+                "SIGTERM flushes the last window"
+            );
+        }
+        wait_unloaded()?;
+    }
+    Ok(())
+}
+
+/// Parses a tracepoint `format` file into (field name without array suffix, offset, size).
+fn format_fields(sys: &str, name: &str) -> Result<Vec<(String, usize, usize)>> {
+    let path = format!("/sys/kernel/tracing/events/{sys}/{name}/format");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut res = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("field:"))
+    {
+        let parts: Vec<&str> = line.trim().split(';').map(str::trim).collect();
+        let decl = parts[0].trim_start_matches("field:");
+        let field = decl
+            .rsplit(' ')
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let num = |key: &str| -> Option<usize> {
+            parts
+                .iter()
+                .find_map(|p| p.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+        };
+        res.push((
+            field,
+            num("offset:").context("offset")?,
+            num("size:").context("size")?,
+        ));
+    }
+    Ok(res)
+}
+
+#[test]
+fn tracepoint_offsets_match_the_running_kernel() -> Result<()> {
+    let Some(_lock) = privileged("tracepoint_offsets") else {
+        return Ok(());
+    };
+    use agent_common::tracepoints::{inet_sock_set_state, tcp_probe, tcp_retransmit_skb};
+    let checks: [(&str, &str, &[agent_common::tracepoints::Field]); 3] = [
+        ("tcp", "tcp_probe", &tcp_probe::FIELDS),
+        ("tcp", "tcp_retransmit_skb", &tcp_retransmit_skb::FIELDS),
+        ("sock", "inet_sock_set_state", &inet_sock_set_state::FIELDS),
+    ];
+    for (sys, name, fields) in checks {
+        let live = format_fields(sys, name)?;
+        for (field, off, size) in fields {
+            let found = live.iter().find(|(n, _, _)| n == field);
+            assert_eq!(
+                found.map(|(_, o, s)| (*o, *s)),
+                Some((*off, *size)),
+                "{sys}:{name} field {field}: ours offset {off} size {size}, kernel {found:?}"
+            );
+        }
+    }
+    Ok(())
+}
