@@ -130,7 +130,9 @@ pub fn create(sk: u64, tuple: &Tuple, pid: u32) -> Option<*mut FlowState> {
         flow.flags |= FLOW_IGNORED;
     }
     let ignored = flow.flags & FLOW_IGNORED != 0;
-    if FLOWS.insert(sk, &*flow, BPF_NOEXIST as u64).is_err() {
+    // Insert from the scratch slot by reference: a by-value copy would not fit the 512-byte stack.
+    let value: &FlowState = flow;
+    if FLOWS.insert(sk, value, BPF_NOEXIST as u64).is_err() {
         // Another CPU created it first (then use that one), or the map refused the insert.
         return match FLOWS.get_ptr_mut(sk) {
             Some(existing) if !ignored => Some(existing),

@@ -5,6 +5,7 @@
 
 mod delay;
 mod netns;
+pub mod traffic;
 
 use std::{
     net::Ipv4Addr,

@@ -43,7 +43,12 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `args` and waits until it has attached (its "capture attached" log line).
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(agent_binary()?)
+        Self::start_binary(&agent_binary()?, args)
+    }
+
+    /// As [`Agent::start`], with an explicit binary (the benchmark uses the release build).
+    pub fn start_binary(bin: &std::path::Path, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -3,7 +3,6 @@
 
 pub mod agent;
 pub mod ss;
-pub mod tcp;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -11,12 +11,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use tokenflow_schema::{FlowWindow, TelemetryWindow};
-use tokenflow_testbed::{CLIENT_ADDR, SERVER_ADDR, Testbed};
-use tokenflow_tests::{
-    agent::Agent,
-    privileged, ss,
-    tcp::{DiscardServer, connect_from, send_paced},
+use tokenflow_testbed::{
+    CLIENT_ADDR, SERVER_ADDR, Testbed,
+    traffic::{DiscardServer, connect_from, send_paced},
 };
+use tokenflow_tests::{agent::Agent, privileged, ss};
 
 fn server(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port))

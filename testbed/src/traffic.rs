@@ -1,4 +1,4 @@
-//! Real TCP endpoints inside test-bed namespaces. A socket belongs to the namespace it was created in,
+//! Real TCP traffic for the test bed: endpoints inside namespaces and paced senders. A socket belongs to the namespace it was created in,
 //! so it is created on a thread inside that namespace and then used from anywhere.
 
 use std::{
@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::in_netns;
 use anyhow::{Context, Result};
-use tokenflow_testbed::in_netns;
 
 /// Accepts connections in a namespace and reads everything they send.
 pub struct DiscardServer {
@@ -109,4 +109,60 @@ pub fn send_paced(
         }
     }
     Ok(sent)
+}
+
+/// A connection that keeps sending on its own thread until dropped: `rate` bytes/s, or as fast as
+/// the network takes them when `None` (a bulk flow).
+pub struct Sender {
+    pub local_port: u16,
+    stop: Arc<AtomicBool>,
+    pub sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sender {
+    pub fn start(ns: &str, to: SocketAddr, rate: Option<u64>, chunk: usize) -> Result<Self> {
+        let mut stream = connect_from(ns, to)?;
+        stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+        let local_port = stream.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            let buf = vec![0x5au8; chunk];
+            let t0 = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                if let Some(r) = rate {
+                    // Next write is due when the bytes so far have had their time at `rate`.
+                    let due = Duration::from_secs_f64(n.load(Ordering::Relaxed) as f64 / r as f64);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        std::thread::sleep(wait.min(Duration::from_millis(100)));
+                        continue;
+                    }
+                }
+                match stream.write(&buf) {
+                    Ok(w) => {
+                        n.fetch_add(w as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Self {
+            local_port,
+            stop,
+            sent,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

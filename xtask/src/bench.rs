@@ -1,0 +1,298 @@
+//! `cargo xtask bench`: the capture's cost under a fixed loopback load, measured by the kernel
+//! (`kernel.bpf_stats_enabled`: run_time_ns / run_cnt per program) beside a bpftrace
+//! `hist(args->srtt)` one-liner on the same tracepoint in the same run, plus the agent's CPU and RSS.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tokenflow_tests::agent::Agent;
+
+use crate::{
+    report::{self, Figure},
+    setup::setup,
+    util::{cargo, install_stop_handler, is_root, output, run, step},
+};
+
+mod load;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Measurement length (after a 2 s warm-up).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Target tcp_probe events per second (two per request/response round trip).
+    #[arg(long, default_value_t = 100_000)]
+    pub events_per_s: u64,
+    /// Loopback connections carrying the load.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+}
+
+/// run_time_ns and run_cnt of one loaded program.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgStats {
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+fn prog_stats() -> Result<BTreeMap<u64, (String, String, ProgStats)>> {
+    let v: Value = serde_json::from_str(&output(
+        Command::new("bpftool").args(["prog", "show", "--json"]),
+    )?)?;
+    let mut res = BTreeMap::new();
+    for p in v.as_array().into_iter().flatten() {
+        let id = p["id"].as_u64().unwrap_or(0);
+        let s = ProgStats {
+            run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+            run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+        };
+        let name = p["name"].as_str().unwrap_or("").to_string();
+        let ty = p["type"].as_str().unwrap_or("").to_string();
+        res.insert(id, (name, ty, s));
+    }
+    Ok(res)
+}
+
+/// ns/event between two snapshots of one program.
+fn ns_per_event(before: &ProgStats, after: &ProgStats) -> (f64, u64) {
+    let cnt = after.run_cnt.saturating_sub(before.run_cnt);
+    let ns = after.run_time_ns.saturating_sub(before.run_time_ns);
+    (
+        if cnt == 0 {
+            0.0
+        } else {
+            ns as f64 / cnt as f64
+        },
+        cnt,
+    )
+}
+
+/// (utime + stime) in clock ticks, and VmRSS in bytes, of a process.
+fn proc_usage(pid: i32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat
+        .rsplit(')')
+        .next()
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok((ticks, rss_kb * 1024))
+}
+
+struct Bpftrace(Child);
+
+impl Bpftrace {
+    fn start() -> Result<Self> {
+        let mut child = Command::new("bpftrace")
+            .args([
+                "-e",
+                "tracepoint:tcp:tcp_probe { @srtt = hist(args->srtt); }",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting bpftrace (cargo xtask setup installs it)")?;
+        let stdout = child.stdout.take().context("bpftrace stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(l)) if l.contains("Attaching") => {}
+            other => bail!("bpftrace did not attach: {other:?}"),
+        }
+        // Keep draining so bpftrace never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+pub fn bench(a: &BenchArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark loads eBPF programs and reads their kernel stats: run `sudo cargo xtask bench`"
+        );
+    }
+    setup()?;
+    install_stop_handler()?;
+    step("bench", "building the agent (release)");
+    run(cargo().args(["build", "--release", "-p", "tokenflow-agent"]))?;
+    let agent_bin = crate::util::root().join("target/release/tokenflow-agent");
+
+    let old_stats = output(Command::new("sysctl").args(["-n", "kernel.bpf_stats_enabled"]))?;
+    run(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
+    let result = measure(a, &agent_bin);
+    let _ = run(Command::new("sysctl").args([
+        "-q",
+        "-w",
+        &format!("kernel.bpf_stats_enabled={}", old_stats.trim()),
+    ]));
+    let figures = result?;
+    report::write(&figures, "cargo xtask bench")?;
+    Ok(())
+}
+
+fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
+    let before_bt = prog_stats()?;
+    let bpftrace = Bpftrace::start()?;
+    let bt_ids: Vec<u64> = prog_stats()?
+        .into_iter()
+        .filter(|(id, (_, ty, _))| !before_bt.contains_key(id) && ty == "tracepoint")
+        .map(|(id, _)| id)
+        .collect();
+    anyhow::ensure!(
+        bt_ids.len() == 1,
+        "expected one new bpftrace program, found {bt_ids:?}"
+    );
+    let mut agent = Agent::start_binary(agent_bin, &["--interval", "1s", "--node-id", "bench"])?;
+    let ours: BTreeMap<u64, String> = prog_stats()?
+        .into_iter()
+        .filter(|(_, (name, _, _))| name.starts_with("tf_"))
+        .map(|(id, (name, _, _))| (id, name))
+        .collect();
+    anyhow::ensure!(
+        ours.len() == 3,
+        "expected the agent's three programs, found {ours:?}"
+    );
+
+    step(
+        "bench",
+        format!(
+            "loopback load: {} events/s target over {} connections",
+            a.events_per_s, a.connections
+        ),
+    );
+    let load = load::EchoLoad::start(a.connections, a.events_per_s / 2)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s0 = prog_stats()?;
+    let (ticks0, _) = proc_usage(agent.pid().as_raw())?;
+    let w0 = agent.windows().len();
+    let rt0 = load.round_trips();
+    let t0 = Instant::now();
+    std::thread::sleep(a.duration);
+    let secs = t0.elapsed().as_secs_f64();
+    let s1 = prog_stats()?;
+    let (ticks1, rss) = proc_usage(agent.pid().as_raw())?;
+    let rt1 = load.round_trips();
+    drop(load);
+    let windows = agent.windows();
+    agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
+    drop(bpftrace);
+
+    let stat = |id: u64, s: &BTreeMap<u64, (String, String, ProgStats)>| {
+        s.get(&id).map(|x| x.2).unwrap_or_default()
+    };
+    let mut figures = Vec::new();
+    let mut probe_ns = 0.0;
+    let mut probe_events = 0;
+    for (id, name) in &ours {
+        let (ns, cnt) = ns_per_event(&stat(*id, &s0), &stat(*id, &s1));
+        if name == "tf_tcp_probe" {
+            probe_ns = ns;
+            probe_events = cnt;
+        }
+        figures.push(Figure::new(
+            &format!("capture.{name}.ns_per_event"),
+            ns,
+            "ns",
+            "kernel bpf_stats run_time_ns/run_cnt under the loopback load",
+        ));
+    }
+    let (bt_ns, _) = ns_per_event(&stat(bt_ids[0], &s0), &stat(bt_ids[0], &s1));
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu_pct = (ticks1 - ticks0) as f64 / ticks_per_s / secs * 100.0;
+    let events_per_s = probe_events as f64 / secs;
+    let lost: u64 = windows[w0..]
+        .iter()
+        .map(|w| w.capture.flow_insert_failed + w.capture.closed_dropped)
+        .sum();
+    figures.extend([
+        Figure::new(
+            "capture.bpftrace_hist_srtt.ns_per_event",
+            bt_ns,
+            "ns",
+            "bpftrace 'tracepoint:tcp:tcp_probe { @srtt = hist(args->srtt); }' in the same run",
+        ),
+        Figure::new(
+            "capture.tcp_probe_vs_bpftrace.ratio",
+            if bt_ns > 0.0 { probe_ns / bt_ns } else { 0.0 },
+            "ratio",
+            "target ≤ 1.0",
+        ),
+        Figure::new(
+            "capture.tcp_probe.events_per_s",
+            events_per_s,
+            "events/s",
+            "tcp_probe program runs per second",
+        ),
+        Figure::new(
+            "capture.load.round_trips_per_s",
+            (rt1 - rt0) as f64 / secs,
+            "req/s",
+            "loopback echo round trips",
+        ),
+        Figure::new(
+            "agent.cpu_percent_of_one_core",
+            cpu_pct,
+            "%",
+            "utime+stime of tokenflow-agent (release) at that load; target ≤ 1 %",
+        ),
+        Figure::new(
+            "agent.rss_bytes",
+            rss as f64,
+            "bytes",
+            "VmRSS of tokenflow-agent at the end of the run",
+        ),
+        Figure::new(
+            "capture.events_lost",
+            lost as f64,
+            "events",
+            "flow inserts refused + closed events dropped; target 0",
+        ),
+    ]);
+    println!("\ncapture cost, same run, same traffic ({events_per_s:.0} tcp_probe events/s):");
+    println!("  tokenflow tf_tcp_probe (per-flow state + histograms): {probe_ns:>7.0} ns/event");
+    println!("  bpftrace hist(args->srtt) one-liner:                  {bt_ns:>7.0} ns/event");
+    println!(
+        "  ratio {:.2} ({}), agent {cpu_pct:.2} % of one core, RSS {:.1} MB, {lost} events lost",
+        probe_ns / bt_ns.max(1e-9),
+        if probe_ns <= bt_ns {
+            "target met: no dearer than bpftrace"
+        } else {
+            "target missed: dearer than bpftrace"
+        },
+        rss as f64 / 1e6
+    );
+    Ok(figures)
+}

@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: installs what TokenFlow needs on a fresh Debian machine, idempotently, one line
+//! per step. Fast when everything is present: each step first checks, then acts only if needed.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{is_root, output, run, step, succeeds};
+
+/// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
+/// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline).
+pub const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "nftables",
+    "iproute2",
+    "ethtool",
+    "redis-server",
+    "bpftrace",
+];
+
+pub fn setup() -> Result<()> {
+    packages()?;
+    rust_components()?;
+    bpf_linker()?;
+    kernel_filesystems()?;
+    step("setup", "ready");
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        step(
+            "setup",
+            format!("Debian packages: all {} present", PACKAGES.len()),
+        );
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)"
+        );
+    }
+    step(
+        "setup",
+        format!("Debian packages: installing {}", missing.join(" ")),
+    );
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+}
+
+fn rust_components() -> Result<()> {
+    let nightly = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .context("the nightly toolchain is needed to build the eBPF programs (rustup toolchain install nightly)")?;
+    if nightly.lines().any(|l| l.starts_with("rust-src")) {
+        step("setup", "rust-src (nightly): present");
+    } else {
+        step("setup", "rust-src (nightly): installing");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let stable = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    for comp in ["clippy", "rustfmt"] {
+        if !stable.lines().any(|l| l.starts_with(comp)) {
+            step("setup", format!("{comp}: installing"));
+            run(Command::new("rustup").args(["component", "add", comp]))?;
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        step("setup", "bpf-linker: present");
+        return Ok(());
+    }
+    step(
+        "setup",
+        "bpf-linker: building against llvm-22 (1-3 minutes)",
+    );
+    // A plain `cargo install bpf-linker` wants LLVM 23, which this distribution does not have.
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))
+}
+
+fn kernel_filesystems() -> Result<()> {
+    for (fs, dir, probe) in [
+        (
+            "tracefs",
+            "/sys/kernel/tracing",
+            "/sys/kernel/tracing/events",
+        ),
+        ("bpf", "/sys/fs/bpf", ""),
+    ] {
+        let mounted = if probe.is_empty() {
+            output(Command::new("findmnt").args(["-n", "-t", fs, dir]))
+                .is_ok_and(|s| !s.trim().is_empty())
+        } else {
+            Path::new(probe).exists()
+        };
+        if mounted {
+            step("setup", format!("{fs} at {dir}: mounted"));
+            continue;
+        }
+        if !is_root() {
+            bail!("{fs} is not mounted at {dir}: run `sudo cargo xtask setup`");
+        }
+        step("setup", format!("{fs} at {dir}: mounting"));
+        run(Command::new("mount").args(["-t", fs, fs, dir]))?;
+    }
+    Ok(())
+}

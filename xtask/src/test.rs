@@ -1,0 +1,52 @@
+//! `cargo xtask test`: everything CI runs, in order, stopping at the first failure.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{
+    setup::setup,
+    util::{cargo, root, run, step},
+};
+
+pub fn test() -> Result<()> {
+    setup()?;
+    step("test", "cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "test",
+        "cargo build (host crates; the agent's build.rs compiles the eBPF programs)",
+    );
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    step("test", "cargo clippy --workspace --all-targets -D warnings");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("test", "cargo clippy on the kernel programs (bpfel target)");
+    // Through rustup: the eBPF crate needs nightly for -Z build-std, as in the agent's build.rs.
+    run(Command::new("rustup")
+        .current_dir(root())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "agent-ebpf",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]))?;
+    step(
+        "test",
+        "cargo test (privileged tests run as root; under CI=true they may not skip)",
+    );
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    step("test", "all checks passed");
+    Ok(())
+}
