@@ -19,10 +19,11 @@ use tokenflow_schema::TelemetryWindow;
 /// The agent binary next to the test executable (`target/<profile>/tokenflow-agent`).
 pub fn agent_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test executable has no target dir")?;
+    // Test executables live in target/<profile>/deps, binaries such as xtask in target/<profile>.
+    let mut dir = exe.parent().context("executable without a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
     let bin = dir.join("tokenflow-agent");
     if !bin.exists() {
         bail!(

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -75,29 +76,25 @@ fn ns_per_event(before: &ProgStats, after: &ProgStats) -> (f64, u64) {
     )
 }
 
-/// (utime + stime) in clock ticks, and VmRSS in bytes, of a process.
+/// CPU time in nanoseconds (summed over the process's threads, from schedstat: finer than the
+/// 10 ms ticks of /proc/PID/stat), and VmRSS in bytes.
 fn proc_usage(pid: i32) -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_comm = stat
-        .rsplit(')')
-        .next()
-        .context("malformed /proc/PID/stat")?;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = fields
-        .get(11)
-        .and_then(|u| u.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<u64>().ok())
+    let mut cpu_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        cpu_ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0);
-    Ok((ticks, rss_kb * 1024))
+    Ok((cpu_ns, rss_kb * 1024))
 }
 
 struct Bpftrace(Child);
@@ -111,6 +108,8 @@ impl Bpftrace {
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            // Its own process group: signals meant for bpftrace never reach this process.
+            .process_group(0)
             .spawn()
             .context("starting bpftrace (cargo xtask setup installs it)")?;
         let stdout = child.stdout.take().context("bpftrace stdout")?;
@@ -163,11 +162,19 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
 fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     let before_bt = prog_stats()?;
     let bpftrace = Bpftrace::start()?;
-    let bt_ids: Vec<u64> = prog_stats()?
-        .into_iter()
-        .filter(|(id, (_, ty, _))| !before_bt.contains_key(id) && ty == "tracepoint")
-        .map(|(id, _)| id)
-        .collect();
+    // bpftrace says "Attaching" before the program is in the kernel: wait for it to appear.
+    let t_attach = Instant::now();
+    let bt_ids: Vec<u64> = loop {
+        let ids: Vec<u64> = prog_stats()?
+            .into_iter()
+            .filter(|(id, (_, ty, _))| !before_bt.contains_key(id) && ty == "tracepoint")
+            .map(|(id, _)| id)
+            .collect();
+        if !ids.is_empty() || t_attach.elapsed() > Duration::from_secs(15) {
+            break ids;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     anyhow::ensure!(
         bt_ids.len() == 1,
         "expected one new bpftrace program, found {bt_ids:?}"
@@ -193,14 +200,14 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     let load = load::EchoLoad::start(a.connections, a.events_per_s / 2)?;
     std::thread::sleep(Duration::from_secs(2));
     let s0 = prog_stats()?;
-    let (ticks0, _) = proc_usage(agent.pid().as_raw())?;
+    let (cpu0, _) = proc_usage(agent.pid().as_raw())?;
     let w0 = agent.windows().len();
     let rt0 = load.round_trips();
     let t0 = Instant::now();
     std::thread::sleep(a.duration);
     let secs = t0.elapsed().as_secs_f64();
     let s1 = prog_stats()?;
-    let (ticks1, rss) = proc_usage(agent.pid().as_raw())?;
+    let (cpu1, rss) = proc_usage(agent.pid().as_raw())?;
     let rt1 = load.round_trips();
     drop(load);
     let windows = agent.windows();
@@ -227,11 +234,7 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
         ));
     }
     let (bt_ns, _) = ns_per_event(&stat(bt_ids[0], &s0), &stat(bt_ids[0], &s1));
-    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let cpu_pct = (ticks1 - ticks0) as f64 / ticks_per_s / secs * 100.0;
+    let cpu_pct = (cpu1 - cpu0) as f64 / 1e9 / secs * 100.0;
     let events_per_s = probe_events as f64 / secs;
     let lost: u64 = windows[w0..]
         .iter()

@@ -86,6 +86,13 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let load_until = a.duration - a.duration / 4;
     let mut bulk: Vec<Sender> = Vec::new();
     let t0 = Instant::now();
+    let t0_ms = unix_ms();
+    let phase = |w: &TelemetryWindow| {
+        // Phase of the window's midpoint, in run time.
+        let mid =
+            Duration::from_millis(((w.start_unix_ms + w.end_unix_ms) / 2).saturating_sub(t0_ms));
+        (mid, mid >= load_from && mid < load_until)
+    };
     let mut shown = 0;
     println!(
         "│ {:>5} │ {:<6} │ {:>12} │ {:>12} │ {:>11} │ {:>11} │ {:>7} │ {:>14} │",
@@ -117,10 +124,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         }
         let windows = agent.windows();
         for w in &windows[shown..] {
-            println!(
-                "{}",
-                row(w, t0.elapsed(), !bulk.is_empty(), probe.local_port)
-            );
+            println!("{}", row(w, phase(w), probe.local_port));
         }
         shown = windows.len();
         std::thread::sleep(Duration::from_millis(200));
@@ -142,7 +146,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn row(w: &TelemetryWindow, t: Duration, loaded: bool, probe_port: u16) -> String {
+fn row(w: &TelemetryWindow, (t, loaded): (Duration, bool), probe_port: u16) -> String {
     let probe_local = format!("{CLIENT_ADDR}:{probe_port}");
     let probe = w.flows.iter().find(|f| f.local == probe_local);
     let bulk: Vec<_> = w
@@ -175,6 +179,13 @@ fn row(w: &TelemetryWindow, t: Duration, loaded: bool, probe_port: u16) -> Strin
         w.node.retransmits,
         w.node.bytes_acked as f64 * 8.0 / secs / 1e6,
     )
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn save(windows: &[TelemetryWindow]) -> Result<std::path::PathBuf> {
