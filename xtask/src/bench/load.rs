@@ -15,6 +15,8 @@ use std::{
 use anyhow::Result;
 
 const MSG: usize = 64;
+/// Short-lived connections opened and closed per second.
+const CHURN_PER_S: f64 = 200.0;
 
 pub struct EchoLoad {
     stop: Arc<AtomicBool>,
@@ -74,6 +76,27 @@ impl EchoLoad {
                 }
             }));
         }
+        // Connection churn, so the state-change program runs too: connect, one message, close.
+        let (s, churn_listener) = (stop.clone(), TcpListener::bind("127.0.0.1:0")?);
+        let churn_addr = churn_listener.local_addr()?;
+        churn_listener.set_nonblocking(true)?;
+        threads.push(std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let due = Duration::from_secs_f64(n as f64 / CHURN_PER_S);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                if let Ok(mut c) = TcpStream::connect(churn_addr) {
+                    let _ = c.write_all(&[1u8; MSG]);
+                }
+                while let Ok((c, _)) = churn_listener.accept() {
+                    drop(c);
+                }
+                n += 1;
+            }
+        }));
         Ok(Self {
             stop,
             done,
