@@ -181,6 +181,81 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
     Ok(())
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` or, on hybrid hosts, `.../unified`).
+fn cgroup2_root() -> Result<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .and_then(|f| f.get(1).map(|s| s.to_string()))
+        .context("no cgroup2 hierarchy mounted")
+}
+
+#[test]
+fn cgroup_and_netns_filters_keep_only_matching_flows() -> Result<()> {
+    let Some(_lock) = privileged("cgroup_and_netns_filters") else {
+        return Ok(());
+    };
+    use std::os::unix::fs::MetadataExt;
+    let bed = Testbed::create("cgrp")?;
+    let _srv = DiscardServer::start(&bed.server, server(5204))?;
+    let cg = format!("{}/tf-test-{}", cgroup2_root()?, std::process::id());
+    std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {cg}"))?;
+    let cg_id = std::fs::metadata(&cg)?.ino();
+    let run = || -> Result<()> {
+        let agent = Agent::start(&["--interval", "1s", "--cgroup", &cg, "--port", "5204"])?;
+        // A flow from this process (not in the cgroup) ...
+        let mut outside = connect_from(&bed.client, server(5204))?;
+        let outside_port = outside.local_addr()?.port();
+        send_paced(&mut outside, 50_000, 1_000, Duration::from_millis(200))?;
+        // ... and one from a shell that moved itself into the cgroup first.
+        // (`ip netns exec` remounts /sys, so join the cgroup first and enter the namespace after.)
+        let script = format!(
+            "echo $$ > {cg}/cgroup.procs && exec ip netns exec {} bash -c \
+             'exec 3<>/dev/tcp/{SERVER_ADDR}/5204 && echo hello >&3 && sleep 1'",
+            bed.client
+        );
+        let status = Command::new("bash").args(["-c", &script]).status()?;
+        anyhow::ensure!(status.success(), "the cgroup'd client failed: {status}");
+        let seen = agent.windows().len();
+        let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+        let flows: Vec<&FlowWindow> = windows.iter().flat_map(|w| &w.flows).collect();
+        assert!(
+            !flows.is_empty(),
+            "the cgroup'd connection was not reported"
+        );
+        for f in &flows {
+            assert_eq!(
+                f.cgroup_id, cg_id,
+                "flow outside the cgroup reported: {f:?}"
+            );
+            assert_ne!(f.local, format!("{CLIENT_ADDR}:{outside_port}"));
+        }
+        // Without the cgroup filter, the same agent sees netns-filtered flows only in the client namespace.
+        drop(agent);
+        let client_ns = tokenflow_testbed::netns_inode(&bed.client)?;
+        let agent = agent_for(&bed, 5204)?;
+        send_paced(&mut outside, 50_000, 1_000, Duration::from_millis(1500))?;
+        let seen = agent.windows().len();
+        let windows = agent.wait_windows(seen + 1, Duration::from_secs(5))?;
+        let flows: Vec<&FlowWindow> = windows.iter().flat_map(|w| &w.flows).collect();
+        assert!(
+            flows
+                .iter()
+                .any(|f| f.local == format!("{CLIENT_ADDR}:{outside_port}"))
+        );
+        assert!(
+            flows.iter().all(|f| f.netns == client_ns),
+            "a flow from another namespace: {flows:?}"
+        );
+        Ok(())
+    };
+    let result = run();
+    let _ = std::fs::remove_dir(&cg);
+    result
+}
+
 /// Names of loaded BPF programs (`bpftool prog show --json`).
 fn loaded_programs() -> Result<Vec<String>> {
     let out = Command::new("bpftool")
