@@ -160,7 +160,7 @@ pub fn tf_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 /// `sock:inet_sock_set_state` — see `agent_common::tracepoints::inet_sock_set_state`.
 /// Counts state changes; a socket reaching `TCP_CLOSE` sends its final state to user space through
-/// the ring buffer and leaves the map. Listening sockets are not flows and are skipped.
+/// the ring buffer and leaves the map.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     flow::count(counters::STATE_EVENTS);
@@ -171,7 +171,11 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let sk: u64 = field(&ctx, ss::SKADDR);
     let newstate: i32 = field(&ctx, ss::NEWSTATE);
     let oldstate: i32 = field(&ctx, ss::OLDSTATE);
-    if newstate == TCP_LISTEN as i32 || oldstate == TCP_LISTEN as i32 {
+    // Listening sockets are not flows (CLOSE→LISTEN, LISTEN→CLOSE). A socket accepted from one is
+    // born as a clone in LISTEN and moved to SYN_RECV: that is the new flow's first transition.
+    if newstate == TCP_LISTEN as i32
+        || (oldstate == TCP_LISTEN as i32 && newstate == TCP_CLOSE as i32)
+    {
         return 0;
     }
     let flow = match flow::lookup(sk) {

@@ -27,9 +27,26 @@ pub struct Args {
     #[arg(long, env = "TOKENFLOW_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
 
-    /// Where windows go.
-    #[arg(long, env = "TOKENFLOW_SINK", value_enum, default_value_t = Sink::Stdout)]
-    pub sink: Sink,
+    /// Print windows to standard output (one JSON window per line). On by default when no Redis URL is given.
+    #[arg(long, env = "TOKENFLOW_SINK", value_enum)]
+    pub sink: Option<Sink>,
+
+    /// Write windows to this Redis (stream `tokenflow:telemetry:<node-id>`, key `tokenflow:latest:<node-id>`).
+    #[arg(long, env = "TOKENFLOW_REDIS")]
+    pub redis: Option<String>,
+
+    /// Keep stream entries this long (trimmed with XADD MINID ~).
+    #[arg(long, env = "TOKENFLOW_REDIS_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub redis_retention: Duration,
+
+    /// Windows held in memory while Redis is unreachable (default: 10 minutes of 1 s windows); beyond it the
+    /// oldest are dropped and counted.
+    #[arg(long, env = "TOKENFLOW_REDIS_BUFFER", default_value_t = 600)]
+    pub redis_buffer: usize,
+
+    /// Serve Prometheus metrics here (`off` disables).
+    #[arg(long, env = "TOKENFLOW_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
 
     /// Watch only flows with this local or remote port (repeat or comma-separate).
     #[arg(long = "port", env = "TOKENFLOW_PORTS", value_delimiter = ',')]
@@ -62,6 +79,24 @@ fn default_node_id() -> String {
 }
 
 impl Args {
+    /// Stdout when asked for, or when there is no other place for the windows to go.
+    pub fn stdout(&self) -> bool {
+        self.sink == Some(Sink::Stdout) || (self.sink.is_none() && self.redis.is_none())
+    }
+
+    /// The metrics address, `None` when disabled.
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        if self.metrics_addr == "off" {
+            return Ok(None);
+        }
+        self.metrics_addr.parse().map(Some).with_context(|| {
+            format!(
+                "--metrics-addr {:?}: expected ip:port or off",
+                self.metrics_addr
+            )
+        })
+    }
+
     pub fn filter(&self) -> Result<Filter> {
         Ok(Filter {
             ports: self.ports.clone(),

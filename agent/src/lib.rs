@@ -6,4 +6,5 @@ pub mod capture;
 pub mod cli;
 pub mod hist;
 pub mod run;
+pub mod sink;
 pub mod window;

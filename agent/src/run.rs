@@ -15,7 +15,11 @@ use tokio::{
 
 use crate::{
     capture::{Capture, check_privileges},
-    cli::{Args, Sink},
+    cli::Args,
+    sink::{
+        prometheus,
+        redis::{RedisConfig, RedisSink},
+    },
     window::{Snapshot, WindowBuilder},
 };
 
@@ -26,9 +30,57 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every place a window goes.
+struct Sinks {
+    stdout: bool,
+    redis: Option<RedisSink>,
+    prometheus: bool,
+}
+
+impl Sinks {
+    fn emit(&self, mut w: TelemetryWindow) -> Result<()> {
+        if let Some(r) = &self.redis {
+            w.sinks = r.stats.snapshot();
+        }
+        if self.prometheus {
+            prometheus::record(&w);
+        }
+        if self.stdout {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, &w)?;
+            out.write_all(b"\n")?;
+            out.flush().context("writing a window to stdout")?;
+        }
+        if let Some(r) = &self.redis {
+            r.send(w);
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     check_privileges()?;
     let filter = args.filter()?;
+    let metrics_addr = args.metrics_addr()?;
+    let redis = match &args.redis {
+        Some(url) => Some(RedisSink::start(RedisConfig {
+            url: url.clone(),
+            node_id: args.node_id.clone(),
+            retention: args.redis_retention,
+            buffer: args.redis_buffer,
+            latest_ttl: args.interval * 3,
+        })?),
+        None => None,
+    };
+    if let Some(addr) = metrics_addr {
+        prometheus::install(addr)?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let sinks = Sinks {
+        stdout: args.stdout(),
+        redis,
+        prometheus: metrics_addr.is_some(),
+    };
     let mut capture = Capture::start(&filter, &args.btf)?;
     tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
 
@@ -42,21 +94,26 @@ pub async fn run(args: Args) -> Result<()> {
     let mut start_ms = unix_ms();
 
     loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let w = close_window(&mut capture, &mut builder, &mut start_ms)?;
-                emit(args.sink, &w)?;
-                emitted += 1;
-                if windows_wanted.is_some_and(|n| emitted >= n) {
-                    break;
-                }
-            }
-            r = capture.drain_closed() => r?,
-            _ = sigint.recv() => { flush(&mut capture, &mut builder, &mut start_ms, args.sink)?; break; }
-            _ = sigterm.recv() => { flush(&mut capture, &mut builder, &mut start_ms, args.sink)?; break; }
+        let signalled = tokio::select! {
+            _ = tick.tick() => false,
+            r = capture.drain_closed() => { r?; continue; }
+            _ = sigint.recv() => true,
+            _ = sigterm.recv() => true,
+        };
+        if signalled {
+            tracing::info!("signal received: flushing the last window");
+        }
+        sinks.emit(close_window(&mut capture, &mut builder, &mut start_ms)?)?;
+        emitted += 1;
+        if signalled || windows_wanted.is_some_and(|n| emitted >= n) {
+            break;
         }
     }
+    // Detach first: the kernel programs must not outlive a slow sink.
     drop(capture);
+    if let Some(r) = sinks.redis {
+        r.close(Duration::from_millis(1500)).await;
+    }
     tracing::info!(windows = emitted, "detached; bye");
     Ok(())
 }
@@ -84,28 +141,6 @@ fn close_window(
     });
     *start_ms = end;
     Ok(w)
-}
-
-fn flush(
-    capture: &mut Capture,
-    builder: &mut WindowBuilder,
-    start_ms: &mut u64,
-    sink: Sink,
-) -> Result<()> {
-    tracing::info!("signal received: flushing the last window");
-    let w = close_window(capture, builder, start_ms)?;
-    emit(sink, &w)
-}
-
-fn emit(sink: Sink, w: &TelemetryWindow) -> Result<()> {
-    match sink {
-        Sink::Stdout => {
-            let mut out = std::io::stdout().lock();
-            serde_json::to_writer(&mut out, w)?;
-            out.write_all(b"\n")?;
-            out.flush().context("writing a window to stdout")
-        }
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::{
 
 use agent_common::{AF_INET6, FlowState, counters};
 use tokenflow_schema::{
-    CaptureStats, FlowWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, TelemetryWindow,
+    CaptureStats, FlowWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, SinkStats, TelemetryWindow,
 };
 
 use crate::hist::{merge, summarize};
@@ -36,6 +36,7 @@ pub struct WindowBuilder {
     prev_flows: HashMap<u64, FlowState>,
     prev_counters: Counters,
     prev_node_hist: Vec<u64>,
+    next_seq: u64,
 }
 
 /// One flow's activity within the interval.
@@ -170,12 +171,17 @@ impl WindowBuilder {
         TelemetryWindow {
             schema_version: SCHEMA_VERSION,
             node_id: self.node_id.clone(),
+            seq: {
+                self.next_seq += 1;
+                self.next_seq - 1
+            },
             start_unix_ms: snap.start_unix_ms,
             end_unix_ms: snap.end_unix_ms,
             flows,
             remotes,
             node,
             capture,
+            sinks: SinkStats::default(),
         }
     }
 }
@@ -186,6 +192,7 @@ fn flow_window(d: &Delta, secs: f64) -> FlowWindow {
         cookie: f.cookie,
         local: endpoint(f.family, &f.saddr, f.sport).to_string(),
         remote: endpoint(f.family, &f.daddr, f.dport).to_string(),
+        service_port: service_port(f),
         netns: f.netns,
         cgroup_id: f.cgroup_id,
         pid: f.pid,
@@ -195,6 +202,7 @@ fn flow_window(d: &Delta, secs: f64) -> FlowWindow {
             .map(|s| tcp_state_name(s).to_string())
             .collect(),
         rtt: summarize(&d.hist, d.srtt_sum_us),
+        rtt_hist: sparse(&d.hist),
         last_srtt_us: f.last_srtt_us,
         snd_cwnd: f.snd_cwnd,
         bytes_in_flight: f.bytes_in_flight,
@@ -238,6 +246,30 @@ fn remote_windows<'a>(deltas: impl Iterator<Item = &'a Delta>, secs: f64) -> Vec
             retransmits: a.retransmits,
             retransmit_rate_per_s: a.retransmits as f64 / secs,
             state_changes: a.state_changes,
+        })
+        .collect()
+}
+
+/// Remote port for connections this host opened (it went through SYN_SENT), local port for those it
+/// accepted; for flows already open when the agent started, the lower of the two.
+pub fn service_port(f: &FlowState) -> u16 {
+    if f.states_seen & (1 << agent_common::TCP_SYN_SENT) != 0 {
+        f.dport
+    } else if f.states_seen & (1 << 3/* SYN_RECV */) != 0 {
+        f.sport
+    } else {
+        f.sport.min(f.dport)
+    }
+}
+
+/// Non-empty buckets as `[lower µs, upper µs, count]`.
+pub fn sparse(hist: &[u64]) -> Vec<[u64; 3]> {
+    hist.iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, c)| {
+            let (lo, hi) = agent_common::hist::bucket_bounds(i);
+            [lo, hi, *c]
         })
         .collect()
 }

@@ -41,12 +41,14 @@ fn second_window_holds_only_its_interval() {
     f.retrans_segs = 3;
     let w1 = b.build(snap(vec![f], vec![], 0));
     assert_eq!(w1.flows.len(), 1);
+    assert_eq!(w1.seq, 0);
     assert_eq!(w1.flows[0].retransmits, 3);
     assert_eq!(w1.flows[0].rtt.samples, 10);
 
     sample(&mut f, 80_000, 5);
     f.retrans_segs = 4;
     let w2 = b.build(snap(vec![f], vec![], 1000));
+    assert_eq!(w2.seq, 1);
     assert_eq!(w2.flows[0].rtt.samples, 5);
     assert_eq!(w2.flows[0].retransmits, 1);
     let p50 = w2.flows[0].rtt.p50_us as f64;

@@ -13,6 +13,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct TelemetryWindow {
     pub schema_version: u32,
     pub node_id: String,
+    /// Index of this window since the agent started (0, 1, 2, ...): a gap in a stream is a lost window.
+    pub seq: u64,
     /// Start and end of the interval, milliseconds since the Unix epoch.
     pub start_unix_ms: u64,
     pub end_unix_ms: u64,
@@ -24,6 +26,47 @@ pub struct TelemetryWindow {
     pub node: NodeWindow,
     /// Health of the capture itself.
     pub capture: CaptureStats,
+    /// Health of the sinks, as of the moment this window was closed.
+    pub sinks: SinkStats,
+}
+
+/// Delivery state of the agent's sinks (cumulative since the agent started).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SinkStats {
+    /// Windows waiting in the agent for Redis to come back.
+    pub redis_buffered: u64,
+    /// Windows dropped because Redis was away longer than the buffer holds.
+    pub redis_dropped_total: u64,
+    pub redis_written_total: u64,
+    pub redis_connected: bool,
+}
+
+/// Redis key names every process agrees on.
+pub mod keys {
+    /// Set of node ids that have written telemetry.
+    pub const NODES: &str = "tokenflow:nodes";
+    /// Stream of `TelemetryWindow`s of one node (entry field `window`, JSON; IDs are window end times).
+    pub fn telemetry_stream(node_id: &str) -> String {
+        format!("tokenflow:telemetry:{node_id}")
+    }
+    /// The node's latest [`super::NodeSummary`] (JSON), expiring when the agent stops writing.
+    pub fn latest(node_id: &str) -> String {
+        format!("tokenflow:latest:{node_id}")
+    }
+    /// Field of a stream entry that holds the window.
+    pub const WINDOW_FIELD: &str = "window";
+}
+
+/// The small "latest" record: enough for a cheap read of a node's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSummary {
+    pub schema_version: u32,
+    pub node_id: String,
+    pub seq: u64,
+    pub end_unix_ms: u64,
+    pub node: NodeWindow,
 }
 
 /// RTT percentiles of one interval, microseconds, from a log2 histogram with 8 linear sub-buckets
@@ -47,6 +90,9 @@ pub struct FlowWindow {
     /// `ip:port`, IPv6 in brackets.
     pub local: String,
     pub remote: String,
+    /// The service side's port: the remote port of a connection this host opened, the local port of
+    /// one it accepted.
+    pub service_port: u16,
     /// Network namespace inode (as in `/proc/PID/ns/net`), 0 when unknown.
     pub netns: u32,
     pub cgroup_id: u64,
@@ -57,6 +103,9 @@ pub struct FlowWindow {
     /// Every TCP state the socket has entered since the agent first saw it, in `tcp_states.h` order.
     pub states_seen: Vec<String>,
     pub rtt: RttSummary,
+    /// Non-empty histogram buckets of the interval: `[lower bound µs, upper bound µs, count]`, so
+    /// windows can be merged exactly.
+    pub rtt_hist: Vec<[u64; 3]>,
     /// Smoothed RTT at the last sample, µs.
     pub last_srtt_us: u32,
     pub snd_cwnd: u32,

@@ -1,0 +1,205 @@
+//! Prometheus sink: each window updates counters, gauges and an RTT histogram per remote address and
+//! service port, served on the agent's own port by `metrics-exporter-prometheus`. Names follow
+//! `tokenflow_agent_<what>_<unit>`, `_total` for counters, base units (seconds, bytes).
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use tokenflow_schema::TelemetryWindow;
+
+pub const RTT_SECONDS: &str = "tokenflow_agent_rtt_seconds";
+pub const NODE_RTT_P99_SECONDS: &str = "tokenflow_agent_node_rtt_p99_seconds";
+pub const RETRANSMITS_TOTAL: &str = "tokenflow_agent_retransmits_total";
+pub const BYTES_ACKED_TOTAL: &str = "tokenflow_agent_bytes_acked_total";
+pub const STATE_CHANGES_TOTAL: &str = "tokenflow_agent_state_changes_total";
+pub const FLOWS_CLOSED_TOTAL: &str = "tokenflow_agent_flows_closed_total";
+pub const ACTIVE_FLOWS: &str = "tokenflow_agent_active_flows";
+pub const FLOWS_TRACKED: &str = "tokenflow_agent_flows_tracked";
+pub const WINDOWS_TOTAL: &str = "tokenflow_agent_windows_total";
+pub const CAPTURE_EVENTS_TOTAL: &str = "tokenflow_agent_capture_events_total";
+pub const CAPTURE_LOST_EVENTS_TOTAL: &str = "tokenflow_agent_capture_lost_events_total";
+pub const REDIS_BUFFERED_WINDOWS: &str = "tokenflow_agent_redis_buffered_windows";
+pub const REDIS_DROPPED_WINDOWS_TOTAL: &str = "tokenflow_agent_redis_dropped_windows_total";
+pub const REDIS_CONNECTED: &str = "tokenflow_agent_redis_connected";
+
+/// RTT buckets, seconds: 250 µs (same rack) to 5 s (a dying path).
+const RTT_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+fn builder() -> Result<PrometheusBuilder> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(RTT_SECONDS.to_string()), RTT_BUCKETS)
+        .context("configuring the RTT histogram buckets")
+}
+
+/// Serves `/metrics` on `addr` for the life of the process.
+pub fn install(addr: SocketAddr) -> Result<()> {
+    builder()?
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| {
+            format!("serving Prometheus metrics on {addr} (is the port in use? use --metrics-addr)")
+        })
+}
+
+/// A recorder not installed globally, for tests and tools that render the text themselves.
+pub fn local_recorder() -> Result<(PrometheusRecorder, PrometheusHandle)> {
+    let recorder = builder()?.build_recorder();
+    let handle = recorder.handle();
+    Ok((recorder, handle))
+}
+
+/// Updates every metric from one window (and the sink state it carries).
+pub fn record(w: &TelemetryWindow) {
+    for f in &w.flows {
+        let remote = f
+            .remote
+            .rsplit_once(':')
+            .map(|(a, _)| a)
+            .unwrap_or(&f.remote)
+            .trim_matches(['[', ']']);
+        let labels = [
+            ("remote", remote.to_string()),
+            ("port", f.service_port.to_string()),
+        ];
+        let h = histogram!(RTT_SECONDS, &labels);
+        for [lo, hi, count] in &f.rtt_hist {
+            // The bucket's midpoint stands for its samples (within 6.25 %).
+            h.record_many((lo + hi) as f64 / 2.0 / 1e6, *count as usize);
+        }
+        counter!(RETRANSMITS_TOTAL, &labels).increment(f.retransmits);
+        counter!(BYTES_ACKED_TOTAL, &labels).increment(f.bytes_acked);
+        counter!(STATE_CHANGES_TOTAL, &labels).increment(f.state_changes);
+    }
+    counter!(FLOWS_CLOSED_TOTAL).increment(u64::from(w.node.closed_flows));
+    gauge!(ACTIVE_FLOWS).set(f64::from(w.node.active_flows));
+    gauge!(NODE_RTT_P99_SECONDS).set(w.node.rtt.p99_us as f64 / 1e6);
+    gauge!(FLOWS_TRACKED).set(f64::from(w.capture.flows_tracked));
+    counter!(WINDOWS_TOTAL).increment(1);
+    let c = &w.capture;
+    for (program, n) in [
+        ("tcp_probe", c.probe_events),
+        ("tcp_retransmit_skb", c.retransmit_events),
+        ("inet_sock_set_state", c.state_events),
+    ] {
+        counter!(CAPTURE_EVENTS_TOTAL, "program" => program).increment(n);
+    }
+    counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "flow_map_full")
+        .increment(c.flow_insert_failed);
+    counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
+    gauge!(REDIS_BUFFERED_WINDOWS).set(w.sinks.redis_buffered as f64);
+    // Cumulative in the window: set the counter's absolute value.
+    counter!(REDIS_DROPPED_WINDOWS_TOTAL).absolute(w.sinks.redis_dropped_total);
+    gauge!(REDIS_CONNECTED).set(if w.sinks.redis_connected { 1.0 } else { 0.0 });
+}
+
+/// The naming convention every exported metric must follow.
+pub fn follows_convention(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("tokenflow_agent_") else {
+        // DCGM exporter names are reused as they are, for existing GPU dashboards.
+        return name.starts_with("DCGM_FI_");
+    };
+    let lower = rest
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let banned_units = ["_ms", "_us", "_millis", "_kb", "_mb", "_percent_total"];
+    lower && !rest.is_empty() && !banned_units.iter().any(|u| rest.ends_with(u))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenflow_schema::{FlowWindow, RttSummary};
+
+    use super::*;
+
+    fn window() -> TelemetryWindow {
+        let flow = FlowWindow {
+            cookie: 1,
+            local: "198.18.1.2:40000".into(),
+            remote: "198.18.2.2:8000".into(),
+            service_port: 8000,
+            netns: 0,
+            cgroup_id: 0,
+            pid: 0,
+            state: "ESTABLISHED".into(),
+            states_seen: vec![],
+            rtt: RttSummary {
+                samples: 3,
+                ..Default::default()
+            },
+            rtt_hist: vec![[19456, 20480, 3]],
+            last_srtt_us: 20000,
+            snd_cwnd: 10,
+            bytes_in_flight: 0,
+            bytes_acked: 4096,
+            retransmits: 2,
+            retransmit_rate_per_s: 2.0,
+            state_changes: 0,
+            closed: false,
+        };
+        let mut w: TelemetryWindow = serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "node_id": "n", "seq": 0, "start_unix_ms": 0, "end_unix_ms": 1000,
+            "flows": [], "remotes": [], "node": {
+                "rtt": {"samples":0,"p50_us":0,"p95_us":0,"p99_us":0,"max_us":0,"mean_us":0},
+                "active_flows": 1, "closed_flows": 0, "bytes_acked": 0, "retransmits": 0,
+                "retransmit_rate_per_s": 0.0, "state_changes": 0},
+            "capture": {"probe_events":0,"retransmit_events":0,"state_events":0,"flows_created":0,
+                "flow_insert_failed":0,"closed_dropped":0,"filtered_events":0,"flows_tracked":1},
+            "sinks": {"redis_buffered":0,"redis_dropped_total":0,"redis_written_total":0,"redis_connected":false}
+        }))
+        .unwrap();
+        w.flows.push(flow);
+        w
+    }
+
+    #[test]
+    fn every_exported_name_follows_the_convention() {
+        let (recorder, handle) = local_recorder().unwrap();
+        metrics::with_local_recorder(&recorder, || record(&window()));
+        let text = handle.render();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(names.len() >= 10, "{text}");
+        for n in &names {
+            assert!(
+                follows_convention(n),
+                "metric {n} breaks tokenflow_agent_<what>_<unit>"
+            );
+        }
+        let counters: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE ") && l.ends_with(" counter"))
+            .collect();
+        for c in counters {
+            assert!(
+                c.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|n| n.ends_with("_total")),
+                "{c}"
+            );
+        }
+        assert!(text.contains(r#"tokenflow_agent_rtt_seconds_bucket{remote="198.18.2.2",port="8000",le="0.025"} 3"#), "{text}");
+        assert!(
+            text.contains(
+                r#"tokenflow_agent_retransmits_total{remote="198.18.2.2",port="8000"} 2"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn convention_rejects_bad_names() {
+        assert!(!follows_convention("rtt_ms"));
+        assert!(!follows_convention("tokenflow_agent_rtt_ms"));
+        assert!(!follows_convention("tokenflow_agent_RTT"));
+        assert!(follows_convention("DCGM_FI_DEV_GPU_UTIL"));
+    }
+}

@@ -1,0 +1,321 @@
+//! Redis sink: every window is `XADD`ed to the node's stream (trimmed by age with `MINID ~`), the small
+//! summary goes to the node's "latest" key. A Redis outage never blocks the capture: windows wait in a
+//! bounded buffer (oldest dropped first, each drop counted) while a background task reconnects with
+//! exponential backoff.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::{
+    AsyncCommands, Client,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use tokenflow_schema::{NodeSummary, SinkStats, TelemetryWindow, keys};
+use tokio::{
+    sync::mpsc,
+    task::JoinHandle,
+    time::{Instant, sleep_until},
+};
+
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    pub url: String,
+    pub node_id: String,
+    /// Stream entries older than this are trimmed.
+    pub retention: Duration,
+    /// Windows held while Redis is unreachable.
+    pub buffer: usize,
+    /// The "latest" key expires after this long without a write.
+    pub latest_ttl: Duration,
+}
+
+/// Counters shared with the agent's main loop, reported in every window.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    buffered: AtomicU64,
+    dropped: AtomicU64,
+    written: AtomicU64,
+    connected: AtomicBool,
+    /// Sum and count of XADD round trips, for the benchmark.
+    write_ns: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl RedisStats {
+    pub fn snapshot(&self) -> SinkStats {
+        SinkStats {
+            redis_buffered: self.buffered.load(Ordering::Relaxed),
+            redis_dropped_total: self.dropped.load(Ordering::Relaxed),
+            redis_written_total: self.written.load(Ordering::Relaxed),
+            redis_connected: self.connected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Mean write latency per window so far.
+    pub fn mean_write(&self) -> Option<Duration> {
+        let n = self.writes.load(Ordering::Relaxed);
+        (n > 0).then(|| Duration::from_nanos(self.write_ns.load(Ordering::Relaxed) / n))
+    }
+}
+
+pub struct RedisSink {
+    tx: mpsc::Sender<TelemetryWindow>,
+    pub stats: Arc<RedisStats>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSinkError {
+    #[error("invalid Redis URL {url:?}: {source} (expected e.g. redis://127.0.0.1:6379)")]
+    Url {
+        url: String,
+        source: redis::RedisError,
+    },
+}
+
+impl RedisSink {
+    /// Validates the URL and starts the writer task; connecting happens in the background.
+    pub fn start(cfg: RedisConfig) -> Result<Self, RedisSinkError> {
+        let client = Client::open(cfg.url.as_str()).map_err(|source| RedisSinkError::Url {
+            url: cfg.url.clone(),
+            source,
+        })?;
+        let stats = Arc::new(RedisStats::default());
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(writer(client, cfg, rx, stats.clone()));
+        Ok(Self { tx, stats, task })
+    }
+
+    /// Hands a window to the writer without waiting; a writer that has fallen this far behind drops it.
+    pub fn send(&self, w: TelemetryWindow) {
+        if self.tx.try_send(w).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the channel and gives the writer `grace` to flush what it holds.
+    pub async fn close(self, grace: Duration) {
+        drop(self.tx);
+        let _ = tokio::time::timeout(grace, self.task).await;
+    }
+}
+
+async fn connect(client: &Client) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(1);
+    ConnectionManager::new_with_config(client.clone(), config).await
+}
+
+async fn writer(
+    client: Client,
+    cfg: RedisConfig,
+    mut rx: mpsc::Receiver<TelemetryWindow>,
+    stats: Arc<RedisStats>,
+) {
+    let mut w = Writer {
+        client,
+        cfg,
+        conn: None,
+        buf: VecDeque::new(),
+        stats,
+    };
+    let mut backoff = Backoff::default();
+    let mut retry_at = Instant::now();
+    loop {
+        let waiting = !w.buf.is_empty() && Instant::now() < retry_at;
+        tokio::select! {
+            next = rx.recv() => match next {
+                Some(window) => w.push(window),
+                None => {
+                    // Shutting down: one last attempt for whatever is buffered.
+                    w.flush().await;
+                    if !w.buf.is_empty() {
+                        tracing::warn!("{} windows not delivered to Redis at shutdown", w.buf.len());
+                    }
+                    return;
+                }
+            },
+            _ = sleep_until(retry_at), if waiting => {}
+        }
+        if !w.buf.is_empty() && Instant::now() >= retry_at {
+            if w.flush().await {
+                backoff = Backoff::default();
+            } else {
+                let wait = backoff.next();
+                tracing::warn!(
+                    "Redis unreachable; {} windows buffered, retrying in {wait:?}",
+                    w.buf.len()
+                );
+                retry_at = Instant::now() + wait;
+            }
+        }
+    }
+}
+
+struct Writer {
+    client: Client,
+    cfg: RedisConfig,
+    conn: Option<ConnectionManager>,
+    buf: VecDeque<TelemetryWindow>,
+    stats: Arc<RedisStats>,
+}
+
+impl Writer {
+    /// Buffers a window, dropping the oldest when the buffer is full.
+    fn push(&mut self, window: TelemetryWindow) {
+        if self.buf.len() >= self.cfg.buffer.max(1) {
+            self.buf.pop_front();
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.buf.push_back(window);
+        self.stats
+            .buffered
+            .store(self.buf.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Writes buffered windows oldest first; true when the buffer is empty afterwards.
+    async fn flush(&mut self) -> bool {
+        if self.conn.is_none() {
+            match connect(&self.client).await {
+                Ok(c) => {
+                    tracing::info!(url = %self.cfg.url, "connected to Redis");
+                    self.conn = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!("connecting to Redis: {e}");
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        while let Some(window) = self.buf.front() {
+            let t0 = std::time::Instant::now();
+            if let Err(e) = write(conn, &self.cfg, window).await {
+                tracing::debug!("Redis write: {e}");
+                self.stats.connected.store(false, Ordering::Relaxed);
+                return false;
+            }
+            self.stats
+                .write_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            self.stats.written.fetch_add(1, Ordering::Relaxed);
+            self.stats.connected.store(true, Ordering::Relaxed);
+            self.buf.pop_front();
+            self.stats
+                .buffered
+                .store(self.buf.len() as u64, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+/// XADD with the window's end time as the entry ID (so ranges by time work), trimming by age; then
+/// the latest summary and the node set.
+async fn write(
+    c: &mut ConnectionManager,
+    cfg: &RedisConfig,
+    w: &TelemetryWindow,
+) -> redis::RedisResult<()> {
+    let stream = keys::telemetry_stream(&w.node_id);
+    let json =
+        serde_json::to_string(w).map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+    let min_id = w
+        .end_unix_ms
+        .saturating_sub(cfg.retention.as_millis() as u64);
+    let summary = NodeSummary {
+        schema_version: w.schema_version,
+        node_id: w.node_id.clone(),
+        seq: w.seq,
+        end_unix_ms: w.end_unix_ms,
+        node: w.node.clone(),
+    };
+    let summary = serde_json::to_string(&summary)
+        .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+    let xadd = |id: String| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream)
+            .arg("MINID")
+            .arg("~")
+            .arg(min_id)
+            .arg(id)
+            .arg(keys::WINDOW_FIELD)
+            .arg(&json);
+        cmd
+    };
+    let added: redis::RedisResult<String> =
+        xadd(format!("{}-*", w.end_unix_ms)).query_async(c).await;
+    if let Err(e) = added {
+        // The clock went back (or another writer used this key): let Redis pick the ID.
+        if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
+            return Err(e);
+        }
+        let _: String = xadd("*".to_string()).query_async(c).await?;
+    }
+    let ttl = cfg.latest_ttl.as_millis().max(1) as u64;
+    let _: () = c.pset_ex(keys::latest(&cfg.node_id), summary, ttl).await?;
+    let _: () = c.sadd(keys::NODES, &cfg.node_id).await?;
+    Ok(())
+}
+
+/// 100 ms, doubling to 5 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let mut b = Backoff::default();
+        let seq: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[test]
+    fn bad_url_is_a_clear_error() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt
+            .block_on(async {
+                RedisSink::start(RedisConfig {
+                    url: "http://nope".into(),
+                    node_id: "n".into(),
+                    retention: Duration::from_secs(60),
+                    buffer: 4,
+                    latest_ttl: Duration::from_secs(3),
+                })
+                .err()
+            })
+            .unwrap();
+        assert!(err.to_string().contains("redis://"), "{err}");
+    }
+}
