@@ -3,7 +3,8 @@
 use std::{os::unix::fs::MetadataExt, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
+use serde::Deserialize;
 
 use crate::capture::Filter;
 
@@ -63,9 +64,15 @@ pub struct Args {
     /// Kernel BTF used to locate struct fields (netns, cgroup, segment counts).
     #[arg(long, env = "TOKENFLOW_BTF", default_value = crate::btf_offsets::VMLINUX_BTF)]
     pub btf: PathBuf,
+
+    /// TOML file with any of the options above (kebab-case keys, e.g. `node-id = "gpu-7"`,
+    /// `ports = [8000]`); flags and environment variables take precedence over it.
+    #[arg(long, env = "TOKENFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Sink {
     /// One JSON window per line on standard output.
     Stdout,
@@ -165,7 +172,156 @@ mod tests {
     }
 
     #[test]
+    fn config_file_fills_what_flags_leave_unset() {
+        let dir = std::env::temp_dir().join(format!("tf-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "node-id = \"gpu-7\"\ninterval = \"2s\"\nports = [8000, 8001]\nmetrics-addr = \"off\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let a = Args::load_from(["x", "--config", p, "--interval", "500ms"]).unwrap();
+        assert_eq!(a.node_id, "gpu-7");
+        assert_eq!(
+            a.interval,
+            Duration::from_millis(500),
+            "the flag wins over the file"
+        );
+        assert_eq!(a.ports, vec![8000, 8001]);
+        assert_eq!(a.metrics_addr().unwrap(), None);
+        std::fs::write(&path, "node_idd = 1\n").unwrap();
+        let err = Args::load_from(["x", "--config", p])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("node_idd"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_fail_validation() {
+        assert!(Args::load_from(["x", "--metrics-addr", "nowhere"]).is_err());
+        assert!(Args::load_from(["x", "--redis", "http://x"]).is_err());
+        assert!(Args::load_from(["x", "--redis-buffer", "0"]).is_err());
+    }
+
+    #[test]
     fn bad_interval_is_rejected() {
         assert!(Args::try_parse_from(["x", "--interval", "soon"]).is_err());
+    }
+}
+
+/// The config file: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    node_id: Option<String>,
+    interval: Option<String>,
+    duration: Option<String>,
+    sink: Option<Sink>,
+    redis: Option<String>,
+    redis_retention: Option<String>,
+    redis_buffer: Option<usize>,
+    metrics_addr: Option<String>,
+    ports: Option<Vec<u16>>,
+    netns: Option<String>,
+    cgroup: Option<String>,
+    btf: Option<PathBuf>,
+}
+
+/// A setting that makes no sense: reported in one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct ConfigError(pub anyhow::Error);
+
+impl Args {
+    /// Parses flags, environment and the config file (clap prints its own errors and exits 2), then
+    /// checks every value that can be checked without privileges.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    pub fn load_from<I, T>(argv: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().get_matches_from(argv);
+        let mut args = Self::from_arg_matches(&matches).map_err(|e| ConfigError(e.into()))?;
+        if let Some(path) = args.config.clone() {
+            args.merge_file(&path, &matches).map_err(ConfigError)?;
+        }
+        args.validate().map_err(ConfigError)?;
+        Ok(args)
+    }
+
+    fn merge_file(&mut self, path: &std::path::Path, m: &ArgMatches) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let f: FileConfig =
+            toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+        // A value from the file applies only where neither a flag nor an environment variable gave one.
+        let unset = |id: &str| {
+            !matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let dur = |v: &str, key: &str| {
+            humantime::parse_duration(v).with_context(|| format!("config key {key}: {v:?}"))
+        };
+        if let (true, Some(v)) = (unset("node_id"), f.node_id) {
+            self.node_id = v;
+        }
+        if let (true, Some(v)) = (unset("interval"), f.interval) {
+            self.interval = dur(&v, "interval")?;
+        }
+        if let (true, Some(v)) = (unset("duration"), f.duration) {
+            self.duration = Some(dur(&v, "duration")?);
+        }
+        if let (true, Some(v)) = (unset("sink"), f.sink) {
+            self.sink = Some(v);
+        }
+        if let (true, Some(v)) = (unset("redis"), f.redis) {
+            self.redis = Some(v);
+        }
+        if let (true, Some(v)) = (unset("redis_retention"), f.redis_retention) {
+            self.redis_retention = dur(&v, "redis-retention")?;
+        }
+        if let (true, Some(v)) = (unset("redis_buffer"), f.redis_buffer) {
+            self.redis_buffer = v;
+        }
+        if let (true, Some(v)) = (unset("metrics_addr"), f.metrics_addr) {
+            self.metrics_addr = v;
+        }
+        if let (true, Some(v)) = (unset("ports"), f.ports) {
+            self.ports = v;
+        }
+        if let (true, Some(v)) = (unset("netns"), f.netns) {
+            self.netns = Some(v);
+        }
+        if let (true, Some(v)) = (unset("cgroup"), f.cgroup) {
+            self.cgroup = Some(v);
+        }
+        if let (true, Some(v)) = (unset("btf"), f.btf) {
+            self.btf = v;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.filter()?;
+        self.metrics_addr()?;
+        if let Some(url) = &self.redis {
+            redis::Client::open(url.as_str()).with_context(|| {
+                format!("--redis {url:?}: expected a URL such as redis://127.0.0.1:6379")
+            })?;
+        }
+        anyhow::ensure!(!self.interval.is_zero(), "--interval must be longer than 0");
+        anyhow::ensure!(
+            self.redis_buffer > 0,
+            "--redis-buffer must hold at least one window"
+        );
+        Ok(())
     }
 }

@@ -1,6 +1,5 @@
 //! `tokenflow-agent`: see `tokenflow-agent --help`.
 
-use clap::Parser;
 use tokenflow_agent::{cli::Args, run::run};
 use tracing_subscriber::EnvFilter;
 
@@ -12,7 +11,13 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = match Args::load() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
