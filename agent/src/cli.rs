@@ -65,6 +65,10 @@ pub struct Args {
     #[arg(long, env = "TOKENFLOW_BTF", default_value = crate::btf_offsets::VMLINUX_BTF)]
     pub btf: PathBuf,
 
+    /// Print one GPU sample (NVML) as JSON and exit; needs no privileges.
+    #[arg(long)]
+    pub gpu_check: bool,
+
     /// TOML file with any of the options above (kebab-case keys, e.g. `node-id = "gpu-7"`,
     /// `ports = [8000]`); flags and environment variables take precedence over it.
     #[arg(long, env = "TOKENFLOW_CONFIG")]

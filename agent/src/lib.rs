@@ -4,6 +4,7 @@
 pub mod btf_offsets;
 pub mod capture;
 pub mod cli;
+pub mod gpu;
 pub mod hist;
 pub mod run;
 pub mod sink;

@@ -18,6 +18,12 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if args.gpu_check {
+        // No privileges needed: show what NVML reports and stop.
+        let w = tokenflow_agent::gpu::detect().sample();
+        println!("{}", serde_json::to_string_pretty(&w).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

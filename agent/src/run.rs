@@ -81,6 +81,12 @@ pub async fn run(args: Args) -> Result<()> {
         redis,
         prometheus: metrics_addr.is_some(),
     };
+    let mut gpu = crate::gpu::detect();
+    let first = gpu.sample();
+    match &first.reason {
+        None => tracing::info!(devices = first.devices.len(), "GPU metrics from NVML"),
+        Some(r) => tracing::info!("no GPU metrics: {r}"),
+    }
     let mut capture = Capture::start(&filter, &args.btf)?;
     tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
 
@@ -103,7 +109,12 @@ pub async fn run(args: Args) -> Result<()> {
         if signalled {
             tracing::info!("signal received: flushing the last window");
         }
-        sinks.emit(close_window(&mut capture, &mut builder, &mut start_ms)?)?;
+        sinks.emit(close_window(
+            &mut capture,
+            &mut builder,
+            gpu.as_mut(),
+            &mut start_ms,
+        )?)?;
         emitted += 1;
         if signalled || windows_wanted.is_some_and(|n| emitted >= n) {
             break;
@@ -127,6 +138,7 @@ pub fn windows_for(duration: Duration, interval: Duration) -> u64 {
 fn close_window(
     capture: &mut Capture,
     builder: &mut WindowBuilder,
+    gpu: &mut dyn crate::gpu::GpuProvider,
     start_ms: &mut u64,
 ) -> Result<TelemetryWindow> {
     let k = capture.snapshot()?;
@@ -138,6 +150,7 @@ fn close_window(
         node_hist: k.node_hist,
         start_unix_ms: *start_ms,
         end_unix_ms: end,
+        gpu: gpu.sample(),
     });
     *start_ms = end;
     Ok(w)

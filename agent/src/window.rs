@@ -8,7 +8,8 @@ use std::{
 
 use agent_common::{AF_INET6, FlowState, counters};
 use tokenflow_schema::{
-    CaptureStats, FlowWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, SinkStats, TelemetryWindow,
+    CaptureStats, FlowWindow, GpuWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, SinkStats,
+    TelemetryWindow,
 };
 
 use crate::hist::{merge, summarize};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub node_hist: Vec<u64>,
     pub start_unix_ms: u64,
     pub end_unix_ms: u64,
+    /// The node's GPUs, sampled when the interval closed.
+    pub gpu: GpuWindow,
 }
 
 /// Keeps the previous snapshot so each window holds only its own interval.
@@ -182,6 +185,7 @@ impl WindowBuilder {
             node,
             capture,
             sinks: SinkStats::default(),
+            gpu: snap.gpu,
         }
     }
 }

@@ -1,5 +1,8 @@
 use agent_common::{AF_INET, FlowState, HIST_BUCKETS, TCP_CLOSE, TCP_ESTABLISHED, bucket_index};
 use proptest::prelude::*;
+use tokenflow_schema::{GpuDevice, GpuWindow};
+
+use crate::gpu::{FakeGpuProvider, GpuProvider};
 
 use super::*;
 
@@ -30,6 +33,7 @@ fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
         node_hist: vec![0; HIST_BUCKETS],
         start_unix_ms: t,
         end_unix_ms: t + 1000,
+        gpu: GpuWindow::default(),
     }
 }
 
@@ -148,4 +152,26 @@ proptest! {
         }
         prop_assert_eq!(total, f.rtt_samples);
     }
+}
+
+#[test]
+fn gpu_sample_is_joined_into_the_window() {
+    let mut fake = FakeGpuProvider {
+        devices: vec![GpuDevice {
+            index: 0,
+            name: "fake-gpu".into(),
+            utilization_percent: Some(87),
+            memory_used_bytes: Some(1 << 30),
+            ..Default::default()
+        }],
+    };
+    let mut b = WindowBuilder::new("n1");
+    let mut s = snap(vec![], vec![], 0);
+    s.gpu = fake.sample();
+    let w = b.build(s);
+    assert!(w.gpu.available);
+    assert_eq!(w.gpu.provider, "fake");
+    assert_eq!(w.gpu.devices[0].utilization_percent, Some(87));
+    let json = serde_json::to_value(&w).unwrap();
+    assert_eq!(json["gpu"]["devices"][0]["name"], "fake-gpu");
 }

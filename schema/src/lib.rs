@@ -28,6 +28,49 @@ pub struct TelemetryWindow {
     pub capture: CaptureStats,
     /// Health of the sinks, as of the moment this window was closed.
     pub sinks: SinkStats,
+    /// The node's GPUs at the end of the interval (NVML); `available: false` with a reason otherwise.
+    pub gpu: GpuWindow,
+}
+
+/// GPU state of the node. No GPU or no driver is a normal state, reported with its reason.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuWindow {
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Where the figures come from: `nvml`, or `fake` in tests (never in production).
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    pub devices: Vec<GpuDevice>,
+}
+
+/// One GPU. A figure the driver does not report for this device is `null`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    /// Share of the last sample period in which a kernel ran, 0–100.
+    pub utilization_percent: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub power_watts: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+    pub temperature_celsius: Option<u32>,
+    pub pcie_tx_bytes_per_s: Option<u64>,
+    pub pcie_rx_bytes_per_s: Option<u64>,
+    /// Processes holding GPU memory, by pid (compute and graphics contexts).
+    pub processes: Vec<GpuProcess>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub used_memory_bytes: Option<u64>,
 }
 
 /// Delivery state of the agent's sinks (cumulative since the agent started).

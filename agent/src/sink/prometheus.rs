@@ -25,6 +25,7 @@ pub const CAPTURE_LOST_EVENTS_TOTAL: &str = "tokenflow_agent_capture_lost_events
 pub const REDIS_BUFFERED_WINDOWS: &str = "tokenflow_agent_redis_buffered_windows";
 pub const REDIS_DROPPED_WINDOWS_TOTAL: &str = "tokenflow_agent_redis_dropped_windows_total";
 pub const REDIS_CONNECTED: &str = "tokenflow_agent_redis_connected";
+pub const GPU_AVAILABLE: &str = "tokenflow_agent_gpu_available";
 
 /// RTT buckets, seconds: 250 µs (same rack) to 5 s (a dying path).
 const RTT_BUCKETS: &[f64] = &[
@@ -92,10 +93,51 @@ pub fn record(w: &TelemetryWindow) {
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "flow_map_full")
         .increment(c.flow_insert_failed);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
+    record_gpu(&w.gpu);
     gauge!(REDIS_BUFFERED_WINDOWS).set(w.sinks.redis_buffered as f64);
     // Cumulative in the window: set the counter's absolute value.
     counter!(REDIS_DROPPED_WINDOWS_TOTAL).absolute(w.sinks.redis_dropped_total);
     gauge!(REDIS_CONNECTED).set(if w.sinks.redis_connected { 1.0 } else { 0.0 });
+}
+
+/// GPU gauges under the DCGM exporter's names and units (memory in MiB, power in W, clocks in MHz),
+/// so dashboards built for dcgm-exporter work unchanged.
+fn record_gpu(g: &tokenflow_schema::GpuWindow) {
+    gauge!(GPU_AVAILABLE).set(if g.available { 1.0 } else { 0.0 });
+    for d in &g.devices {
+        let labels = [
+            ("gpu", d.index.to_string()),
+            ("UUID", d.uuid.clone()),
+            ("modelName", d.name.clone()),
+        ];
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let pairs: [(&'static str, Option<f64>); 8] = [
+            ("DCGM_FI_DEV_GPU_UTIL", d.utilization_percent.map(f64::from)),
+            ("DCGM_FI_DEV_FB_USED", d.memory_used_bytes.map(mib)),
+            (
+                "DCGM_FI_DEV_FB_FREE",
+                d.memory_total_bytes
+                    .zip(d.memory_used_bytes)
+                    .map(|(t, u)| mib(t.saturating_sub(u))),
+            ),
+            ("DCGM_FI_DEV_POWER_USAGE", d.power_watts),
+            ("DCGM_FI_DEV_SM_CLOCK", d.sm_clock_mhz.map(f64::from)),
+            ("DCGM_FI_DEV_GPU_TEMP", d.temperature_celsius.map(f64::from)),
+            (
+                "DCGM_FI_PROF_PCIE_TX_BYTES",
+                d.pcie_tx_bytes_per_s.map(|v| v as f64),
+            ),
+            (
+                "DCGM_FI_PROF_PCIE_RX_BYTES",
+                d.pcie_rx_bytes_per_s.map(|v| v as f64),
+            ),
+        ];
+        for (name, value) in pairs {
+            if let Some(v) = value {
+                gauge!(name, &labels).set(v);
+            }
+        }
+    }
 }
 
 /// The naming convention every exported metric must follow.
@@ -150,7 +192,12 @@ mod tests {
                 "retransmit_rate_per_s": 0.0, "state_changes": 0},
             "capture": {"probe_events":0,"retransmit_events":0,"state_events":0,"flows_created":0,
                 "flow_insert_failed":0,"closed_dropped":0,"filtered_events":0,"flows_tracked":1},
-            "sinks": {"redis_buffered":0,"redis_dropped_total":0,"redis_written_total":0,"redis_connected":false}
+            "sinks": {"redis_buffered":0,"redis_dropped_total":0,"redis_written_total":0,"redis_connected":false},
+            "gpu": {"available": true, "provider": "fake", "devices": [{"index": 0, "name": "fake-gpu",
+                "uuid": "GPU-fake", "utilization_percent": 87, "memory_used_bytes": 1073741824,
+                "memory_total_bytes": 2147483648u64, "power_watts": 300.5, "sm_clock_mhz": 1980,
+                "temperature_celsius": 61, "pcie_tx_bytes_per_s": 1024, "pcie_rx_bytes_per_s": 2048,
+                "processes": []}]}
         }))
         .unwrap();
         w.flows.push(flow);
@@ -191,6 +238,20 @@ mod tests {
             text.contains(
                 r#"tokenflow_agent_retransmits_total{remote="198.18.2.2",port="8000"} 2"#
             ),
+            "{text}"
+        );
+        // The fake GPU (tests only) under DCGM names and units: memory in MiB.
+        let gpu = r#"{gpu="0",UUID="GPU-fake",modelName="fake-gpu"}"#;
+        assert!(
+            text.contains(&format!("DCGM_FI_DEV_GPU_UTIL{gpu} 87")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("DCGM_FI_DEV_FB_USED{gpu} 1024")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("DCGM_FI_DEV_FB_FREE{gpu} 1024")),
             "{text}"
         );
     }
