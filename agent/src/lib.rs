@@ -1,6 +1,7 @@
 //! TokenFlow's node agent: kernel TCP capture turned into one telemetry window per interval.
 //! The binary (`tokenflow-agent`) wires these modules to the command line and the sinks.
 
+pub mod backlog;
 pub mod btf_offsets;
 pub mod capture;
 pub mod cli;

@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use crate::{
+    backlog::BacklogReader,
     capture::{Capture, check_privileges},
     cli::Args,
     sink::{
@@ -87,6 +88,13 @@ pub async fn run(args: Args) -> Result<()> {
         None => tracing::info!(devices = first.devices.len(), "GPU metrics from NVML"),
         Some(r) => tracing::info!("no GPU metrics: {r}"),
     }
+    // sock_diag sees one namespace: the watched one when --netns names a path, else the agent's.
+    let backlog_ns = args
+        .netns
+        .as_deref()
+        .filter(|n| n.parse::<u32>().is_err())
+        .map(std::path::Path::new);
+    let mut backlog = BacklogReader::new(backlog_ns, &filter.ports)?;
     let mut capture = Capture::start(&filter, &args.btf)?;
     tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
 
@@ -113,6 +121,7 @@ pub async fn run(args: Args) -> Result<()> {
             &mut capture,
             &mut builder,
             gpu.as_mut(),
+            &mut backlog,
             &mut start_ms,
         )?)?;
         emitted += 1;
@@ -139,6 +148,7 @@ fn close_window(
     capture: &mut Capture,
     builder: &mut WindowBuilder,
     gpu: &mut dyn crate::gpu::GpuProvider,
+    backlog: &mut BacklogReader,
     start_ms: &mut u64,
 ) -> Result<TelemetryWindow> {
     let k = capture.snapshot()?;
@@ -151,6 +161,7 @@ fn close_window(
         start_unix_ms: *start_ms,
         end_unix_ms: end,
         gpu: gpu.sample(),
+        backlog: backlog.sample(),
     });
     *start_ms = end;
     Ok(w)

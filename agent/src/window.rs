@@ -8,8 +8,8 @@ use std::{
 
 use agent_common::{AF_INET6, FlowState, counters};
 use tokenflow_schema::{
-    CaptureStats, FlowWindow, GpuWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION, SinkStats,
-    TelemetryWindow,
+    BacklogWindow, CaptureStats, FlowWindow, GpuWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION,
+    SinkStats, TelemetryWindow,
 };
 
 use crate::hist::{merge, summarize};
@@ -30,6 +30,7 @@ pub struct Snapshot {
     pub end_unix_ms: u64,
     /// The node's GPUs, sampled when the interval closed.
     pub gpu: GpuWindow,
+    pub backlog: BacklogWindow,
 }
 
 /// Keeps the previous snapshot so each window holds only its own interval.
@@ -186,6 +187,7 @@ impl WindowBuilder {
             capture,
             sinks: SinkStats::default(),
             gpu: snap.gpu,
+            backlog: snap.backlog,
         }
     }
 }

@@ -34,6 +34,7 @@ fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
         start_unix_ms: t,
         end_unix_ms: t + 1000,
         gpu: GpuWindow::default(),
+        backlog: Default::default(),
     }
 }
 

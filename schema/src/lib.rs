@@ -30,6 +30,46 @@ pub struct TelemetryWindow {
     pub sinks: SinkStats,
     /// The node's GPUs at the end of the interval (NVML); `available: false` with a reason otherwise.
     pub gpu: GpuWindow,
+    /// Socket queues at the end of the interval (sock_diag netlink).
+    pub backlog: BacklogWindow,
+}
+
+/// Queues of listening sockets and of the connections they serve, read through sock_diag.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BacklogWindow {
+    pub listeners: Vec<ListenerBacklog>,
+    /// Established connections grouped by the local listening port they arrived on (those still
+    /// waiting in the accept queue included).
+    pub ports: Vec<PortQueues>,
+    /// Why the queues could not be read, when they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerBacklog {
+    /// `ip:port` the socket listens on.
+    pub local: String,
+    pub port: u16,
+    /// Connections completed by the kernel and waiting for `accept()`.
+    pub accept_queue: u32,
+    /// The `listen()` backlog (capped by net.core.somaxconn).
+    pub accept_queue_limit: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortQueues {
+    pub port: u16,
+    pub connections: u32,
+    /// Bytes received but not yet read by the server, summed and the largest single socket.
+    pub recv_queue_bytes: u64,
+    pub recv_queue_max_bytes: u32,
+    /// Bytes written by the server but not yet acknowledged by the client.
+    pub send_queue_bytes: u64,
+    pub send_queue_max_bytes: u32,
 }
 
 /// GPU state of the node. No GPU or no driver is a normal state, reported with its reason.

@@ -26,6 +26,11 @@ pub const REDIS_BUFFERED_WINDOWS: &str = "tokenflow_agent_redis_buffered_windows
 pub const REDIS_DROPPED_WINDOWS_TOTAL: &str = "tokenflow_agent_redis_dropped_windows_total";
 pub const REDIS_CONNECTED: &str = "tokenflow_agent_redis_connected";
 pub const GPU_AVAILABLE: &str = "tokenflow_agent_gpu_available";
+pub const ACCEPT_QUEUE_LENGTH: &str = "tokenflow_agent_accept_queue_length";
+pub const ACCEPT_QUEUE_LIMIT: &str = "tokenflow_agent_accept_queue_limit";
+pub const SERVING_CONNECTIONS: &str = "tokenflow_agent_serving_connections";
+pub const RECV_QUEUE_BYTES: &str = "tokenflow_agent_recv_queue_bytes";
+pub const SEND_QUEUE_BYTES: &str = "tokenflow_agent_send_queue_bytes";
 
 /// RTT buckets, seconds: 250 µs (same rack) to 5 s (a dying path).
 const RTT_BUCKETS: &[f64] = &[
@@ -94,6 +99,17 @@ pub fn record(w: &TelemetryWindow) {
         .increment(c.flow_insert_failed);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
     record_gpu(&w.gpu);
+    for l in &w.backlog.listeners {
+        let port = [("port", l.port.to_string())];
+        gauge!(ACCEPT_QUEUE_LENGTH, &port).set(f64::from(l.accept_queue));
+        gauge!(ACCEPT_QUEUE_LIMIT, &port).set(f64::from(l.accept_queue_limit));
+    }
+    for q in &w.backlog.ports {
+        let port = [("port", q.port.to_string())];
+        gauge!(SERVING_CONNECTIONS, &port).set(f64::from(q.connections));
+        gauge!(RECV_QUEUE_BYTES, &port).set(q.recv_queue_bytes as f64);
+        gauge!(SEND_QUEUE_BYTES, &port).set(q.send_queue_bytes as f64);
+    }
     gauge!(REDIS_BUFFERED_WINDOWS).set(w.sinks.redis_buffered as f64);
     // Cumulative in the window: set the counter's absolute value.
     counter!(REDIS_DROPPED_WINDOWS_TOTAL).absolute(w.sinks.redis_dropped_total);
@@ -197,7 +213,9 @@ mod tests {
                 "uuid": "GPU-fake", "utilization_percent": 87, "memory_used_bytes": 1073741824,
                 "memory_total_bytes": 2147483648u64, "power_watts": 300.5, "sm_clock_mhz": 1980,
                 "temperature_celsius": 61, "pcie_tx_bytes_per_s": 1024, "pcie_rx_bytes_per_s": 2048,
-                "processes": []}]}
+                "processes": []}]},
+            "backlog": {"listeners": [{"local": "0.0.0.0:8000", "port": 8000, "accept_queue": 3,
+                "accept_queue_limit": 128}], "ports": []}
         }))
         .unwrap();
         w.flows.push(flow);
