@@ -19,6 +19,11 @@ pub mod maps {
     pub const CONFIG: &str = "TF_CONFIG";
     /// `Array<u8>` with 65536 entries: non-zero marks a port to watch (used when `FILTER_PORTS` is set).
     pub const PORTS: &str = "TF_PORTS";
+    /// `PerCpuHashMap<u32 /* local port */, LatencyHist>`: request latency of served connections,
+    /// from request bytes arriving to the first response bytes sent.
+    pub const REQ_LATENCY: &str = "TF_REQ_LAT";
+    /// `PerCpuHashMap<u32 /* probe id = attach cookie */, LatencyHist>`: uprobe entry→return latency.
+    pub const PROBE_LATENCY: &str = "TF_PROBE_LAT";
     /// `RingBuf`: the final [`crate::FlowState`] of each TCP socket reaching `TCP_CLOSE`.
     pub const CLOSED: &str = "TF_CLOSED";
 }
@@ -30,8 +35,17 @@ pub mod programs {
         ("tf_tcp_retransmit_skb", "tcp", "tcp_retransmit_skb");
     pub const SOCK_SET_STATE: (&str, &str, &str) =
         ("tf_inet_sock_set_state", "sock", "inet_sock_set_state");
-    /// Every program the agent loads; `bpftool prog` shows each name truncated to 15 bytes.
-    pub const ALL: [(&str, &str, &str); 3] = [TCP_PROBE, TCP_RETRANSMIT, SOCK_SET_STATE];
+    /// Tracepoint programs: (program, category, tracepoint).
+    pub const TRACEPOINTS: [(&str, &str, &str); 4] =
+        [TCP_PROBE, TCP_RETRANSMIT, SOCK_SET_STATE, SOCK_SEND];
+    /// `sock:sock_send_length`: a served connection's first response bytes. (A tracepoint: this
+    /// kernel refuses fentry programs, and it has no kprobes.)
+    pub const SOCK_SEND: (&str, &str, &str) = ("tf_sock_send_length", "sock", "sock_send_length");
+    /// uprobe / uretprobe pair attached once per `--uprobe` target.
+    pub const UPROBE_ENTRY: &str = "tf_uprobe_entry";
+    pub const UPROBE_RETURN: &str = "tf_uprobe_return";
+    /// Every program the agent always loads (uprobes only when asked for).
+    pub const ALL: [&str; 4] = [TCP_PROBE.0, TCP_RETRANSMIT.0, SOCK_SET_STATE.0, SOCK_SEND.0];
 }
 
 /// Indices into the `TF_COUNTERS` per-CPU array.
@@ -151,10 +165,13 @@ pub struct FlowState {
     pub state: u32,
     /// Bit `1 << state` for every TCP state the socket has entered since it was first seen.
     pub states_seen: u32,
+    /// On a connection this host accepted: when request bytes arrived while no response was
+    /// pending (0 = none pending). Cleared by the first response bytes sent.
+    pub req_start_ns: u64,
     /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
     pub rtt_hist: [u32; HIST_BUCKETS],
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 160 + 4 * HIST_BUCKETS);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 168 + 4 * HIST_BUCKETS);
 
 impl FlowState {
     pub const fn zeroed() -> Self {
@@ -184,10 +201,34 @@ impl FlowState {
             last_snd_una: 0,
             state: 0,
             states_seen: 0,
+            req_start_ns: 0,
             rtt_hist: [0; HIST_BUCKETS],
         }
     }
 }
+
+/// A latency histogram in µs (same buckets as RTT), per CPU: summed by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyHist {
+    pub count: u64,
+    pub sum_us: u64,
+    pub hist: [u32; HIST_BUCKETS],
+}
+const _: () = assert!(core::mem::size_of::<LatencyHist>() == 16 + 4 * HIST_BUCKETS);
+
+impl LatencyHist {
+    pub const fn zeroed() -> Self {
+        Self {
+            count: 0,
+            sum_us: 0,
+            hist: [0; HIST_BUCKETS],
+        }
+    }
+}
+
+/// `TCP_SYN_RECV`: the first state of a connection accepted from a listener.
+pub const TCP_SYN_RECV: u8 = 3;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -195,4 +236,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LatencyHist {}
 }

@@ -13,6 +13,7 @@ pub type Field = (&'static str, usize, usize);
 /// field:__u16 sport;           offset:64;  size:2;
 /// field:__u16 dport;           offset:66;  size:2;
 /// field:__u16 family;          offset:68;  size:2;
+/// field:__u16 data_len;        offset:76;  size:2;  (payload bytes of the incoming segment)
 /// field:__u32 snd_nxt;         offset:80;  size:4;
 /// field:__u32 snd_una;         offset:84;  size:4;
 /// field:__u32 snd_cwnd;        offset:88;  size:4;
@@ -26,13 +27,15 @@ pub mod tcp_probe {
     pub const SPORT: usize = 64;
     pub const DPORT: usize = 66;
     pub const FAMILY: usize = 68;
+    pub const DATA_LEN: usize = 76;
     pub const SND_NXT: usize = 80;
     pub const SND_UNA: usize = 84;
     pub const SND_CWND: usize = 88;
     pub const SRTT: usize = 100;
     pub const SOCK_COOKIE: usize = 112;
     pub const SKADDR: usize = 128;
-    pub const FIELDS: [super::Field; 11] = [
+    pub const FIELDS: [super::Field; 12] = [
+        ("data_len", DATA_LEN, 2),
         ("saddr", SADDR, 28),
         ("daddr", DADDR, 28),
         ("sport", SPORT, 2),
@@ -85,6 +88,21 @@ pub mod tcp_retransmit_skb {
         ("daddr_v6", DADDR_V6, 16),
         ("err", ERR, 4),
     ];
+}
+
+/// `sock:sock_send_length`, fired by `sock_sendmsg_nosec()` when a send on any socket returns;
+/// `ret` is the bytes accepted (or a negative error).
+/// ```text
+/// field:void * sk;             offset:8;  size:8;
+/// field:__u16 protocol;        offset:18; size:2;
+/// field:int ret;               offset:20; size:4;
+/// ```
+pub mod sock_send_length {
+    pub const SK: usize = 8;
+    pub const PROTOCOL: usize = 18;
+    pub const RET: usize = 20;
+    pub const FIELDS: [super::Field; 3] =
+        [("sk", SK, 8), ("protocol", PROTOCOL, 2), ("ret", RET, 4)];
 }
 
 /// `sock:inet_sock_set_state`, fired by `inet_sk_set_state()`/`inet_sk_state_store()` on every

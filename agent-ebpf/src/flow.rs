@@ -3,13 +3,13 @@
 
 use agent_common::{
     CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FLOW_IGNORED,
-    FlowState, HIST_BUCKETS, MAX_FLOWS, OFFSETS_VALID, counters,
+    FlowState, HIST_BUCKETS, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index, counters,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 #[map(name = "TF_FLOWS")]
@@ -29,6 +29,16 @@ static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
 #[map(name = "TF_CLOSED")]
 pub static CLOSED: RingBuf = RingBuf::with_byte_size(CLOSED_RINGBUF_BYTES, 0);
+
+#[map(name = "TF_REQ_LAT")]
+static REQ_LAT: PerCpuHashMap<u32, LatencyHist> = PerCpuHashMap::with_max_entries(1024, 0);
+
+#[map(name = "TF_PROBE_LAT")]
+static PROBE_LAT: PerCpuHashMap<u32, LatencyHist> = PerCpuHashMap::with_max_entries(256, 0);
+
+/// A zeroed histogram to insert from: `LatencyHist` is larger than the BPF stack.
+#[map(name = "TF_LAT_ZERO")]
+static LAT_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
 
 /// Scratch space for building a new flow: `FlowState` is larger than the 512-byte BPF stack.
 #[map(name = "TF_SCRATCH")]
@@ -81,6 +91,19 @@ pub fn lookup(sk: u64) -> Lookup {
     // SAFETY: map value pointer returned by the kernel for this key.
     if unsafe { (*flow).flags } & FLOW_IGNORED != 0 {
         count(counters::FILTERED_EVENTS);
+        return Lookup::Ignored;
+    }
+    Lookup::Tracked(flow)
+}
+
+/// As [`lookup`], without counting filtered events (for hooks that are not capture events).
+#[inline(always)]
+pub fn lookup_quiet(sk: u64) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(sk) else {
+        return Lookup::Missing;
+    };
+    // SAFETY: map value pointer returned by the kernel for this key.
+    if unsafe { (*flow).flags } & FLOW_IGNORED != 0 {
         return Lookup::Ignored;
     }
     Lookup::Tracked(flow)
@@ -178,4 +201,50 @@ pub fn skb_segments(skb: u64) -> u64 {
     }
     let segs: u16 = read_kernel(skb, cfg.offsets.skb_gso_segs);
     if segs == 0 { 1 } else { segs as u64 }
+}
+
+/// Which latency map a sample goes to.
+pub enum Latency {
+    /// Served request, keyed by local port.
+    Request,
+    /// uprobe target, keyed by probe id.
+    Probe,
+}
+
+/// Adds one latency sample (ns) to this CPU's histogram for `key`.
+#[inline(always)]
+pub fn record_latency(which: Latency, key: u32, ns: u64) {
+    let map = match which {
+        Latency::Request => &REQ_LAT,
+        Latency::Probe => &PROBE_LAT,
+    };
+    let slot = match map.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            let Some(zero) = LAT_ZERO.get(0) else { return };
+            if map.insert(key, zero, 0).is_err() {
+                return;
+            }
+            match map.get_ptr_mut(key) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    let us = ns / 1000;
+    let v = if us > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        us as u32
+    };
+    // SAFETY: this CPU's slot of a per-CPU map value.
+    let h = unsafe { &mut *slot };
+    h.count += 1;
+    h.sum_us += us;
+    // Through black_box, so the bounds check and the access use one register: otherwise LLVM checks
+    // a copy and indexes with another, and the verifier rejects the unbounded access.
+    let idx = core::hint::black_box(bucket_index(v));
+    if let Some(b) = h.hist.get_mut(idx) {
+        *b += 1;
+    }
 }

@@ -8,6 +8,8 @@
 mod flow;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod uprobes;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

@@ -1,10 +1,13 @@
-//! The three TCP tracepoint programs. Each quotes the fields it reads; the offsets live in
+//! The TCP tracepoint programs. Each quotes the fields it reads; the offsets live in
 //! `agent_common::tracepoints` and are checked against the running kernel's format files by a test.
 
 use agent_common::{
-    AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
-    bucket_index, counters,
-    tracepoints::{inet_sock_set_state as ss, tcp_probe as tp, tcp_retransmit_skb as rt},
+    AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV,
+    TCP_SYN_SENT, bucket_index, counters,
+    tracepoints::{
+        inet_sock_set_state as ss, sock_send_length as sl, tcp_probe as tp,
+        tcp_retransmit_skb as rt,
+    },
 };
 use aya_ebpf::{
     EbpfContext, helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
@@ -109,6 +112,13 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     }
     f.last_snd_una = una;
     f.flags |= FLOW_HAVE_UNA;
+    // A request reaching a connection this host accepted, with no response pending: its clock starts.
+    if f.req_start_ns == 0 && f.states_seen & (1 << TCP_SYN_RECV) != 0 {
+        let data_len: u16 = field(&ctx, tp::DATA_LEN);
+        if data_len > 0 {
+            f.req_start_ns = f.last_seen_ns;
+        }
+    }
     if let Some(slot) = f.rtt_hist.get_mut(bucket) {
         *slot += 1;
     }
@@ -229,6 +239,34 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
             flow::count(counters::CLOSED_DROPPED);
         }
         let _ = FLOWS.remove(sk);
+    }
+    0
+}
+
+/// `sock:sock_send_length` — see `agent_common::tracepoints::sock_send_length`.
+/// The first bytes a server sends after a request arrived close that request: time from the request
+/// reaching the socket to the response leaving the application, per local (listening) port.
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn tf_sock_send_length(ctx: TracePointContext) -> u32 {
+    let protocol: u16 = field(&ctx, sl::PROTOCOL);
+    let ret: i32 = field(&ctx, sl::RET);
+    if protocol != IPPROTO_TCP || ret <= 0 {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, sl::SK);
+    if let Lookup::Tracked(flow) = flow::lookup_quiet(sk) {
+        // SAFETY: as in `tf_tcp_probe`; a racing sender on the same socket at worst ends the
+        // request a moment early or late.
+        let f = unsafe { &mut *flow };
+        if f.req_start_ns != 0 {
+            let now = flow::now_ns();
+            flow::record_latency(
+                flow::Latency::Request,
+                u32::from(f.sport),
+                now.saturating_sub(f.req_start_ns),
+            );
+            f.req_start_ns = 0;
+        }
     }
     0
 }

@@ -2,23 +2,27 @@
 //! [`Capture`] detaches every program (the links are file descriptors: a killed agent detaches too).
 
 use std::{
+    collections::BTreeMap,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS, OFFSETS_VALID,
-    counters, maps, programs,
+    Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS, LatencyHist,
+    OFFSETS_VALID, counters, maps, programs,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::{btf_offsets, window::Counters};
+use crate::{btf_offsets, uprobe_target::UprobeSpec, window::Counters};
 
 /// The compiled kernel programs, embedded at build time by `build.rs` (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tokenflow"));
@@ -43,6 +47,8 @@ pub struct Capture {
     closed: AsyncFd<RingBuf<MapData>>,
     /// Flows closed since the last snapshot, drained from the ring buffer as they arrive.
     closed_flows: Vec<FlowState>,
+    req_lat: PerCpuHashMap<MapData, u32, LatencyHist>,
+    probe_lat: PerCpuHashMap<MapData, u32, LatencyHist>,
 }
 
 /// Cumulative kernel state at one instant (see `window::Snapshot`).
@@ -51,11 +57,15 @@ pub struct KernelState {
     pub closed: Vec<FlowState>,
     pub counters: Counters,
     pub node_hist: Vec<u64>,
+    /// Cumulative request latency per local port, summed over CPUs.
+    pub req_lat: BTreeMap<u32, LatencyHist>,
+    /// Cumulative uprobe latency per probe id, summed over CPUs.
+    pub probe_lat: BTreeMap<u32, LatencyHist>,
 }
 
 impl Capture {
     /// Loads and attaches the programs. Needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN.
-    pub fn start(filter: &Filter, btf: &Path) -> Result<Self> {
+    pub fn start(filter: &Filter, btf: &Path, uprobes: &[UprobeSpec]) -> Result<Self> {
         ensure_tracefs()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| privilege_hint(e.into()))?;
 
@@ -94,7 +104,7 @@ impl Capture {
             .set(0, cfg, 0)
             .context("writing the capture config")?;
 
-        for (prog, category, tracepoint) in programs::ALL {
+        for (prog, category, tracepoint) in programs::TRACEPOINTS {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
                 .with_context(|| format!("program {prog} missing from the eBPF object"))?
@@ -105,7 +115,11 @@ impl Capture {
                 .with_context(|| format!("attaching {prog} to {category}:{tracepoint}"))?;
         }
 
+        attach_uprobes(&mut ebpf, uprobes)?;
+
         let flows = HashMap::try_from(take(&mut ebpf, maps::FLOWS)?)?;
+        let req_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::REQ_LATENCY)?)?;
+        let probe_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::PROBE_LATENCY)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?;
         let node_rtt = PerCpuArray::try_from(take(&mut ebpf, maps::NODE_RTT_HIST)?)?;
         let ring = RingBuf::try_from(take(&mut ebpf, maps::CLOSED)?)?;
@@ -119,6 +133,8 @@ impl Capture {
             node_rtt,
             closed,
             closed_flows: Vec::new(),
+            req_lat,
+            probe_lat,
         })
     }
 
@@ -171,6 +187,8 @@ impl Capture {
             closed: std::mem::take(&mut self.closed_flows),
             counters,
             node_hist,
+            req_lat: sum_per_cpu(&self.req_lat)?,
+            probe_lat: sum_per_cpu(&self.probe_lat)?,
         })
     }
 
@@ -178,6 +196,53 @@ impl Capture {
     pub fn ring_fd(&self) -> i32 {
         self.closed.get_ref().as_raw_fd()
     }
+}
+
+/// Sums a per-CPU latency map into one histogram per key.
+fn sum_per_cpu(
+    map: &PerCpuHashMap<MapData, u32, LatencyHist>,
+) -> Result<BTreeMap<u32, LatencyHist>> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (key, per_cpu) = entry.context("reading a latency map")?;
+        let acc = out.entry(key).or_insert_with(LatencyHist::zeroed);
+        for h in per_cpu.iter() {
+            acc.count += h.count;
+            acc.sum_us += h.sum_us;
+            for (a, b) in acc.hist.iter_mut().zip(h.hist.iter()) {
+                *a += b;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Attaches the entry/return pair once per target; the probe id (index) travels as the BPF cookie.
+fn attach_uprobes(ebpf: &mut Ebpf, uprobes: &[UprobeSpec]) -> Result<()> {
+    if uprobes.is_empty() {
+        return Ok(());
+    }
+    let symbols: Vec<String> = uprobes
+        .iter()
+        .map(crate::uprobe_target::resolve)
+        .collect::<Result<_>>()?;
+    for prog in [programs::UPROBE_ENTRY, programs::UPROBE_RETURN] {
+        let p: &mut UProbe = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+        for (id, (spec, symbol)) in uprobes.iter().zip(&symbols).enumerate() {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(symbol),
+                cookie: Some(id as u64),
+            };
+            p.attach(point, &spec.path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {prog} to {}:{symbol}", spec.path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {

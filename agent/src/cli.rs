@@ -65,6 +65,11 @@ pub struct Args {
     #[arg(long, env = "TOKENFLOW_BTF", default_value = crate::btf_offsets::VMLINUX_BTF)]
     pub btf: PathBuf,
 
+    /// Time a function of a binary, entry to return, per thread: PATH:SYMBOL[:LABEL]. SYMBOL is the
+    /// ELF name or a demangled Rust/C++ path (e.g. `my_server::handlers::generate`). Repeatable.
+    #[arg(long = "uprobe", env = "TOKENFLOW_UPROBES", value_delimiter = ',')]
+    pub uprobes: Vec<crate::uprobe_target::UprobeSpec>,
+
     /// Print one GPU sample (NVML) as JSON and exit; needs no privileges.
     #[arg(long)]
     pub gpu_check: bool,
@@ -228,6 +233,7 @@ struct FileConfig {
     redis_buffer: Option<usize>,
     metrics_addr: Option<String>,
     ports: Option<Vec<u16>>,
+    uprobes: Option<Vec<String>>,
     netns: Option<String>,
     cgroup: Option<String>,
     btf: Option<PathBuf>,
@@ -300,6 +306,9 @@ impl Args {
         }
         if let (true, Some(v)) = (unset("ports"), f.ports) {
             self.ports = v;
+        }
+        if let (true, Some(v)) = (unset("uprobes"), f.uprobes) {
+            self.uprobes = v.iter().map(|s| s.parse()).collect::<Result<_>>()?;
         }
         if let (true, Some(v)) = (unset("netns"), f.netns) {
             self.netns = Some(v);

@@ -9,4 +9,5 @@ pub mod gpu;
 pub mod hist;
 pub mod run;
 pub mod sink;
+pub mod uprobe_target;
 pub mod window;

@@ -95,10 +95,20 @@ pub async fn run(args: Args) -> Result<()> {
         .filter(|n| n.parse::<u32>().is_err())
         .map(std::path::Path::new);
     let mut backlog = BacklogReader::new(backlog_ns, &filter.ports)?;
-    let mut capture = Capture::start(&filter, &args.btf)?;
+    let mut capture = Capture::start(&filter, &args.btf, &args.uprobes)?;
     tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
 
-    let mut builder = WindowBuilder::new(args.node_id.clone());
+    let mut builder = WindowBuilder::new(args.node_id.clone()).with_probes(
+        args.uprobes
+            .iter()
+            .map(|u| {
+                (
+                    u.label.clone(),
+                    format!("{}:{}", u.path.display(), u.symbol),
+                )
+            })
+            .collect(),
+    );
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = interval_at(Instant::now() + args.interval, args.interval);
@@ -162,6 +172,8 @@ fn close_window(
         end_unix_ms: end,
         gpu: gpu.sample(),
         backlog: backlog.sample(),
+        req_lat: k.req_lat,
+        probe_lat: k.probe_lat,
     });
     *start_ms = end;
     Ok(w)

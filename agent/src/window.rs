@@ -6,10 +6,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_common::{AF_INET6, FlowState, counters};
+use agent_common::{AF_INET6, FlowState, LatencyHist, counters};
 use tokenflow_schema::{
-    BacklogWindow, CaptureStats, FlowWindow, GpuWindow, NodeWindow, RemoteWindow, SCHEMA_VERSION,
-    SinkStats, TelemetryWindow,
+    BacklogWindow, CaptureStats, FlowWindow, GpuWindow, LatencySummary, NodeWindow, PortLatency,
+    ProbeLatency, RemoteWindow, SCHEMA_VERSION, SinkStats, TelemetryWindow,
 };
 
 use crate::hist::{merge, summarize};
@@ -31,6 +31,9 @@ pub struct Snapshot {
     /// The node's GPUs, sampled when the interval closed.
     pub gpu: GpuWindow,
     pub backlog: BacklogWindow,
+    /// Cumulative request latency per local port, and per uprobe id.
+    pub req_lat: BTreeMap<u32, LatencyHist>,
+    pub probe_lat: BTreeMap<u32, LatencyHist>,
 }
 
 /// Keeps the previous snapshot so each window holds only its own interval.
@@ -41,6 +44,10 @@ pub struct WindowBuilder {
     prev_counters: Counters,
     prev_node_hist: Vec<u64>,
     next_seq: u64,
+    /// (label, target) of each uprobe, by probe id.
+    probes: Vec<(String, String)>,
+    prev_req_lat: BTreeMap<u32, LatencyHist>,
+    prev_probe_lat: BTreeMap<u32, LatencyHist>,
 }
 
 /// One flow's activity within the interval.
@@ -101,6 +108,12 @@ impl WindowBuilder {
             node_id: node_id.into(),
             ..Self::default()
         }
+    }
+
+    /// Names uprobe ids: `(label, PATH:SYMBOL)` in attach order.
+    pub fn with_probes(mut self, probes: Vec<(String, String)>) -> Self {
+        self.probes = probes;
+        self
     }
 
     /// Builds the window for the interval that `snap` closes and remembers it as the new baseline.
@@ -171,14 +184,31 @@ impl WindowBuilder {
             flows_tracked: snap.live.len() as u32,
         };
         self.prev_counters = snap.counters;
+        let request_latency = latency_deltas(&snap.req_lat, &self.prev_req_lat)
+            .map(|(port, latency)| PortLatency {
+                port: port as u16,
+                latency,
+            })
+            .collect();
+        let uprobes = latency_deltas(&snap.probe_lat, &self.prev_probe_lat)
+            .map(|(id, latency)| {
+                let (label, target) = self.probes.get(id as usize).cloned().unwrap_or_default();
+                ProbeLatency {
+                    label,
+                    target,
+                    latency,
+                }
+            })
+            .collect();
+        self.prev_req_lat = snap.req_lat;
+        self.prev_probe_lat = snap.probe_lat;
+        let seq = self.next_seq;
+        self.next_seq += 1;
 
         TelemetryWindow {
             schema_version: SCHEMA_VERSION,
             node_id: self.node_id.clone(),
-            seq: {
-                self.next_seq += 1;
-                self.next_seq - 1
-            },
+            seq,
             start_unix_ms: snap.start_unix_ms,
             end_unix_ms: snap.end_unix_ms,
             flows,
@@ -188,6 +218,8 @@ impl WindowBuilder {
             sinks: SinkStats::default(),
             gpu: snap.gpu,
             backlog: snap.backlog,
+            request_latency,
+            uprobes,
         }
     }
 }
@@ -278,6 +310,25 @@ pub fn sparse(hist: &[u64]) -> Vec<[u64; 3]> {
             [lo, hi, *c]
         })
         .collect()
+}
+
+/// Per key, the interval's samples (`cur - prev`) as a summary; keys without new samples are left out.
+fn latency_deltas<'a>(
+    cur: &'a BTreeMap<u32, LatencyHist>,
+    prev: &'a BTreeMap<u32, LatencyHist>,
+) -> impl Iterator<Item = (u32, LatencySummary)> + 'a {
+    cur.iter().filter_map(move |(k, c)| {
+        let p = prev.get(k);
+        let hist: Vec<u64> = c
+            .hist
+            .iter()
+            .enumerate()
+            .map(|(i, v)| u64::from(v.saturating_sub(p.map(|p| p.hist[i]).unwrap_or(0))))
+            .collect();
+        let sum = c.sum_us.saturating_sub(p.map(|p| p.sum_us).unwrap_or(0));
+        let s = summarize(&hist, sum);
+        (s.samples > 0).then_some((*k, s))
+    })
 }
 
 pub fn address(family: u16, raw: &[u8; 16]) -> IpAddr {

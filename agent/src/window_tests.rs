@@ -35,6 +35,8 @@ fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
         end_unix_ms: t + 1000,
         gpu: GpuWindow::default(),
         backlog: Default::default(),
+        req_lat: Default::default(),
+        probe_lat: Default::default(),
     }
 }
 

@@ -32,6 +32,30 @@ pub struct TelemetryWindow {
     pub gpu: GpuWindow,
     /// Socket queues at the end of the interval (sock_diag netlink).
     pub backlog: BacklogWindow,
+    /// Served requests per local port, measured in the kernel: from request bytes reaching a
+    /// connection this host accepted to the first response bytes its application sends.
+    pub request_latency: Vec<PortLatency>,
+    /// Entry→return latency of each `--uprobe` target.
+    pub uprobes: Vec<ProbeLatency>,
+}
+
+/// Latency figures are µs, in the same summary form as RTT.
+pub type LatencySummary = RttSummary;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortLatency {
+    pub port: u16,
+    pub latency: LatencySummary,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeLatency {
+    pub label: String,
+    /// `PATH:SYMBOL` as given.
+    pub target: String,
+    pub latency: LatencySummary,
 }
 
 /// Queues of listening sockets and of the connections they serve, read through sock_diag.

@@ -280,14 +280,16 @@ fn loaded_programs() -> Result<Vec<String>> {
 /// How many of the agent's programs are loaded (names are cut to 15 bytes by the kernel).
 fn ours_loaded() -> Result<usize> {
     let names = loaded_programs()?;
-    Ok(agent_common::programs::ALL
-        .iter()
-        .filter(|(p, _, _)| {
-            names
-                .iter()
-                .any(|n| n == p || n.as_str() == &p[..p.len().min(15)])
-        })
-        .count())
+    let p = agent_common::programs::ALL.iter().chain(&[
+        agent_common::programs::UPROBE_ENTRY,
+        agent_common::programs::UPROBE_RETURN,
+    ]);
+    Ok(p.filter(|p| {
+        names
+            .iter()
+            .any(|n| n.as_str() == **p || n.as_str() == &p[..p.len().min(15)])
+    })
+    .count())
 }
 
 fn wait_unloaded() -> Result<()> {
@@ -310,11 +312,29 @@ fn nothing_stays_attached_after_sigterm_or_sigkill() -> Result<()> {
         return Ok(());
     };
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-        let mut agent = Agent::start(&["--interval", "1s"])?;
+        assert_eq!(
+            tokenflow_tests_marker(1),
+            2,
+            "keeps the marker in this binary"
+        );
+        // With a uprobe target too, so every program the agent can load is checked.
+        let target = format!(
+            "{}:{}",
+            std::env::current_exe()?.display(),
+            "tokenflow_tests_marker"
+        );
+        let mut agent = Agent::start(&[
+            "--interval",
+            "1s",
+            "--metrics-addr",
+            "off",
+            "--uprobe",
+            &target,
+        ])?;
         assert_eq!(
             ours_loaded()?,
-            3,
-            "all three programs load while the agent runs"
+            6,
+            "all six programs load while the agent runs"
         );
         let took = agent.signal_and_wait(sig, Duration::from_secs(5))?;
         assert!(took <= Duration::from_secs(2), "{sig} exit took {took:?}");
@@ -368,11 +388,14 @@ fn tracepoint_offsets_match_the_running_kernel() -> Result<()> {
     let Some(_lock) = privileged("tracepoint_offsets") else {
         return Ok(());
     };
-    use agent_common::tracepoints::{inet_sock_set_state, tcp_probe, tcp_retransmit_skb};
-    let checks: [(&str, &str, &[agent_common::tracepoints::Field]); 3] = [
+    use agent_common::tracepoints::{
+        inet_sock_set_state, sock_send_length, tcp_probe, tcp_retransmit_skb,
+    };
+    let checks: [(&str, &str, &[agent_common::tracepoints::Field]); 4] = [
         ("tcp", "tcp_probe", &tcp_probe::FIELDS),
         ("tcp", "tcp_retransmit_skb", &tcp_retransmit_skb::FIELDS),
         ("sock", "inet_sock_set_state", &inet_sock_set_state::FIELDS),
+        ("sock", "sock_send_length", &sock_send_length::FIELDS),
     ];
     for (sys, name, fields) in checks {
         let live = format_fields(sys, name)?;
@@ -386,4 +409,11 @@ fn tracepoint_offsets_match_the_running_kernel() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A function of this test binary for uprobe targets.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tokenflow_tests_marker(x: u64) -> u64 {
+    std::hint::black_box(x + 1)
 }

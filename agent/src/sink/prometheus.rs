@@ -214,6 +214,7 @@ mod tests {
                 "memory_total_bytes": 2147483648u64, "power_watts": 300.5, "sm_clock_mhz": 1980,
                 "temperature_celsius": 61, "pcie_tx_bytes_per_s": 1024, "pcie_rx_bytes_per_s": 2048,
                 "processes": []}]},
+            "request_latency": [], "uprobes": [],
             "backlog": {"listeners": [{"local": "0.0.0.0:8000", "port": 8000, "accept_queue": 3,
                 "accept_queue_limit": 128}], "ports": []}
         }))

@@ -1,0 +1,156 @@
+//! Request latency measured in the kernel, checked against a real HTTP server (axum) and a real
+//! client: socket-level (request bytes in → first response bytes out, fentry `tcp_sendmsg`) and a
+//! uprobe on the handler's work function, found by its demangled Rust path.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use axum::{Router, extract::Query, routing::get};
+use tokenflow_testbed::{SERVER_ADDR, Testbed, in_netns, traffic::connect_from};
+use tokenflow_tests::{agent::Agent, privileged};
+
+const PORT: u16 = 5208;
+const WORK: Duration = Duration::from_millis(20);
+
+#[derive(serde::Deserialize)]
+struct Work {
+    ms: u64,
+}
+
+/// The handler's synchronous work; the uprobe target.
+#[inline(never)]
+pub fn busy_work(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::hint::black_box(ms)
+}
+
+async fn handler(Query(w): Query<Work>) -> String {
+    let done = tokio::task::spawn_blocking(move || busy_work(w.ms))
+        .await
+        .unwrap_or(0);
+    format!("worked {done} ms\n")
+}
+
+/// Serves the app from a listener made inside the server namespace, on its own runtime thread.
+fn serve(listener: TcpListener) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build();
+        let Ok(rt) = rt else { return };
+        rt.block_on(async move {
+            let _ = listener.set_nonblocking(true);
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let app = Router::new().route("/work", get(handler));
+            let _ = axum::serve(listener, app).await;
+        });
+    })
+}
+
+/// One keep-alive HTTP/1.1 request; returns the time to the first response byte.
+fn request(stream: &mut std::net::TcpStream, ms: u64) -> Result<Duration> {
+    let t0 = Instant::now();
+    stream.write_all(format!("GET /work?ms={ms} HTTP/1.1\r\nHost: server\r\n\r\n").as_bytes())?;
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf)?;
+    let ttfb = t0.elapsed();
+    let mut got = buf[..n].to_vec();
+    // Read the rest of this response (headers + small body) before the next request.
+    while !String::from_utf8_lossy(&got).contains("ms\n") {
+        let n = stream.read(&mut buf)?;
+        anyhow::ensure!(n > 0, "server closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    anyhow::ensure!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    Ok(ttfb)
+}
+
+#[test]
+fn kernel_request_latency_matches_a_real_http_client() -> Result<()> {
+    assert_eq!(busy_work(0), 0, "keeps the uprobe target in this binary");
+    let Some(_lock) = privileged("kernel_request_latency") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("http")?;
+    let addr = SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, PORT));
+    let listener = in_netns(&bed.server, move || TcpListener::bind(addr).context("bind"))?;
+    let _server = serve(listener);
+    let exe = std::env::current_exe()?;
+    let uprobe = format!("{}:latency::busy_work:work", exe.display());
+    let netns = format!("/run/netns/{}", bed.server);
+    let agent = Agent::start(&[
+        "--interval",
+        "1s",
+        "--netns",
+        &netns,
+        "--port",
+        &PORT.to_string(),
+        "--metrics-addr",
+        "off",
+        "--uprobe",
+        &uprobe,
+    ])?;
+    let mut stream = connect_from(&bed.client, addr)?;
+    stream.set_nodelay(true)?;
+    let mut client = Vec::new();
+    for _ in 0..30 {
+        client.push(request(&mut stream, WORK.as_millis() as u64)?);
+    }
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+
+    let (mut n, mut sum) = (0u64, 0u64);
+    for l in windows
+        .iter()
+        .flat_map(|w| &w.request_latency)
+        .filter(|l| l.port == PORT)
+    {
+        n += l.latency.samples;
+        sum += l.latency.mean_us * l.latency.samples;
+    }
+    let (mut pn, mut psum) = (0u64, 0u64);
+    for p in windows
+        .iter()
+        .flat_map(|w| &w.uprobes)
+        .filter(|p| p.label == "work")
+    {
+        pn += p.latency.samples;
+        psum += p.latency.mean_us * p.latency.samples;
+    }
+    let client_mean = client.iter().sum::<Duration>().as_micros() as f64 / client.len() as f64;
+    let kernel_mean = sum as f64 / n.max(1) as f64;
+    let probe_mean = psum as f64 / pn.max(1) as f64;
+    eprintln!(
+        "30 requests: client TTFB mean {client_mean:.0} µs; kernel socket-level {n} × {kernel_mean:.0} µs; uprobe {pn} × {probe_mean:.0} µs"
+    );
+    assert_eq!(n, 30, "one socket-level sample per request");
+    assert_eq!(pn, 30, "one uprobe sample per handler call");
+    assert!(
+        kernel_mean <= client_mean,
+        "the kernel sees the request later and the response earlier"
+    );
+    assert!(
+        client_mean - kernel_mean <= 1000.0 + 0.1 * client_mean,
+        "kernel {kernel_mean} vs client {client_mean}"
+    );
+    assert!(
+        probe_mean <= kernel_mean,
+        "the handler's work lies inside the request"
+    );
+    assert!(
+        probe_mean >= WORK.as_micros() as f64,
+        "the work sleeps {WORK:?}"
+    );
+    Ok(())
+}
