@@ -14,6 +14,7 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    persist: bool,
 }
 
 /// A free loopback port (bound and released; good enough for a test).
@@ -29,10 +30,24 @@ impl RedisServer {
         let dir =
             std::env::temp_dir().join(format!("tokenflow-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        Self::launch(port, dir, true)
+    }
+
+    /// Without persistence: for benchmarks, where fsync per write would be measured instead of Redis.
+    pub fn start_ephemeral() -> Result<Self> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("tokenflow-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Self::launch(port, dir, false)
+    }
+
+    fn launch(port: u16, dir: PathBuf, persist: bool) -> Result<Self> {
         let mut s = Self {
             port,
             dir,
             child: None,
+            persist,
         };
         s.restart()?;
         Ok(s)
@@ -53,7 +68,12 @@ impl RedisServer {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .args(if self.persist {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
+            .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokenflow_tests::agent::Agent;
+use tokenflow_tests::{
+    agent::Agent,
+    redis_server::{RedisServer, free_port},
+};
 
 use crate::{
     report::{self, Figure},
@@ -179,15 +182,49 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
         bt_ids.len() == 1,
         "expected one new bpftrace program, found {bt_ids:?}"
     );
-    let mut agent = Agent::start_binary(agent_bin, &["--interval", "1s", "--node-id", "bench"])?;
+    // Both sinks on, as in production, plus one uprobe on a function of this binary.
+    let redis = RedisServer::start_ephemeral()?;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let uprobe = format!(
+        "{}:tokenflow_bench_target:bench",
+        std::env::current_exe()?.display()
+    );
+    let calls = 200_000u64;
+    let bare = time_calls(calls);
+    let mut agent = Agent::start_binary(
+        agent_bin,
+        &[
+            "--interval",
+            "1s",
+            "--node-id",
+            "bench",
+            "--redis",
+            &redis.url(),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--sink",
+            "stdout",
+            "--uprobe",
+            &uprobe,
+        ],
+    )?;
+    let u0 = prog_stats()?;
+    let probed = time_calls(calls);
+    let u1 = prog_stats()?;
+    let uprobe_ns = (probed.as_nanos() as f64 - bare.as_nanos() as f64) / calls as f64;
+    let uprobe_prog_ns: f64 = u1
+        .iter()
+        .filter(|(_, (n, _, _))| n == "tf_uprobe_entry" || n == "tf_uprobe_return")
+        .map(|(id, (_, _, s))| ns_per_event(&u0.get(id).map(|x| x.2).unwrap_or_default(), s).0)
+        .sum();
     let ours: BTreeMap<u64, String> = prog_stats()?
         .into_iter()
-        .filter(|(_, (name, _, _))| name.starts_with("tf_"))
+        .filter(|(_, (name, _, _))| name.starts_with("tf_") && !name.starts_with("tf_uprobe"))
         .map(|(id, (name, _, _))| (id, name))
         .collect();
     anyhow::ensure!(
-        ours.len() == 3,
-        "expected the agent's three programs, found {ours:?}"
+        ours.len() == 4,
+        "expected the agent's four capture programs, found {ours:?}"
     );
 
     step(
@@ -210,6 +247,7 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     let (cpu1, rss) = proc_usage(agent.pid().as_raw())?;
     let rt1 = load.round_trips();
     drop(load);
+    let scraped = scrape(metrics)?;
     let windows = agent.windows();
     agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
     drop(bpftrace);
@@ -245,7 +283,27 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
         .iter()
         .map(|w| w.capture.flow_insert_failed + w.capture.closed_dropped)
         .sum();
+    let metric = |name: &str| -> f64 {
+        scraped
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let writes = metric("tokenflow_agent_redis_write_seconds_count");
+    let write_s = metric("tokenflow_agent_redis_write_seconds_sum") / writes.max(1.0);
+    let written = windows
+        .last()
+        .map(|w| w.sinks.redis_written_total)
+        .unwrap_or(0);
+    anyhow::ensure!(
+        writes > 0.0 && written > 0,
+        "no window reached Redis during the benchmark"
+    );
     figures.extend([
+        Figure::new("agent.uprobe_overhead_ns_per_call", uprobe_ns, "ns", "wall time per call of a probed function minus unprobed (entry+return, trap included); target ≤ 1500"),
+        Figure::new("agent.uprobe_programs_ns_per_call", uprobe_prog_ns, "ns", "bpf_stats run time of the entry and return programs per call"),
+        Figure::new("agent.redis_write_us_mean", write_s * 1e6, "µs", "XADD + latest key per window (mean of the agent's tokenflow_agent_redis_write_seconds)"),
         Figure::new(
             "capture.bpftrace_hist_srtt.ns_per_event",
             bt_ns,
@@ -303,4 +361,30 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
         rss as f64 / 1e6
     );
     Ok(figures)
+}
+
+/// The uprobe target: a function of this binary that the benchmark calls in a loop.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tokenflow_bench_target(x: u64) -> u64 {
+    std::hint::black_box(x.wrapping_add(1))
+}
+
+fn time_calls(n: u64) -> Duration {
+    let t0 = Instant::now();
+    let mut acc = 0u64;
+    for i in 0..n {
+        acc = acc.wrapping_add(tokenflow_bench_target(std::hint::black_box(i)));
+    }
+    std::hint::black_box(acc);
+    t0.elapsed()
+}
+
+fn scrape(addr: std::net::SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }

@@ -25,6 +25,8 @@ pub const CAPTURE_LOST_EVENTS_TOTAL: &str = "tokenflow_agent_capture_lost_events
 pub const REDIS_BUFFERED_WINDOWS: &str = "tokenflow_agent_redis_buffered_windows";
 pub const REDIS_DROPPED_WINDOWS_TOTAL: &str = "tokenflow_agent_redis_dropped_windows_total";
 pub const REDIS_CONNECTED: &str = "tokenflow_agent_redis_connected";
+/// Round trip of one window's XADD + latest-key write.
+pub const REDIS_WRITE_SECONDS: &str = "tokenflow_agent_redis_write_seconds";
 pub const GPU_AVAILABLE: &str = "tokenflow_agent_gpu_available";
 pub const ACCEPT_QUEUE_LENGTH: &str = "tokenflow_agent_accept_queue_length";
 pub const ACCEPT_QUEUE_LIMIT: &str = "tokenflow_agent_accept_queue_limit";

@@ -13,7 +13,7 @@ use std::{
 };
 
 use redis::{
-    AsyncCommands, Client,
+    Client,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokenflow_schema::{NodeSummary, SinkStats, TelemetryWindow, keys};
@@ -42,9 +42,6 @@ pub struct RedisStats {
     dropped: AtomicU64,
     written: AtomicU64,
     connected: AtomicBool,
-    /// Sum and count of XADD round trips, for the benchmark.
-    write_ns: AtomicU64,
-    writes: AtomicU64,
 }
 
 impl RedisStats {
@@ -55,12 +52,6 @@ impl RedisStats {
             redis_written_total: self.written.load(Ordering::Relaxed),
             redis_connected: self.connected.load(Ordering::Relaxed),
         }
-    }
-
-    /// Mean write latency per window so far.
-    pub fn mean_write(&self) -> Option<Duration> {
-        let n = self.writes.load(Ordering::Relaxed);
-        (n > 0).then(|| Duration::from_nanos(self.write_ns.load(Ordering::Relaxed) / n))
     }
 }
 
@@ -206,10 +197,8 @@ impl Writer {
                 self.stats.connected.store(false, Ordering::Relaxed);
                 return false;
             }
-            self.stats
-                .write_ns
-                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            metrics::histogram!(crate::sink::prometheus::REDIS_WRITE_SECONDS)
+                .record(t0.elapsed().as_secs_f64());
             self.stats.written.fetch_add(1, Ordering::Relaxed);
             self.stats.connected.store(true, Ordering::Relaxed);
             self.buf.pop_front();
@@ -254,18 +243,32 @@ async fn write(
             .arg(&json);
         cmd
     };
-    let added: redis::RedisResult<String> =
-        xadd(format!("{}-*", w.end_unix_ms)).query_async(c).await;
-    if let Err(e) = added {
+    // One round trip: the entry, the latest summary and the node set in a pipeline.
+    let ttl = cfg.latest_ttl.as_millis().max(1) as u64;
+    let pipeline = |id: String| {
+        let mut p = redis::pipe();
+        p.add_command(xadd(id))
+            .cmd("PSETEX")
+            .arg(keys::latest(&cfg.node_id))
+            .arg(ttl)
+            .arg(&summary)
+            .ignore()
+            .cmd("SADD")
+            .arg(keys::NODES)
+            .arg(&cfg.node_id)
+            .ignore();
+        p
+    };
+    let written: redis::RedisResult<(String,)> = pipeline(format!("{}-*", w.end_unix_ms))
+        .query_async(c)
+        .await;
+    if let Err(e) = written {
         // The clock went back (or another writer used this key): let Redis pick the ID.
         if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
             return Err(e);
         }
-        let _: String = xadd("*".to_string()).query_async(c).await?;
+        let _: (String,) = pipeline("*".to_string()).query_async(c).await?;
     }
-    let ttl = cfg.latest_ttl.as_millis().max(1) as u64;
-    let _: () = c.pset_ex(keys::latest(&cfg.node_id), summary, ttl).await?;
-    let _: () = c.sadd(keys::NODES, &cfg.node_id).await?;
     Ok(())
 }
 
