@@ -24,6 +24,8 @@ pub mod maps {
     pub const REQ_LATENCY: &str = "TF_REQ_LAT";
     /// `PerCpuHashMap<u32 /* probe id = attach cookie */, LatencyHist>`: uprobe entry→return latency.
     pub const PROBE_LATENCY: &str = "TF_PROBE_LAT";
+    /// `LpmTrie<[u8; 16], u8>`: remote networks to watch (IPv4 as ::ffff:a.b.c.d), with `FILTER_CIDR`.
+    pub const CIDRS: &str = "TF_CIDRS";
     /// `RingBuf`: the final [`crate::FlowState`] of each TCP socket reaching `TCP_CLOSE`.
     pub const CLOSED: &str = "TF_CLOSED";
 }
@@ -72,6 +74,7 @@ pub const CLOSED_RINGBUF_BYTES: u32 = 1 << 20;
 pub const FILTER_PORTS: u32 = 1;
 pub const FILTER_NETNS: u32 = 1 << 1;
 pub const FILTER_CGROUP: u32 = 1 << 2;
+pub const FILTER_CIDR: u32 = 1 << 4;
 /// `offsets` hold values read from the running kernel's BTF.
 pub const OFFSETS_VALID: u32 = 1 << 3;
 
@@ -229,6 +232,16 @@ impl LatencyHist {
 
 /// `TCP_SYN_RECV`: the first state of a connection accepted from a listener.
 pub const TCP_SYN_RECV: u8 = 3;
+
+/// The 16-byte form of an address in `TF_CIDRS`: IPv6 as is, IPv4 mapped to ::ffff:a.b.c.d.
+pub const fn mapped_addr(family: u16, raw: &[u8; 16]) -> [u8; 16] {
+    if family == AF_INET6 {
+        return *raw;
+    }
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, raw[0], raw[1], raw[2], raw[3],
+    ]
+}
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,14 +2,15 @@
 //! count events. Kept free of tracepoint details so each program stays a read-filter-aggregate step.
 
 use agent_common::{
-    CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FLOW_IGNORED,
-    FlowState, HIST_BUCKETS, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index, counters,
+    CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS,
+    FLOW_IGNORED, FlowState, HIST_BUCKETS, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index,
+    counters, mapped_addr,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
 };
 
 #[map(name = "TF_FLOWS")]
@@ -26,6 +27,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "TF_PORTS")]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
+#[map(name = "TF_CIDRS")]
+static CIDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, BPF_F_NO_PREALLOC);
 
 #[map(name = "TF_CLOSED")]
 pub static CLOSED: RingBuf = RingBuf::with_byte_size(CLOSED_RINGBUF_BYTES, 0);
@@ -188,6 +192,12 @@ fn admitted(cfg: &Config, flow: &FlowState) -> bool {
     }
     if cfg.flags & FILTER_CGROUP != 0 && flow.cgroup_id != cfg.cgroup_id {
         return false;
+    }
+    if cfg.flags & FILTER_CIDR != 0 {
+        let key = Key::new(128, mapped_addr(flow.family, &flow.daddr));
+        if CIDRS.get(&key).is_none() {
+            return false;
+        }
     }
     true
 }

@@ -8,13 +8,13 @@ use std::{
 };
 
 use agent_common::{
-    Config, FILTER_CGROUP, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS, LatencyHist,
-    OFFSETS_VALID, counters, maps, programs,
+    Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS,
+    LatencyHist, OFFSETS_VALID, counters, maps, programs,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
@@ -36,6 +36,8 @@ pub struct Filter {
     pub netns: Option<u32>,
     /// Watch only sockets owned by this cgroup (id).
     pub cgroup_id: Option<u64>,
+    /// Watch only flows whose remote address lies in one of these networks.
+    pub cidrs: Vec<ipnet::IpNet>,
 }
 
 pub struct Capture {
@@ -89,6 +91,22 @@ impl Capture {
                 ports
                     .set(u32::from(p), 1, 0)
                     .context("writing the port filter")?;
+            }
+        }
+        if !filter.cidrs.is_empty() {
+            cfg.flags |= FILTER_CIDR;
+            let mut trie: LpmTrie<_, [u8; 16], u8> =
+                LpmTrie::try_from(map(&mut ebpf, maps::CIDRS)?)?;
+            for net in &filter.cidrs {
+                let (bits, data) = match net {
+                    ipnet::IpNet::V4(n) => (
+                        96 + u32::from(n.prefix_len()),
+                        n.network().to_ipv6_mapped().octets(),
+                    ),
+                    ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+                };
+                trie.insert(&Key::new(bits, data), 1, 0)
+                    .with_context(|| format!("adding {net} to the CIDR filter"))?;
             }
         }
         if let Some(ns) = filter.netns {

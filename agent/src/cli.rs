@@ -53,6 +53,10 @@ pub struct Args {
     #[arg(long = "port", env = "TOKENFLOW_PORTS", value_delimiter = ',')]
     pub ports: Vec<u16>,
 
+    /// Watch only flows whose remote address is in this network, e.g. 10.0.0.0/8 (repeat or comma-separate).
+    #[arg(long = "cidr", env = "TOKENFLOW_CIDRS", value_delimiter = ',')]
+    pub cidrs: Vec<ipnet::IpNet>,
+
     /// Watch only sockets in this network namespace: a path (/run/netns/NAME, /proc/PID/ns/net) or an inode number.
     #[arg(long, env = "TOKENFLOW_NETNS")]
     pub netns: Option<String>,
@@ -116,6 +120,7 @@ impl Args {
     pub fn filter(&self) -> Result<Filter> {
         Ok(Filter {
             ports: self.ports.clone(),
+            cidrs: self.cidrs.clone(),
             netns: self
                 .netns
                 .as_deref()
@@ -233,6 +238,7 @@ struct FileConfig {
     redis_buffer: Option<usize>,
     metrics_addr: Option<String>,
     ports: Option<Vec<u16>>,
+    cidrs: Option<Vec<ipnet::IpNet>>,
     uprobes: Option<Vec<String>>,
     netns: Option<String>,
     cgroup: Option<String>,
@@ -306,6 +312,9 @@ impl Args {
         }
         if let (true, Some(v)) = (unset("ports"), f.ports) {
             self.ports = v;
+        }
+        if let (true, Some(v)) = (unset("cidrs"), f.cidrs) {
+            self.cidrs = v;
         }
         if let (true, Some(v)) = (unset("uprobes"), f.uprobes) {
             self.uprobes = v.iter().map(|s| s.parse()).collect::<Result<_>>()?;

@@ -417,3 +417,39 @@ fn tracepoint_offsets_match_the_running_kernel() -> Result<()> {
 pub extern "C" fn tokenflow_tests_marker(x: u64) -> u64 {
     std::hint::black_box(x + 1)
 }
+
+#[test]
+fn cidr_filter_keeps_only_remote_networks_listed() -> Result<()> {
+    let Some(_lock) = privileged("cidr_filter") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("cidr")?;
+    let _srv = DiscardServer::start(&bed.server, server(5209))?;
+    let netns = format!("/run/netns/{}", bed.client);
+    for (cidr, expect) in [
+        ("198.18.9.0/24,2001:db8::/32", false),
+        ("198.18.2.0/24", true),
+    ] {
+        let agent = Agent::start(&[
+            "--interval",
+            "1s",
+            "--netns",
+            &netns,
+            "--cidr",
+            cidr,
+            "--metrics-addr",
+            "off",
+        ])?;
+        let mut s = connect_from(&bed.client, server(5209))?;
+        let port = s.local_addr()?.port();
+        send_paced(&mut s, 50_000, 1_000, Duration::from_millis(1200))?;
+        let seen = agent.windows().len();
+        let windows = agent.wait_windows(seen + 1, Duration::from_secs(5))?;
+        let found = !flow_entries(&windows, port).is_empty();
+        assert_eq!(
+            found, expect,
+            "--cidr {cidr}: flow to {SERVER_ADDR} reported = {found}"
+        );
+    }
+    Ok(())
+}
