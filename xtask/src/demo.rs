@@ -17,7 +17,10 @@ use tokenflow_testbed::{
     CLIENT_ADDR, SERVER_ADDR, Testbed, cleanup_stale,
     traffic::{DiscardServer, Sender},
 };
-use tokenflow_tests::agent::Agent;
+use tokenflow_tests::{
+    agent::Agent,
+    redis_server::{RedisServer, free_port},
+};
 
 use crate::{
     setup::setup,
@@ -77,8 +80,35 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let _bulk_srv = DiscardServer::start(&bed.server, server(BULK_PORT))?;
     let _probe_srv = DiscardServer::start(&bed.server, server(PROBE_PORT))?;
     let netns = format!("/run/netns/{}", bed.client);
-    let mut agent = Agent::start(&["--interval", "1s", "--netns", &netns, "--node-id", "demo"])?;
-    step("demo", "agent attached; watching the client namespace");
+    let redis = RedisServer::start_ephemeral()?;
+    step(
+        "demo",
+        format!(
+            "redis-server on {} (temporary directory, removed at the end)",
+            redis.url()
+        ),
+    );
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let mut agent = Agent::start(&[
+        "--interval",
+        "1s",
+        "--netns",
+        &netns,
+        "--node-id",
+        "demo",
+        "--redis",
+        &redis.url(),
+        "--metrics-addr",
+        &metrics,
+        "--sink",
+        "stdout",
+    ])?;
+    step(
+        "demo",
+        format!(
+            "agent attached; watching the client namespace; metrics at http://{metrics}/metrics"
+        ),
+    );
 
     // The neighbour: 50 KB/s in 1 KB writes, a few percent of the link.
     let probe = Sender::start(&bed.client, server(PROBE_PORT), Some(50_000), 1_000)?;
@@ -134,6 +164,18 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
     let windows = agent.windows();
     let path = save(&windows)?;
+    let stream: usize = redis::cmd("XLEN")
+        .arg(tokenflow_schema::keys::telemetry_stream("demo"))
+        .query(&mut redis.client()?)
+        .context("reading the stream length")?;
+    step(
+        "demo",
+        format!(
+            "{stream} windows in Redis stream {}",
+            tokenflow_schema::keys::telemetry_stream("demo")
+        ),
+    );
+    drop(redis);
     drop(bed);
     step(
         "demo",
