@@ -154,3 +154,126 @@ fn kernel_request_latency_matches_a_real_http_client() -> Result<()> {
     );
     Ok(())
 }
+
+mod grpc {
+    tonic::include_proto!("tokenflow.test");
+}
+
+struct Worker;
+
+#[tonic::async_trait]
+impl grpc::worker_server::Worker for Worker {
+    async fn work(
+        &self,
+        req: tonic::Request<grpc::WorkRequest>,
+    ) -> Result<tonic::Response<grpc::WorkReply>, tonic::Status> {
+        let ms = req.into_inner().ms;
+        let worked_ms = tokio::task::spawn_blocking(move || busy_work(ms))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(grpc::WorkReply { worked_ms }))
+    }
+}
+
+fn serve_grpc(listener: TcpListener) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build();
+        let Ok(rt) = rt else { return };
+        rt.block_on(async move {
+            let _ = listener.set_nonblocking(true);
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(grpc::worker_server::WorkerServer::new(Worker))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+    })
+}
+
+#[test]
+fn kernel_request_latency_matches_a_real_grpc_client() -> Result<()> {
+    assert_eq!(busy_work(0), 0, "keeps the uprobe target in this binary");
+    let Some(_lock) = privileged("kernel_request_latency_grpc") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("grpc")?;
+    let port = PORT + 1;
+    let addr = SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port));
+    let listener = in_netns(&bed.server, move || TcpListener::bind(addr).context("bind"))?;
+    let _server = serve_grpc(listener);
+    let uprobe = format!(
+        "{}:latency::busy_work:work",
+        std::env::current_exe()?.display()
+    );
+    let netns = format!("/run/netns/{}", bed.server);
+    let agent = Agent::start(&[
+        "--interval",
+        "1s",
+        "--netns",
+        &netns,
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        "off",
+        "--uprobe",
+        &uprobe,
+    ])?;
+    // The client runs on a thread inside the client namespace, so its connection is made there.
+    let client = in_netns(&bed.client, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut c =
+                grpc::worker_client::WorkerClient::connect(format!("http://{addr}")).await?;
+            // One call to set the HTTP/2 connection up, then the measured ones.
+            c.work(grpc::WorkRequest { ms: 0 }).await?;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let mut times = Vec::new();
+            for _ in 0..30 {
+                let t0 = Instant::now();
+                let r = c
+                    .work(grpc::WorkRequest {
+                        ms: WORK.as_millis() as u64,
+                    })
+                    .await?;
+                times.push(t0.elapsed());
+                anyhow::ensure!(r.into_inner().worked_ms == WORK.as_millis() as u64);
+            }
+            Ok::<_, anyhow::Error>(times)
+        })
+    })?;
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+    // Only windows after the warm-up call: the measured requests are the ones of ~20 ms.
+    let lat: Vec<_> = windows
+        .iter()
+        .flat_map(|w| &w.request_latency)
+        .filter(|l| l.port == port)
+        .collect();
+    let slow: Vec<_> = lat.iter().filter(|l| l.latency.p50_us >= 10_000).collect();
+    let n: u64 = slow.iter().map(|l| l.latency.samples).sum();
+    let kernel_mean = slow
+        .iter()
+        .map(|l| l.latency.mean_us * l.latency.samples)
+        .sum::<u64>() as f64
+        / n.max(1) as f64;
+    let client_mean = client.iter().sum::<Duration>().as_micros() as f64 / client.len() as f64;
+    eprintln!("gRPC: client mean {client_mean:.0} µs; kernel windows {lat:?}");
+    assert_eq!(
+        n, 30,
+        "one sample per measured call (the warm-up window holds the HTTP/2 set-up)"
+    );
+    assert!(kernel_mean <= client_mean);
+    assert!(
+        client_mean - kernel_mean <= 1000.0 + 0.1 * client_mean,
+        "kernel {kernel_mean} vs client {client_mean}"
+    );
+    Ok(())
+}

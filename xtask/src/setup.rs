@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use crate::util::{is_root, output, run, step, succeeds};
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
-/// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline).
+/// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline,
+/// protoc for the gRPC test server).
 pub const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,7 @@ pub const PACKAGES: &[&str] = &[
     "ethtool",
     "redis-server",
     "bpftrace",
+    "protobuf-compiler",
 ];
 
 pub fn setup() -> Result<()> {
