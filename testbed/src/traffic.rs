@@ -166,3 +166,23 @@ impl Drop for Sender {
         }
     }
 }
+
+/// Waits until the peer has acknowledged everything written on `stream` (TIOCOUTQ reaches 0).
+pub fn wait_acked(stream: &TcpStream, timeout: Duration) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let t0 = Instant::now();
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        anyhow::ensure!(rc == 0, "ioctl TIOCOUTQ failed");
+        if n == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t0.elapsed() < timeout,
+            "{n} bytes still unacknowledged after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

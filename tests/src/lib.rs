@@ -28,3 +28,13 @@ pub fn privileged(test: &str) -> Option<Privileged> {
     let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     Some(Privileged(guard))
 }
+
+/// The text of a Prometheus endpoint (`GET /metrics`), headers included.
+pub fn scrape_metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}

@@ -25,24 +25,21 @@ pub fn free_port() -> Result<u16> {
 }
 
 impl RedisServer {
+    /// With persistence (AOF, fsync always): a restart after SIGKILL loses nothing written.
     pub fn start() -> Result<Self> {
-        let port = free_port()?;
-        let dir =
-            std::env::temp_dir().join(format!("tokenflow-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Self::launch(port, dir, true)
+        Self::launch(true)
     }
 
     /// Without persistence: for benchmarks, where fsync per write would be measured instead of Redis.
     pub fn start_ephemeral() -> Result<Self> {
+        Self::launch(false)
+    }
+
+    fn launch(persist: bool) -> Result<Self> {
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("tokenflow-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        Self::launch(port, dir, false)
-    }
-
-    fn launch(port: u16, dir: PathBuf, persist: bool) -> Result<Self> {
         let mut s = Self {
             port,
             dir,

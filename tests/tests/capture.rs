@@ -3,7 +3,6 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd,
     process::Command,
     time::{Duration, Instant},
 };
@@ -13,7 +12,7 @@ use nix::sys::signal::Signal;
 use tokenflow_schema::{FlowWindow, TelemetryWindow};
 use tokenflow_testbed::{
     CLIENT_ADDR, SERVER_ADDR, Testbed,
-    traffic::{DiscardServer, connect_from, send_paced},
+    traffic::{DiscardServer, connect_from, send_paced, wait_acked},
 };
 use tokenflow_tests::{agent::Agent, privileged, ss};
 
@@ -41,15 +40,6 @@ fn flow_entries(windows: &[TelemetryWindow], local_port: u16) -> Vec<FlowWindow>
         .iter()
         .flat_map(|w| w.flows.iter().filter(|f| f.local == local).cloned())
         .collect()
-}
-
-/// Bytes the socket has sent that the peer has not acknowledged yet (TIOCOUTQ).
-fn unacked(stream: &std::net::TcpStream) -> Result<i32> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int through the pointer.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    anyhow::ensure!(rc == 0, "ioctl TIOCOUTQ failed");
-    Ok(n)
 }
 
 #[test]
@@ -112,13 +102,7 @@ fn retransmits_equal_kernel_total_retrans_under_5_percent_loss() -> Result<()> {
     let mut stream = connect_from(&bed.client, server(5202))?;
     let port = stream.local_addr()?.port();
     send_paced(&mut stream, 2_000_000, 16_384, Duration::from_secs(4))?;
-    let t0 = Instant::now();
-    while unacked(&stream)? > 0 {
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("data still unacknowledged after 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_acked(&stream, Duration::from_secs(30))?;
     let kernel = ss::sockets(&bed.client, &SERVER_ADDR.to_string())?
         .into_iter()
         .find(|s| s.local_port == port)

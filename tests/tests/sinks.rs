@@ -2,9 +2,7 @@
 //! agrees with the kernel's own counters, and a Redis outage loses exactly the windows it reports lost.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -14,7 +12,7 @@ use redis::Commands;
 use tokenflow_schema::{NodeSummary, TelemetryWindow, keys};
 use tokenflow_testbed::{
     CLIENT_ADDR, SERVER_ADDR, Testbed,
-    traffic::{DiscardServer, connect_from, send_paced},
+    traffic::{DiscardServer, connect_from, send_paced, wait_acked},
 };
 use tokenflow_tests::{
     agent::Agent,
@@ -42,14 +40,6 @@ fn stream(redis: &RedisServer, node: &str) -> Result<Vec<(u64, TelemetryWindow)>
             Ok((ms, serde_json::from_str(&json)?))
         })
         .collect()
-}
-
-fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
 }
 
 #[test]
@@ -83,19 +73,7 @@ fn stream_latest_key_and_metrics_agree_with_the_kernel() -> Result<()> {
     let mut stream_ = connect_from(&bed.client, server)?;
     let port = stream_.local_addr()?.port();
     send_paced(&mut stream_, 1_000_000, 16_384, Duration::from_secs(3))?;
-    let t0 = Instant::now();
-    loop {
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ writes one int.
-        unsafe { libc::ioctl(stream_.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-        if n == 0 {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("data unacknowledged after 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_acked(&stream_, Duration::from_secs(30))?;
     let kernel = ss::sockets(&bed.client, &SERVER_ADDR.to_string())?
         .into_iter()
         .find(|s| s.local_port == port)
@@ -103,7 +81,7 @@ fn stream_latest_key_and_metrics_agree_with_the_kernel() -> Result<()> {
         .total_retrans;
     let seen = agent.windows().len();
     agent.wait_windows(seen + 2, Duration::from_secs(5))?;
-    let text = scrape(metrics)?;
+    let text = tokenflow_tests::scrape_metrics(metrics)?;
     agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
     let printed = agent.windows();
 

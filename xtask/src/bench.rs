@@ -247,7 +247,7 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     let (cpu1, rss) = proc_usage(agent.pid().as_raw())?;
     let rt1 = load.round_trips();
     drop(load);
-    let scraped = scrape(metrics)?;
+    let scraped = tokenflow_tests::scrape_metrics(metrics)?;
     let windows = agent.windows();
     agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
     drop(bpftrace);
@@ -378,13 +378,4 @@ fn time_calls(n: u64) -> Duration {
     }
     std::hint::black_box(acc);
     t0.elapsed()
-}
-
-fn scrape(addr: std::net::SocketAddr) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
 }
