@@ -50,8 +50,8 @@ pub mod tcp_probe {
     ];
 }
 
-/// `tcp:tcp_retransmit_skb`, fired at the end of `__tcp_retransmit_skb()`; `err` is 0 when the
-/// segment really left (only then does the kernel add to `tp->total_retrans`).
+/// `tcp:tcp_retransmit_skb`, fired at the end of `__tcp_retransmit_skb()` with its result `err`
+/// (see the program for which results the kernel counts in `tp->total_retrans`).
 /// ```text
 /// field:const void * skbaddr;  offset:8;  size:8;
 /// field:const void * skaddr;   offset:16; size:8;

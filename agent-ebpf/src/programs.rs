@@ -127,13 +127,20 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
 }
 
 /// `tcp:tcp_retransmit_skb` — see `agent_common::tracepoints::tcp_retransmit_skb`.
-/// Counts segments as the kernel's `total_retrans` does: only when `err == 0`, weighted by the skb's
-/// segment count.
+/// Counts segments as the kernel's `total_retrans` does. `__tcp_retransmit_skb()` adds the skb's segment
+/// count to `total_retrans` once it has decided to send, before `tcp_transmit_skb()`; the tracepoint
+/// fires at the end with `err`. Errors from before that point (-EBUSY: still in a host queue, -EAGAIN,
+/// -ENOMEM, -EINVAL) sent and counted nothing; any other result, success or a failed transmit (e.g.
+/// -ENOBUFS from a full device queue), was counted by the kernel and is counted here.
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tf_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     flow::count(counters::RETRANSMIT_EVENTS);
     let err: i32 = field(&ctx, rt::ERR);
-    if err != 0 {
+    const EAGAIN: i32 = 11;
+    const ENOMEM: i32 = 12;
+    const EBUSY: i32 = 16;
+    const EINVAL: i32 = 22;
+    if matches!(-err, EAGAIN | ENOMEM | EBUSY | EINVAL) {
         return 0;
     }
     let sk: u64 = field(&ctx, rt::SKADDR);
