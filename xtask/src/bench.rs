@@ -103,12 +103,12 @@ fn proc_usage(pid: i32) -> Result<(u64, u64)> {
 struct Bpftrace(Child);
 
 impl Bpftrace {
-    fn start() -> Result<Self> {
+    /// Starts a bpftrace program and waits until its `programs` BPF programs are in the kernel
+    /// (bpftrace says "Attaching" before they are); returns their ids.
+    fn start(program: &str, programs: usize) -> Result<(Self, Vec<u64>)> {
+        let before = prog_stats()?;
         let mut child = Command::new("bpftrace")
-            .args([
-                "-e",
-                "tracepoint:tcp:tcp_probe { @srtt = hist(args->srtt); }",
-            ])
+            .args(["-e", program])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             // Its own process group: signals meant for bpftrace never reach this process.
@@ -117,13 +117,30 @@ impl Bpftrace {
             .context("starting bpftrace (cargo xtask setup installs it)")?;
         let stdout = child.stdout.take().context("bpftrace stdout")?;
         let mut lines = BufReader::new(stdout).lines();
+        let bt = Self(child);
         match lines.next() {
             Some(Ok(l)) if l.contains("Attaching") => {}
             other => bail!("bpftrace did not attach: {other:?}"),
         }
         // Keep draining so bpftrace never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Self(child))
+        let t0 = Instant::now();
+        loop {
+            let ids: Vec<u64> = prog_stats()?
+                .into_keys()
+                .filter(|id| !before.contains_key(id))
+                .collect();
+            if ids.len() >= programs {
+                return Ok((bt, ids));
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "bpftrace loaded {} of {programs} programs in 15 s",
+                    ids.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -163,21 +180,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
 }
 
 fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
-    let before_bt = prog_stats()?;
-    let bpftrace = Bpftrace::start()?;
-    // bpftrace says "Attaching" before the program is in the kernel: wait for it to appear.
-    let t_attach = Instant::now();
-    let bt_ids: Vec<u64> = loop {
-        let ids: Vec<u64> = prog_stats()?
-            .into_iter()
-            .filter(|(id, (_, ty, _))| !before_bt.contains_key(id) && ty == "tracepoint")
-            .map(|(id, _)| id)
-            .collect();
-        if !ids.is_empty() || t_attach.elapsed() > Duration::from_secs(15) {
-            break ids;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (bpftrace, bt_ids) =
+        Bpftrace::start("tracepoint:tcp:tcp_probe { @srtt = hist(args->srtt); }", 1)?;
     anyhow::ensure!(
         bt_ids.len() == 1,
         "expected one new bpftrace program, found {bt_ids:?}"
@@ -191,6 +195,20 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     );
     let calls = 200_000u64;
     let bare = time_calls(calls);
+    // The floor: bpftrace's empty uprobe + uretprobe on the same function, same machine.
+    let bt_uprobe_ns = {
+        let target = format!(
+            "{}:tokenflow_bench_target",
+            std::env::current_exe()?.display()
+        );
+        let (bt, _) = Bpftrace::start(
+            &format!("uprobe:{target} {{ }} uretprobe:{target} {{ }}"),
+            2,
+        )?;
+        let t = time_calls(calls);
+        drop(bt);
+        (t.as_nanos() as f64 - bare.as_nanos() as f64) / calls as f64
+    };
     let mut agent = Agent::start_binary(
         agent_bin,
         &[
@@ -302,6 +320,7 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     );
     figures.extend([
         Figure::new("agent.uprobe_overhead_ns_per_call", uprobe_ns, "ns", "wall time per call of a probed function minus unprobed (entry+return, trap included); target ≤ 1500"),
+        Figure::new("agent.uprobe_bpftrace_empty_ns_per_call", bt_uprobe_ns, "ns", "same, with bpftrace's empty uprobe + uretprobe on the same function: this machine's floor"),
         Figure::new("agent.uprobe_programs_ns_per_call", uprobe_prog_ns, "ns", "bpf_stats run time of the entry and return programs per call"),
         Figure::new("agent.redis_write_us_mean", write_s * 1e6, "µs", "XADD + latest key per window (mean of the agent's tokenflow_agent_redis_write_seconds)"),
         Figure::new(
