@@ -33,13 +33,12 @@ pub mod maps {
 /// Program names (the Rust function names in `agent-ebpf`) and the tracepoints they attach to.
 pub mod programs {
     pub const TCP_PROBE: (&str, &str, &str) = ("tf_tcp_probe", "tcp", "tcp_probe");
-    pub const TCP_RETRANSMIT: (&str, &str, &str) =
-        ("tf_tcp_retransmit_skb", "tcp", "tcp_retransmit_skb");
+    /// A raw tracepoint: (program, tracepoint).
+    pub const TCP_RETRANSMIT: (&str, &str) = ("tf_tcp_retransmit_skb", "tcp_retransmit_skb");
     pub const SOCK_SET_STATE: (&str, &str, &str) =
         ("tf_inet_sock_set_state", "sock", "inet_sock_set_state");
     /// Tracepoint programs: (program, category, tracepoint).
-    pub const TRACEPOINTS: [(&str, &str, &str); 4] =
-        [TCP_PROBE, TCP_RETRANSMIT, SOCK_SET_STATE, SOCK_SEND];
+    pub const TRACEPOINTS: [(&str, &str, &str); 3] = [TCP_PROBE, SOCK_SET_STATE, SOCK_SEND];
     /// `sock:sock_send_length`: a served connection's first response bytes. (A tracepoint: this
     /// kernel refuses fentry programs, and it has no kprobes.)
     pub const SOCK_SEND: (&str, &str, &str) = ("tf_sock_send_length", "sock", "sock_send_length");
@@ -62,7 +61,9 @@ pub mod counters {
     pub const CLOSED_DROPPED: u32 = 5;
     /// Events of flows the filter excludes.
     pub const FILTERED_EVENTS: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Retransmits of sockets the agent was not tracking yet (opened before it started, silent since).
+    pub const RETRANSMIT_UNTRACKED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Capacity of the per-flow LRU map.

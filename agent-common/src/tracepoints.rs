@@ -50,46 +50,6 @@ pub mod tcp_probe {
     ];
 }
 
-/// `tcp:tcp_retransmit_skb`, fired at the end of `__tcp_retransmit_skb()` with its result `err`
-/// (see the program for which results the kernel counts in `tp->total_retrans`).
-/// ```text
-/// field:const void * skbaddr;  offset:8;  size:8;
-/// field:const void * skaddr;   offset:16; size:8;
-/// field:int state;             offset:24; size:4;
-/// field:__u16 sport;           offset:28; size:2;
-/// field:__u16 dport;           offset:30; size:2;
-/// field:__u16 family;          offset:32; size:2;
-/// field:__u8 saddr[4];         offset:34; size:4;
-/// field:__u8 daddr[4];         offset:38; size:4;
-/// field:__u8 saddr_v6[16];     offset:42; size:16;
-/// field:__u8 daddr_v6[16];     offset:58; size:16;
-/// field:int err;               offset:76; size:4;
-/// ```
-pub mod tcp_retransmit_skb {
-    pub const SKBADDR: usize = 8;
-    pub const SKADDR: usize = 16;
-    pub const SPORT: usize = 28;
-    pub const DPORT: usize = 30;
-    pub const FAMILY: usize = 32;
-    pub const SADDR: usize = 34;
-    pub const DADDR: usize = 38;
-    pub const SADDR_V6: usize = 42;
-    pub const DADDR_V6: usize = 58;
-    pub const ERR: usize = 76;
-    pub const FIELDS: [super::Field; 10] = [
-        ("skbaddr", SKBADDR, 8),
-        ("skaddr", SKADDR, 8),
-        ("sport", SPORT, 2),
-        ("dport", DPORT, 2),
-        ("family", FAMILY, 2),
-        ("saddr", SADDR, 4),
-        ("daddr", DADDR, 4),
-        ("saddr_v6", SADDR_V6, 16),
-        ("daddr_v6", DADDR_V6, 16),
-        ("err", ERR, 4),
-    ];
-}
-
 /// `sock:sock_send_length`, fired by `sock_sendmsg_nosec()` when a send on any socket returns;
 /// `ret` is the bytes accepted (or a negative error).
 /// ```text

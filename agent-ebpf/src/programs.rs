@@ -4,13 +4,13 @@
 use agent_common::{
     AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV,
     TCP_SYN_SENT, bucket_index, counters,
-    tracepoints::{
-        inet_sock_set_state as ss, sock_send_length as sl, tcp_probe as tp,
-        tcp_retransmit_skb as rt,
-    },
+    tracepoints::{inet_sock_set_state as ss, sock_send_length as sl, tcp_probe as tp},
 };
 use aya_ebpf::{
-    EbpfContext, helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+    EbpfContext,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 use crate::flow::{self, CLOSED, FLOWS, Lookup, Tuple};
@@ -126,16 +126,22 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `tcp:tcp_retransmit_skb` — see `agent_common::tracepoints::tcp_retransmit_skb`.
+/// raw tracepoint `tcp_retransmit_skb` —
+/// `TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err)` (checked against the kernel's
+/// BTF `btf_trace_tcp_retransmit_skb` by a test). A raw tracepoint, not the classic one: classic
+/// tracepoint programs share one per-CPU recursion guard, so a retransmit fired from a softirq that
+/// interrupts another of our programs would be skipped, and the count would fall short of the kernel's.
+///
 /// Counts segments as the kernel's `total_retrans` does. `__tcp_retransmit_skb()` adds the skb's segment
 /// count to `total_retrans` once it has decided to send, before `tcp_transmit_skb()`; the tracepoint
 /// fires at the end with `err`. Errors from before that point (-EBUSY: still in a host queue, -EAGAIN,
 /// -ENOMEM, -EINVAL) sent and counted nothing; any other result, success or a failed transmit (e.g.
 /// -ENOBUFS from a full device queue), was counted by the kernel and is counted here.
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tf_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
     flow::count(counters::RETRANSMIT_EVENTS);
-    let err: i32 = field(&ctx, rt::ERR);
+    // Raw arguments are the C values zero-extended to 64 bits.
+    let err = ctx.arg::<u64>(2) as u32 as i32;
     const EAGAIN: i32 = 11;
     const ENOMEM: i32 = 12;
     const EBUSY: i32 = 16;
@@ -143,30 +149,18 @@ pub fn tf_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     if matches!(-err, EAGAIN | ENOMEM | EBUSY | EINVAL) {
         return 0;
     }
-    let sk: u64 = field(&ctx, rt::SKADDR);
+    let sk: u64 = ctx.arg(0);
     let flow = match flow::lookup(sk) {
         Lookup::Tracked(f) => f,
         Lookup::Ignored => return 0,
+        // Flows are created by connect/accept and by their first incoming segment; a socket that
+        // retransmits before either (one open before the agent started) is counted apart.
         Lookup::Missing => {
-            let t = split_tuple(
-                &ctx,
-                [
-                    rt::FAMILY,
-                    rt::SPORT,
-                    rt::DPORT,
-                    rt::SADDR,
-                    rt::DADDR,
-                    rt::SADDR_V6,
-                    rt::DADDR_V6,
-                ],
-            );
-            match flow::create(sk, &t, 0) {
-                Some(f) => f,
-                None => return 0,
-            }
+            flow::count(counters::RETRANSMIT_UNTRACKED);
+            return 0;
         }
     };
-    let segs = flow::skb_segments(field(&ctx, rt::SKBADDR));
+    let segs = flow::skb_segments(ctx.arg(1));
     // SAFETY: as in `tf_tcp_probe`.
     let f = unsafe { &mut *flow };
     f.retrans_segs += segs;

@@ -82,6 +82,52 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, 
     Ok(None)
 }
 
+/// Names of the arguments' types of raw tracepoint `name`, from the kernel's `btf_trace_<name>`
+/// typedef (a pointer to `void (*)(void *, args...)`), the context pointer left out. Pointers are
+/// written `*name`, so `tcp_retransmit_skb` gives `["*sock", "*sk_buff", "int"]`.
+pub fn raw_tracepoint_args(path: &Path, name: &str) -> Result<Vec<String>, OffsetError> {
+    let btf = Btf::from_file(path).map_err(|source| OffsetError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let typedef = format!("btf_trace_{name}");
+    let proto = btf
+        .resolve_types_by_name(&typedef)?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Typedef(td) => Some(td),
+            _ => None,
+        })
+        .ok_or_else(|| OffsetError::NoStruct(typedef.clone()))?;
+    let Type::Ptr(ptr) = btf.resolve_chained_type(&proto)? else {
+        return Err(OffsetError::NoStruct(typedef));
+    };
+    let Type::FuncProto(fp) = btf.resolve_chained_type(&ptr)? else {
+        return Err(OffsetError::NoStruct(typedef));
+    };
+    let mut names = Vec::new();
+    for param in fp.parameters.iter().skip(1) {
+        let ty = strip(&btf, btf.resolve_chained_type(param)?)?;
+        names.push(match &ty {
+            Type::Ptr(p) => {
+                let inner = strip(&btf, btf.resolve_chained_type(p)?)?;
+                format!(
+                    "*{}",
+                    inner
+                        .as_btf_type()
+                        .and_then(|t| btf.resolve_name(t).ok())
+                        .unwrap_or_default()
+                )
+            }
+            other => other
+                .as_btf_type()
+                .and_then(|t| btf.resolve_name(t).ok())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(names)
+}
+
 fn strip(btf: &Btf, mut ty: Type) -> Result<Type, OffsetError> {
     loop {
         ty = match &ty {
@@ -113,6 +159,18 @@ mod tests {
         // `cb` of sk_buff has been at 40 on 64-bit kernels since 2015; tcp_gso_segs right after seq, end_seq.
         assert_eq!(o.skb_gso_segs, 40 + 8, "{o:?}");
         assert!(o.kernfs_id > 0 && o.cgroup_kn > 0, "{o:?}");
+    }
+
+    /// The raw tracepoint program reads its arguments by position: check them against the kernel.
+    #[test]
+    fn tcp_retransmit_skb_raw_arguments_match() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skip: {VMLINUX_BTF} absent");
+            return;
+        }
+        let args = raw_tracepoint_args(path, "tcp_retransmit_skb").unwrap();
+        assert_eq!(args, ["*sock", "*sk_buff", "int"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
@@ -122,6 +122,15 @@ impl Capture {
             .set(0, cfg, 0)
             .context("writing the capture config")?;
 
+        let (prog, tracepoint) = programs::TCP_RETRANSMIT;
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+        p.attach(tracepoint)
+            .with_context(|| format!("attaching {prog} to raw tracepoint {tracepoint}"))?;
         for (prog, category, tracepoint) in programs::TRACEPOINTS {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)

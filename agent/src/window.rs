@@ -181,6 +181,7 @@ impl WindowBuilder {
             flow_insert_failed: c(counters::FLOW_INSERT_FAILED),
             closed_dropped: c(counters::CLOSED_DROPPED),
             filtered_events: c(counters::FILTERED_EVENTS),
+            retransmits_untracked: c(counters::RETRANSMIT_UNTRACKED),
             flows_tracked: snap.live.len() as u32,
         };
         self.prev_counters = snap.counters;

@@ -263,6 +263,8 @@ pub struct CaptureStats {
     /// Flow-closed events lost because the ring buffer was full.
     pub closed_dropped: u64,
     pub filtered_events: u64,
+    /// Retransmits of sockets not tracked yet (opened before the agent started and silent since).
+    pub retransmits_untracked: u64,
     /// Flows in the kernel map at the end of the interval.
     pub flows_tracked: u32,
 }

@@ -372,12 +372,9 @@ fn tracepoint_offsets_match_the_running_kernel() -> Result<()> {
     let Some(_lock) = privileged("tracepoint_offsets") else {
         return Ok(());
     };
-    use agent_common::tracepoints::{
-        inet_sock_set_state, sock_send_length, tcp_probe, tcp_retransmit_skb,
-    };
-    let checks: [(&str, &str, &[agent_common::tracepoints::Field]); 4] = [
+    use agent_common::tracepoints::{inet_sock_set_state, sock_send_length, tcp_probe};
+    let checks: [(&str, &str, &[agent_common::tracepoints::Field]); 3] = [
         ("tcp", "tcp_probe", &tcp_probe::FIELDS),
-        ("tcp", "tcp_retransmit_skb", &tcp_retransmit_skb::FIELDS),
         ("sock", "inet_sock_set_state", &inet_sock_set_state::FIELDS),
         ("sock", "sock_send_length", &sock_send_length::FIELDS),
     ];

@@ -209,7 +209,7 @@ mod tests {
                 "active_flows": 1, "closed_flows": 0, "bytes_acked": 0, "retransmits": 0,
                 "retransmit_rate_per_s": 0.0, "state_changes": 0},
             "capture": {"probe_events":0,"retransmit_events":0,"state_events":0,"flows_created":0,
-                "flow_insert_failed":0,"closed_dropped":0,"filtered_events":0,"flows_tracked":1},
+                "flow_insert_failed":0,"closed_dropped":0,"filtered_events":0,"retransmits_untracked":0,"flows_tracked":1},
             "sinks": {"redis_buffered":0,"redis_dropped_total":0,"redis_written_total":0,"redis_connected":false},
             "gpu": {"available": true, "provider": "fake", "devices": [{"index": 0, "name": "fake-gpu",
                 "uuid": "GPU-fake", "utilization_percent": 87, "memory_used_bytes": 1073741824,
