@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -123,19 +122,13 @@ impl Capture {
             .context("writing the capture config")?;
 
         let (prog, tracepoint) = programs::TCP_RETRANSMIT;
-        let p: &mut RawTracePoint = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("program {prog} missing from the eBPF object"))?
-            .try_into()?;
+        let p: &mut RawTracePoint = program(&mut ebpf, prog)?;
         p.load()
             .with_context(|| format!("verifier rejected {prog}"))?;
         p.attach(tracepoint)
             .with_context(|| format!("attaching {prog} to raw tracepoint {tracepoint}"))?;
         for (prog, category, tracepoint) in programs::TRACEPOINTS {
-            let p: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .with_context(|| format!("program {prog} missing from the eBPF object"))?
-                .try_into()?;
+            let p: &mut TracePoint = program(&mut ebpf, prog)?;
             p.load()
                 .with_context(|| format!("verifier rejected {prog}"))?;
             p.attach(category, tracepoint)
@@ -168,14 +161,7 @@ impl Capture {
     /// Waits until the ring buffer has flow-closed events and moves them into the pending list.
     pub async fn drain_closed(&mut self) -> Result<()> {
         let mut guard = self.closed.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<FlowState>() {
-                // SAFETY: the kernel wrote a whole FlowState (size checked); read_unaligned copies it out.
-                let flow = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowState>()) };
-                self.closed_flows.push(flow);
-            }
-        }
+        drain_ring(guard.get_inner_mut(), &mut self.closed_flows);
         guard.clear_ready();
         Ok(())
     }
@@ -183,14 +169,7 @@ impl Capture {
     /// Reads the whole cumulative state; the closed flows gathered so far move into it.
     pub fn snapshot(&mut self) -> Result<KernelState> {
         // Anything queued but not yet woken for.
-        let ring = self.closed.get_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<FlowState>() {
-                // SAFETY: as in `drain_closed`.
-                let flow = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowState>()) };
-                self.closed_flows.push(flow);
-            }
-        }
+        drain_ring(self.closed.get_mut(), &mut self.closed_flows);
         let mut live = Vec::new();
         for entry in self.flows.iter() {
             match entry {
@@ -218,11 +197,6 @@ impl Capture {
             probe_lat: sum_per_cpu(&self.probe_lat)?,
         })
     }
-
-    /// Raw fd of the ring buffer (for tests that check it is gone).
-    pub fn ring_fd(&self) -> i32 {
-        self.closed.get_ref().as_raw_fd()
-    }
 }
 
 /// Sums a per-CPU latency map into one histogram per key.
@@ -245,6 +219,27 @@ fn sum_per_cpu(
 }
 
 /// Attaches the entry/return pair once per target; the probe id (index) travels as the BPF cookie.
+/// Moves every flow-closed record out of the ring buffer (each is one whole `FlowState`).
+fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<FlowState>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowState>() {
+            // SAFETY: the kernel wrote a whole FlowState (size checked); read_unaligned copies it out.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowState>()) });
+        }
+    }
+}
+
+/// A program of the object, as its concrete type, with an error that names it.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    <&mut T>::try_from(p).with_context(|| format!("program {name} is not of the expected type"))
+}
+
 fn attach_uprobes(ebpf: &mut Ebpf, uprobes: &[UprobeSpec]) -> Result<()> {
     if uprobes.is_empty() {
         return Ok(());
@@ -254,10 +249,7 @@ fn attach_uprobes(ebpf: &mut Ebpf, uprobes: &[UprobeSpec]) -> Result<()> {
         .map(crate::uprobe_target::resolve)
         .collect::<Result<_>>()?;
     for prog in [programs::UPROBE_ENTRY, programs::UPROBE_RETURN] {
-        let p: &mut UProbe = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("program {prog} missing from the eBPF object"))?
-            .try_into()?;
+        let p: &mut UProbe = program(ebpf, prog)?;
         p.load()
             .with_context(|| format!("verifier rejected {prog}"))?;
         for (id, (spec, symbol)) in uprobes.iter().zip(&symbols).enumerate() {
