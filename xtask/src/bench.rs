@@ -189,25 +189,25 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     // Both sinks on, as in production, plus one uprobe on a function of this binary.
     let redis = RedisServer::start_ephemeral()?;
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let uprobe = format!(
-        "{}:tokenflow_bench_target:bench",
-        std::env::current_exe()?.display()
-    );
+    let exe = std::env::current_exe()?;
+    // Two targets: one that starts with the 5-byte nop Linux ≥ 6.18 optimises
+    // (what TokenFlow's own probe points use), and an ordinary function entry,
+    // where every call traps.
+    let uprobe_fast = format!("{}:tokenflow_bench_target:bench", exe.display());
+    let uprobe_trap = format!("{}:tokenflow_bench_target_plain:bench_plain", exe.display());
     let calls = 200_000u64;
-    let bare = time_calls(calls);
-    // The floor: bpftrace's empty uprobe + uretprobe on the same function, same machine.
+    let bare = time_calls(calls, tokenflow_bench_target);
+    let bare_plain = time_calls(calls, tokenflow_bench_target_plain);
+    // The floor: bpftrace's empty uprobe + uretprobe on the ordinary function, same machine.
     let bt_uprobe_ns = {
-        let target = format!(
-            "{}:tokenflow_bench_target",
-            std::env::current_exe()?.display()
-        );
+        let target = format!("{}:tokenflow_bench_target_plain", exe.display());
         let (bt, _) = Bpftrace::start(
             &format!("uprobe:{target} {{ }} uretprobe:{target} {{ }}"),
             2,
         )?;
-        let t = time_calls(calls);
+        let t = time_calls(calls, tokenflow_bench_target_plain);
         drop(bt);
-        (t.as_nanos() as f64 - bare.as_nanos() as f64) / calls as f64
+        per_call_ns(t, bare_plain, calls)
     };
     let mut agent = Agent::start_binary(
         agent_bin,
@@ -223,13 +223,21 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
             "--sink",
             "stdout",
             "--uprobe",
-            &uprobe,
+            &uprobe_fast,
+            "--uprobe",
+            &uprobe_trap,
         ],
     )?;
     let u0 = prog_stats()?;
-    let probed = time_calls(calls);
+    let probed = time_calls(calls, tokenflow_bench_target);
     let u1 = prog_stats()?;
-    let uprobe_ns = (probed.as_nanos() as f64 - bare.as_nanos() as f64) / calls as f64;
+    let uprobe_ns = per_call_ns(probed, bare, calls);
+    let uprobe_trap_ns = per_call_ns(
+        time_calls(calls, tokenflow_bench_target_plain),
+        bare_plain,
+        calls,
+    );
+    // Both targets share the entry and return programs; only the first loop ran between u0 and u1.
     let uprobe_prog_ns: f64 = u1
         .iter()
         .filter(|(_, (n, _, _))| n == "tf_uprobe_entry" || n == "tf_uprobe_return")
@@ -319,8 +327,9 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
         "no window reached Redis during the benchmark"
     );
     figures.extend([
-        Figure::new("agent.uprobe_overhead_ns_per_call", uprobe_ns, "ns", "wall time per call of a probed function minus unprobed (entry+return, trap included); target ≤ 1500"),
-        Figure::new("agent.uprobe_bpftrace_empty_ns_per_call", bt_uprobe_ns, "ns", "same, with bpftrace's empty uprobe + uretprobe on the same function: this machine's floor"),
+        Figure::new("agent.uprobe_overhead_ns_per_call", uprobe_ns, "ns", "wall time per call of a probed function minus unprobed, entry+return, on a tokenflow-markers probe point (5-byte nop entry, optimised by Linux ≥ 6.18); target ≤ 1500"),
+        Figure::new("agent.uprobe_trap_ns_per_call", uprobe_trap_ns, "ns", "same on an ordinary function entry, where every call traps (int3 + single step)"),
+        Figure::new("agent.uprobe_bpftrace_empty_ns_per_call", bt_uprobe_ns, "ns", "bpftrace's empty uprobe + uretprobe on the ordinary function: this machine's trap floor"),
         Figure::new("agent.uprobe_programs_ns_per_call", uprobe_prog_ns, "ns", "bpf_stats run time of the entry and return programs per call"),
         Figure::new("agent.redis_write_us_mean", write_s * 1e6, "µs", "XADD + latest key per window (mean of the agent's tokenflow_agent_redis_write_seconds)"),
         Figure::new(
@@ -382,19 +391,33 @@ fn measure(a: &BenchArgs, agent_bin: &std::path::Path) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// The uprobe target: a function of this binary that the benchmark calls in a loop.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn tokenflow_bench_target(x: u64) -> u64 {
+extern "C" fn bench_body(x: u64) -> u64 {
     std::hint::black_box(x.wrapping_add(1))
 }
 
-fn time_calls(n: u64) -> Duration {
+tokenflow_markers::probe_point!(
+    /// The optimised uprobe target: a probe point that the benchmark calls in a loop.
+    pub fn tokenflow_bench_target(x: u64) -> u64 => bench_body
+);
+
+/// The ordinary uprobe target: same body, ordinary entry.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tokenflow_bench_target_plain(x: u64) -> u64 {
+    std::hint::black_box(x.wrapping_add(1))
+}
+
+fn time_calls(n: u64, f: extern "C" fn(u64) -> u64) -> Duration {
+    let f = std::hint::black_box(f);
     let t0 = Instant::now();
     let mut acc = 0u64;
     for i in 0..n {
-        acc = acc.wrapping_add(tokenflow_bench_target(std::hint::black_box(i)));
+        acc = acc.wrapping_add(f(std::hint::black_box(i)));
     }
     std::hint::black_box(acc);
     t0.elapsed()
+}
+
+fn per_call_ns(probed: Duration, bare: Duration, calls: u64) -> f64 {
+    (probed.as_nanos() as f64 - bare.as_nanos() as f64) / calls as f64
 }
