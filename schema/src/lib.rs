@@ -269,6 +269,136 @@ pub struct CaptureStats {
     pub flows_tracked: u32,
 }
 
+/// Labelled telemetry recorded from the test bed (`cargo xtask record-trace`), one JSON line per
+/// window: what was done to the network during the window, and the window itself.
+pub mod trace {
+    use super::*;
+
+    /// What the recorder did to the test bed while the window was open.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct TraceLabel {
+        /// Phase name (`idle`, `light`, `moderate`, `busy`, `bloat`, `loss`, `step`).
+        pub phase: String,
+        /// True when the phase congested or damaged the path (queue overflow, injected loss,
+        /// bandwidth cut below the offered load).
+        pub anomalous: bool,
+        pub bottleneck_kbit: u64,
+        pub loss_per_mille: u32,
+        pub bulk_flows: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct TraceLine {
+        pub label: TraceLabel,
+        pub window: TelemetryWindow,
+    }
+}
+
+/// Version of the hint format.
+pub const HINT_SCHEMA_VERSION: u32 = 1;
+
+/// Which controller turns a node's telemetry into a client's rate limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerKind {
+    /// PID on p95 RTT with the forecast as feed-forward (TokenFlow's controller).
+    #[default]
+    Pid,
+    /// The original project's mapping, kept as a baseline.
+    Sigmoid,
+    /// Netflix concurrency-limits' Gradient2.
+    Gradient2,
+    /// Additive increase, multiplicative decrease.
+    Aimd,
+    /// No pacing: the client's own maximum.
+    Off,
+}
+
+impl ControllerKind {
+    pub const ALL: [ControllerKind; 5] = [
+        ControllerKind::Pid,
+        ControllerKind::Sigmoid,
+        ControllerKind::Gradient2,
+        ControllerKind::Aimd,
+        ControllerKind::Off,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerKind::Pid => "pid",
+            ControllerKind::Sigmoid => "sigmoid",
+            ControllerKind::Gradient2 => "gradient2",
+            ControllerKind::Aimd => "aimd",
+            ControllerKind::Off => "off",
+        }
+    }
+}
+
+/// Traffic class of a client: under congestion `batch` is cut before `interactive`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientClass {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+/// A client's pacing settings (`PUT /v1/clients/{client_id}`); every field optional on input,
+/// defaults filled in by the hint server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Node whose telemetry governs this client.
+    pub node_id: String,
+    pub controller: ControllerKind,
+    pub class: ClientClass,
+    /// Share of the node's allowed load within the class (> 0).
+    pub weight: f64,
+    /// p95 RTT the controller holds, milliseconds.
+    pub setpoint_ms: f64,
+    /// Lowest rate ever handed out, requests/s (> 0: a client is slowed, never stopped).
+    pub min_rps: f64,
+    /// Highest rate, requests/s.
+    pub max_rps: f64,
+    /// Highest concurrency handed out.
+    pub max_concurrency: u32,
+    /// Output tokens per request, for the advisory tokens/s.
+    pub tokens_per_request: f64,
+}
+
+/// The rate limit a client should apply now (`GET /v1/hints/{client_id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hint {
+    pub schema_version: u32,
+    pub client_id: String,
+    pub node_id: String,
+    /// Requests per second the client may start.
+    pub rate_limit_rps: f64,
+    /// Requests the client may have in flight at once.
+    pub max_concurrency: u32,
+    /// Advisory output tokens per second (rate × tokens per request).
+    pub tokens_per_s: f64,
+    /// 0 (congested) … 1 (healthy).
+    pub health: f64,
+    /// Isolation Forest score of the latest window, 0 … 1 (≥ 0.6 is unusual).
+    pub anomaly_score: f64,
+    /// GBDT forecast of the node's p95 RTT one interval ahead, milliseconds.
+    pub predicted_rtt_ms: Option<f64>,
+    /// p95 RTT of the latest window, milliseconds.
+    pub observed_rtt_ms: Option<f64>,
+    pub controller: ControllerKind,
+    /// Why the limit is what it is, for people.
+    pub reason: String,
+    /// Unix time in milliseconds.
+    pub issued_at_unix_ms: u64,
+    /// How long the hint is valid; a client past it falls back to its safe rate.
+    pub ttl_ms: u64,
+    /// True when no window arrived for 3 intervals: the hint is conservative.
+    pub stale: bool,
+}
+
 /// JSON Schema of [`TelemetryWindow`].
 pub fn telemetry_window_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(TelemetryWindow)).unwrap_or_default()

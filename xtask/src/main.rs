@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod record;
 mod report;
 mod setup;
 mod test;
@@ -29,6 +30,9 @@ enum Cmd {
     Test,
     /// Measure the capture's cost and write benchmarks/results.json (see `cargo xtask bench --help`).
     Bench(bench::BenchArgs),
+    /// Record labelled agent windows from the test bed under changing load, bandwidth and loss
+    /// (training data for the hint server's models; see `cargo xtask record-trace --help`).
+    RecordTrace(record::RecordArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::demo(&a),
         Cmd::Test => test::test(),
         Cmd::Bench(a) => bench::bench(&a),
+        Cmd::RecordTrace(a) => record::record(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

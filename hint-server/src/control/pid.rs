@@ -1,0 +1,193 @@
+//! TokenFlow's controller: PID on the p95 RTT, acting on the logarithm of the rate.
+//!
+//! Why the logarithm: a bottleneck queue grows at `rate − capacity`, so the RTT's response to a
+//! rate change scales with 1 / capacity. Acting on ln(rate) makes the loop gain the same at
+//! 5 Mbit/s and at 20 Mbit/s, so one set of gains holds across bandwidth steps.
+//!
+//! - error `e = (setpoint − p95) / 1000`: seconds of queueing delay below (+) or above (−) target;
+//! - derivative on the measurement (no kick when the setpoint changes);
+//! - anti-windup by tracking: when the governor or the slew limit applies less than computed,
+//!   the integrator is set back to what was applied;
+//! - feed-forward from the forecast: a predicted rise cuts the rate before the queue builds;
+//! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
+//!   the rate probes upward multiplicatively at the slew limit;
+//! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`.
+
+use super::{Controller, Limits, Observation};
+use tokenflow_schema::ControllerKind;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PidGains {
+    /// Proportional gain, ln(rate) per second of queueing error.
+    pub kp: f64,
+    /// Integral gain, ln(rate) per second of queueing error per second.
+    pub ki: f64,
+    /// Derivative gain on the measurement, ln(rate) per (second of RTT change per second).
+    pub kd: f64,
+    /// Feed-forward gain on the predicted rise, ln(rate) per second of predicted RTT increase.
+    pub kf: f64,
+    /// Below `base + probe_fraction · (setpoint − base)` there is no standing queue and the rate
+    /// probes upward at the slew limit instead.
+    pub probe_fraction: f64,
+    /// Largest increase per period (fraction); decreases are not limited.
+    pub slew_up: f64,
+    /// First probing step (fraction); doubles per period without a queue, up to `slew_up`.
+    pub probe_start: f64,
+    /// p95 above `severe` × setpoint and not falling: an extra multiplicative cut `severe_cut`.
+    pub severe: f64,
+    pub severe_cut: f64,
+    /// Rate cut at anomaly score 1.0 (fraction).
+    pub anomaly_damping: f64,
+}
+
+impl Default for PidGains {
+    fn default() -> Self {
+        Self {
+            kp: 1.0,
+            ki: 0.5,
+            kd: 0.3,
+            kf: 0.5,
+            probe_fraction: 0.1,
+            slew_up: 0.25,
+            probe_start: 0.05,
+            severe: 3.0,
+            severe_cut: 0.7,
+            anomaly_damping: 0.3,
+        }
+    }
+}
+
+pub struct Pid {
+    g: PidGains,
+    /// ln(rate / max_rps).
+    integral: f64,
+    last_terms: f64,
+    prev_y: Option<f64>,
+    prev_t: Option<f64>,
+    base_ms: Option<f64>,
+    probe_step: f64,
+    last_u: f64,
+    max_rps: f64,
+    min_ln: f64,
+}
+
+impl Pid {
+    pub fn new(g: PidGains, limits: &Limits) -> Self {
+        let start = (limits.max_rps * 0.1)
+            .max(limits.min_rps)
+            .min(limits.max_rps)
+            / limits.max_rps.max(1e-9);
+        Self {
+            g,
+            integral: start.max(1e-6).ln(),
+            last_terms: 0.0,
+            prev_y: None,
+            prev_t: None,
+            base_ms: None,
+            probe_step: 0.0,
+            last_u: start,
+            max_rps: limits.max_rps,
+            min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
+        }
+    }
+}
+
+impl Controller for Pid {
+    fn kind(&self) -> ControllerKind {
+        ControllerKind::Pid
+    }
+
+    fn update(&mut self, obs: &Observation, l: &Limits) -> (f64, String) {
+        let dt = self.prev_t.map_or(1.0, |t| (obs.now - t).clamp(0.1, 10.0));
+        self.prev_t = Some(obs.now);
+        let sp = l.setpoint_ms.max(1.0);
+        self.max_rps = l.max_rps.max(1e-9);
+        self.min_ln = (l.min_rps / self.max_rps).max(1e-6).ln();
+        let Some(y) = obs.p95_rtt_ms else {
+            // No RTT samples: no traffic to judge. Grow gently toward the maximum.
+            let u = (self.last_u * (1.0 + self.g.slew_up * 0.5)).min(1.0);
+            self.integral = u.max(1e-6).ln();
+            self.last_terms = 0.0;
+            return (u * l.max_rps, "no RTT samples: growing".into());
+        };
+        // The path's base RTT: the lowest p95 seen, allowed to creep up 1 % per period so that a
+        // route change is eventually followed.
+        let base = self.base_ms.map_or(y, |b| (b * 1.01).min(y));
+        self.base_ms = Some(base);
+        let d = -self.prev_y.map_or(0.0, |p| (y - p) / 1000.0 / dt);
+        self.prev_y = Some(y);
+        let e = ((sp - y) / 1000.0).clamp(-0.5, 0.5);
+        let ff = obs
+            .predicted_p95_ms
+            .map_or(0.0, |p| -((p - y).max(0.0) / 1000.0));
+
+        let mut reason;
+        let terms;
+        if y < base + self.g.probe_fraction * (sp - base) {
+            // No standing queue: the RTT says nothing about the headroom left. Probe upward,
+            // multiplicatively; each further period without a queue doubles the step, up to
+            // the slew limit.
+            self.probe_step = if self.probe_step == 0.0 {
+                self.g.probe_start
+            } else {
+                (self.probe_step * 2.0).min(self.g.slew_up)
+            };
+            self.integral += (1.0 + self.probe_step).ln() * dt.min(1.0);
+            terms = 0.0;
+            reason = format!("p95 {y:.1} ms, no queue (base {base:.1} ms): probing up");
+        } else if y > self.g.severe * sp && d >= 0.0 {
+            // The queue is at or near the buffer and not draining: the size of the overload is
+            // hidden by the full buffer, so cut geometrically until it drains.
+            self.probe_step = 0.0;
+            self.integral += self.g.severe_cut.ln() + self.g.ki * e * dt;
+            terms = self.g.kp * e;
+            reason = format!(
+                "p95 {y:.1} ms over {:.0}× setpoint and not draining: cut ×{}",
+                self.g.severe, self.g.severe_cut
+            );
+        } else {
+            self.probe_step = 0.0;
+            self.integral += self.g.ki * e * dt;
+            terms = self.g.kp * e + self.g.kd * d + self.g.kf * ff;
+            reason = format!(
+                "p95 {y:.1} ms vs setpoint {sp:.0} ms: error {:+.1} ms",
+                e * 1000.0
+            );
+        }
+        self.integral = self.integral.clamp(self.min_ln, 0.0);
+        self.last_terms = terms;
+        let mut u = (self.integral + terms).exp();
+        if ff < -0.005 {
+            reason.push_str(&format!(
+                "; forecast {:.1} ms: cutting early",
+                obs.predicted_p95_ms.unwrap_or(y)
+            ));
+        }
+        let damp = self.g.anomaly_damping * ((obs.anomaly - 0.5) * 2.0).clamp(0.0, 1.0);
+        if damp > 0.0 {
+            u *= 1.0 - damp;
+            reason.push_str(&format!(
+                "; anomaly {:.2}: damped {:.0} %",
+                obs.anomaly,
+                damp * 100.0
+            ));
+        }
+        let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
+        if u > ceiling {
+            u = ceiling;
+            reason.push_str("; slew-limited");
+        }
+        (u * l.max_rps, reason)
+    }
+
+    fn applied(&mut self, rate_rps: f64) {
+        // Tracking anti-windup: hold the integrator at what was applied, minus the transient
+        // terms, so a clamp or the slew limit never lets it run away.
+        let u = (rate_rps / self.max_rps).max(1e-6);
+        self.last_u = u;
+        let computed = self.integral + self.last_terms;
+        if u.ln() < computed - 1e-9 {
+            self.integral = (u.ln() - self.last_terms).clamp(self.min_ln, 0.0);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! A plant model for the controllers: a bottleneck queue fed by the paced client.
+//!
+//! Fluid model stepped every 10 ms: the client's requests (each `request_bytes` on the wire) enter
+//! a FIFO drained at the bottleneck's capacity, which cross traffic reduces by 0–10 % (a random
+//! walk); the queue holds `buffer` of delay and drops beyond it. RTT = base + queue / capacity,
+//! plus ±1 ms of jitter per sample. Each control period the controller sees the p95 of that
+//! period's samples and a naive forecast (the last value plus its last rise) standing in for the
+//! GBDT — this is a simulation, named as such; the real forecaster is evaluated on recorded
+//! test-bed traces.
+
+use super::{Governor, Limits, Observation};
+use tokenflow_schema::ControllerKind;
+
+#[derive(Clone, Debug)]
+pub struct Plant {
+    pub base_rtt_ms: f64,
+    pub buffer_ms: f64,
+    pub request_bytes: f64,
+    /// (start second, capacity in Mbit/s), in order.
+    pub capacity_steps: Vec<(f64, f64)>,
+    pub duration_s: f64,
+    /// Control period, seconds.
+    pub period_s: f64,
+}
+
+impl Default for Plant {
+    /// 20 → 5 → 20 Mbit/s, 60 s each, after 40 s of warm-up at 20; 100 KB requests (long prompts).
+    fn default() -> Self {
+        Self {
+            base_rtt_ms: 20.0,
+            buffer_ms: 300.0,
+            request_bytes: 100_000.0,
+            capacity_steps: vec![(0.0, 20.0), (40.0, 5.0), (100.0, 20.0)],
+            duration_s: 160.0,
+            period_s: 1.0,
+        }
+    }
+}
+
+impl Plant {
+    pub fn capacity_mbit(&self, t: f64) -> f64 {
+        self.capacity_steps
+            .iter()
+            .rev()
+            .find(|(s, _)| *s <= t)
+            .map_or(self.capacity_steps[0].1, |c| c.1)
+    }
+}
+
+/// One control period of a simulation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Period {
+    pub t: f64,
+    pub capacity_rps: f64,
+    pub rate_rps: f64,
+    pub p95_ms: f64,
+    pub delivered_rps: f64,
+    pub dropped_bytes: f64,
+}
+
+pub fn simulate(kind: ControllerKind, plant: &Plant, limits: Limits, seed: u64) -> Vec<Period> {
+    simulate_with(Governor::new(kind, limits), plant, seed)
+}
+
+/// Runs a given governor (for tuning experiments) on the plant.
+pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dt = 0.01;
+    let steps_per_period = (plant.period_s / dt).round() as usize;
+    let (mut q, mut cross, mut rate) = (0.0f64, 0.05f64, gov.last_rps());
+    let (mut prev_p95, mut out) = (None::<f64>, Vec::new());
+    let mut t = 0.0;
+    while t < plant.duration_s {
+        let mut samples = Vec::with_capacity(steps_per_period);
+        let (mut delivered, mut dropped) = (0.0, 0.0);
+        let nominal = plant.capacity_mbit(t) * 1e6 / 8.0;
+        for _ in 0..steps_per_period {
+            cross = (cross + (rng.f64() - 0.5) * 0.002).clamp(0.0, 0.1);
+            let cap = nominal * (1.0 - cross);
+            q += rate * plant.request_bytes * dt;
+            let out_bytes = (cap * dt).min(q);
+            q -= out_bytes;
+            delivered += out_bytes;
+            let q_max = cap * plant.buffer_ms / 1000.0;
+            if q > q_max {
+                dropped += q - q_max;
+                q = q_max;
+            }
+            samples.push(plant.base_rtt_ms + q / cap * 1000.0 + (rng.f64() - 0.5) * 2.0);
+            t += dt;
+        }
+        samples.sort_by(f64::total_cmp);
+        let p95 = samples[((samples.len() as f64 * 0.95) as usize).min(samples.len() - 1)];
+        let forecast = prev_p95.map_or(p95, |p| p95 + (p95 - p).max(0.0));
+        prev_p95 = Some(p95);
+        out.push(Period {
+            t,
+            capacity_rps: nominal / plant.request_bytes,
+            rate_rps: rate,
+            p95_ms: p95,
+            delivered_rps: delivered / plant.request_bytes / plant.period_s,
+            dropped_bytes: dropped,
+        });
+        let d = gov.update(&Observation {
+            now: t,
+            p95_rtt_ms: Some(p95),
+            predicted_p95_ms: Some(forecast),
+            anomaly: 0.4,
+            inflight: None,
+            stale: false,
+        });
+        rate = d.rate_rps;
+    }
+    out
+}
+
+/// How a controller did on the plant.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SimFigures {
+    pub controller: &'static str,
+    /// Per capacity step after the first: control periods until the p95 enters ±20 % of the
+    /// setpoint and stays there for the rest of the segment (`None`: never).
+    pub settle_periods: Vec<Option<usize>>,
+    /// Largest excursion above the setpoint after first entering the band, fraction of the
+    /// setpoint, over all segments.
+    pub overshoot: f64,
+    /// Second half of every segment: share of periods with p95 within ±20 % of the setpoint.
+    pub steady_in_band: f64,
+    /// Second half of every segment: mean |p95 − setpoint| / setpoint.
+    pub steady_mape: f64,
+    /// Second half of every segment: delivered / capacity.
+    pub steady_utilisation: f64,
+    pub dropped_mb: f64,
+}
+
+pub fn figures(
+    kind: ControllerKind,
+    plant: &Plant,
+    setpoint_ms: f64,
+    run: &[Period],
+) -> SimFigures {
+    let band = |p: &Period| (p.p95_ms - setpoint_ms).abs() <= 0.2 * setpoint_ms;
+    let mut segments: Vec<&[Period]> = Vec::new();
+    for (i, (start, _)) in plant.capacity_steps.iter().enumerate() {
+        let end = plant
+            .capacity_steps
+            .get(i + 1)
+            .map_or(f64::INFINITY, |s| s.0);
+        let a = run.iter().position(|p| p.t > *start).unwrap_or(run.len());
+        let b = run.iter().position(|p| p.t > end).unwrap_or(run.len());
+        segments.push(&run[a..b]);
+    }
+    let mut settle = Vec::new();
+    let mut overshoot: f64 = 0.0;
+    let (mut steady, mut in_band, mut ape, mut util) = (0usize, 0usize, 0.0, 0.0);
+    for (i, seg) in segments.iter().enumerate() {
+        let settled = (0..seg.len()).find(|&k| seg[k..].iter().all(band));
+        if i > 0 {
+            settle.push(settled);
+        }
+        if let Some(first) = seg.iter().position(band) {
+            for p in &seg[first..] {
+                overshoot = overshoot.max((p.p95_ms - setpoint_ms) / setpoint_ms);
+            }
+        }
+        for p in &seg[seg.len() / 2..] {
+            steady += 1;
+            in_band += usize::from(band(p));
+            ape += (p.p95_ms - setpoint_ms).abs() / setpoint_ms;
+            util += (p.delivered_rps / p.capacity_rps).min(1.0);
+        }
+    }
+    let n = steady.max(1) as f64;
+    SimFigures {
+        controller: kind.as_str(),
+        settle_periods: settle,
+        overshoot: overshoot.max(0.0),
+        steady_in_band: in_band as f64 / n,
+        steady_mape: ape / n,
+        steady_utilisation: util / n,
+        dropped_mb: run.iter().map(|p| p.dropped_bytes).sum::<f64>() / 1e6,
+    }
+}

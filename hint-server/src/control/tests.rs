@@ -1,0 +1,161 @@
+use super::{sim::*, *};
+use proptest::prelude::*;
+use tokenflow_schema::ControllerKind;
+
+fn limits() -> Limits {
+    Limits {
+        setpoint_ms: 50.0,
+        min_rps: 0.5,
+        max_rps: 50.0,
+        max_concurrency: 64,
+    }
+}
+
+/// Mean figures of each controller over several seeds of the default plant (20 → 5 → 20 Mbit/s).
+fn mean_figures(kind: ControllerKind) -> (f64, f64, f64) {
+    let plant = Plant::default();
+    let (mut band, mut mape, mut util) = (0.0, 0.0, 0.0);
+    let seeds = 8;
+    for seed in 0..seeds {
+        let f = figures(kind, &plant, 50.0, &simulate(kind, &plant, limits(), seed));
+        band += f.steady_in_band;
+        mape += f.steady_mape;
+        util += f.steady_utilisation;
+    }
+    let n = seeds as f64;
+    (band / n, mape / n, util / n)
+}
+
+#[test]
+fn pid_holds_the_setpoint_better_than_every_baseline() {
+    let (pid_band, pid_mape, pid_util) = mean_figures(ControllerKind::Pid);
+    println!("pid: in band {pid_band:.2}, mape {pid_mape:.2}, utilisation {pid_util:.2}");
+    for kind in [
+        ControllerKind::Sigmoid,
+        ControllerKind::Gradient2,
+        ControllerKind::Aimd,
+    ] {
+        let (band, mape, util) = mean_figures(kind);
+        println!(
+            "{}: in band {band:.2}, mape {mape:.2}, utilisation {util:.2}",
+            kind.as_str()
+        );
+        assert!(
+            pid_mape < mape,
+            "{} tracks the setpoint better: {mape} vs {pid_mape}",
+            kind.as_str()
+        );
+        assert!(
+            pid_band > band,
+            "{} stays in band more: {band} vs {pid_band}",
+            kind.as_str()
+        );
+    }
+    // Holding the queue at the setpoint keeps the link busy.
+    assert!(pid_util > 0.85, "utilisation {pid_util}");
+}
+
+#[test]
+fn pid_cuts_within_a_few_periods_after_capacity_drops() {
+    let plant = Plant::default();
+    let run = simulate(ControllerKind::Pid, &plant, limits(), 3);
+    // After 20 → 5 Mbit/s at t = 40 s, the buffer fills; the rate must come below the new
+    // capacity within 6 periods and the queue must drain below twice the setpoint within 8.
+    let after: Vec<&Period> = run.iter().filter(|p| p.t > 40.0).collect();
+    let below = after
+        .iter()
+        .position(|p| p.rate_rps < p.capacity_rps)
+        .unwrap_or(usize::MAX);
+    assert!(
+        below <= 6,
+        "rate still above capacity after {below} periods"
+    );
+    let drained = after
+        .iter()
+        .position(|p| p.p95_ms < 100.0)
+        .unwrap_or(usize::MAX);
+    assert!(drained <= 8, "queue drained after {drained} periods");
+}
+
+#[test]
+fn sigmoid_is_the_original_mapping() {
+    // rtt 0 → health 1 → 5 + 95/(1+e^-2.5)
+    let top = 5.0 + 95.0 / (1.0 + (-2.5f64).exp());
+    assert!((Sigmoid::rate(0.0, 0.0) - top).abs() < 1e-9);
+    // rtt 50 ms → factor 0.5 → health 0.5 → 5 + 47.5
+    assert!((Sigmoid::rate(50_000.0, 0.0) - 52.5).abs() < 1e-9);
+    // anomaly pushes health to the 0.01 floor
+    let floor = 5.0 + 95.0 / (1.0 + (-5.0f64 * (0.01 - 0.5)).exp());
+    assert!((Sigmoid::rate(50_000.0, 1.0) - floor).abs() < 1e-9);
+}
+
+#[test]
+fn stale_input_is_conservative_and_marked() {
+    for kind in [
+        ControllerKind::Pid,
+        ControllerKind::Sigmoid,
+        ControllerKind::Gradient2,
+        ControllerKind::Aimd,
+    ] {
+        let mut g = Governor::new(kind, limits());
+        for k in 0..30 {
+            g.update(&Observation {
+                now: k as f64,
+                p95_rtt_ms: Some(25.0),
+                ..Default::default()
+            });
+        }
+        let before = g.last_rps();
+        let d = g.update(&Observation {
+            now: 31.0,
+            stale: true,
+            ..Default::default()
+        });
+        assert!(d.stale);
+        assert!(
+            d.rate_rps <= before + 1e-9 && d.rate_rps <= limits().max_rps * 0.1 + 1e-9,
+            "{kind:?}: {d:?}"
+        );
+        assert_eq!(d.health, 0.0);
+    }
+}
+
+fn kind_strategy() -> impl Strategy<Value = ControllerKind> {
+    prop_oneof![
+        Just(ControllerKind::Pid),
+        Just(ControllerKind::Sigmoid),
+        Just(ControllerKind::Gradient2),
+        Just(ControllerKind::Aimd),
+        Just(ControllerKind::Off),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn rates_stay_within_limits_for_any_input(
+        kind in kind_strategy(),
+        steps in proptest::collection::vec(
+            (proptest::option::of(0.0f64..5000.0), proptest::option::of(0.0f64..5000.0), 0.0f64..1.0, any::<bool>(), 0.01f64..5.0),
+            1..80,
+        ),
+        max in 1.0f64..500.0,
+    ) {
+        let l = Limits { setpoint_ms: 50.0, min_rps: 0.5f64.min(max), max_rps: max, max_concurrency: 32 };
+        let mut g = Governor::new(kind, l);
+        let mut now = 0.0;
+        let mut last = g.last_rps();
+        for (rtt, pred, anomaly, stale, dt) in steps {
+            now += dt;
+            let d = g.update(&Observation { now, p95_rtt_ms: rtt, predicted_p95_ms: pred, anomaly, inflight: None, stale });
+            prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
+            prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
+            prop_assert!(d.max_concurrency >= 1 && d.max_concurrency <= l.max_concurrency);
+            prop_assert!((0.0..=1.0).contains(&d.health));
+            if stale && kind != ControllerKind::Off {
+                prop_assert!(d.stale);
+                prop_assert!(d.rate_rps <= last + 1e-9, "stale hint more generous than the last: {} > {last}", d.rate_rps);
+            }
+            last = d.rate_rps;
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! `cargo xtask record-trace`: records the agent's windows from the network-namespace test bed
+//! while the load, the bottleneck rate and the loss change, each window labelled with what was
+//! done to the network during it. The hint server's models are trained and evaluated on these
+//! traces (a short one is committed as `hint-server/fixtures/trace.jsonl`).
+
+use std::{
+    fs::File,
+    io::Write,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokenflow_schema::{TelemetryWindow, trace::TraceLabel};
+use tokenflow_testbed::{
+    SERVER_ADDR, Testbed, cleanup_stale,
+    traffic::{DiscardServer, Sender},
+};
+use tokenflow_tests::agent::Agent;
+
+use crate::{
+    setup::setup,
+    util::{cargo, install_stop_handler, is_root, root, run, step, stopped},
+};
+
+const BULK_PORT: u16 = 5201;
+const PROBE_PORT: u16 = 5202;
+
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// Total recording time.
+    #[arg(long, default_value = "12m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Length of one phase (one load/bandwidth/loss setting).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub phase: Duration,
+    /// Nominal bottleneck rate, kbit/s (the `step` phase drops it to a quarter).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate_kbit: u64,
+    /// Queue the bottleneck may hold (tbf latency), milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub buffer_ms: u64,
+    /// Fixed one-way delay client→server, milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub delay_ms: u64,
+    /// Seed of the phase order (the same seed gives the same schedule).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Output JSONL file (default: results/trace-<unix time>.jsonl).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One setting of the test bed, held for a phase.
+#[derive(Clone, Copy, Debug)]
+struct Phase {
+    name: &'static str,
+    /// Bulk load as a fraction of the nominal bottleneck rate; `None` = unlimited senders.
+    load: Option<f64>,
+    bulk_flows: usize,
+    /// Bottleneck rate as a fraction of the nominal rate.
+    rate: f64,
+    loss_per_mille: u32,
+    /// Whether the phase congests or damages the path (the anomaly label).
+    anomalous: bool,
+}
+
+const PHASES: [Phase; 7] = [
+    Phase {
+        name: "idle",
+        load: Some(0.0),
+        bulk_flows: 0,
+        rate: 1.0,
+        loss_per_mille: 0,
+        anomalous: false,
+    },
+    Phase {
+        name: "light",
+        load: Some(0.3),
+        bulk_flows: 1,
+        rate: 1.0,
+        loss_per_mille: 0,
+        anomalous: false,
+    },
+    Phase {
+        name: "moderate",
+        load: Some(0.5),
+        bulk_flows: 2,
+        rate: 1.0,
+        loss_per_mille: 0,
+        anomalous: false,
+    },
+    Phase {
+        name: "busy",
+        load: Some(0.7),
+        bulk_flows: 2,
+        rate: 1.0,
+        loss_per_mille: 0,
+        anomalous: false,
+    },
+    Phase {
+        name: "bloat",
+        load: None,
+        bulk_flows: 4,
+        rate: 1.0,
+        loss_per_mille: 0,
+        anomalous: true,
+    },
+    Phase {
+        name: "loss",
+        load: Some(0.4),
+        bulk_flows: 1,
+        rate: 1.0,
+        loss_per_mille: 20,
+        anomalous: true,
+    },
+    Phase {
+        name: "step",
+        load: Some(0.5),
+        bulk_flows: 2,
+        rate: 0.25,
+        loss_per_mille: 0,
+        anomalous: true,
+    },
+];
+
+#[derive(Serialize)]
+struct Line<'a> {
+    label: TraceLabel,
+    window: &'a TelemetryWindow,
+}
+
+pub fn record(a: &RecordArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "recording builds network namespaces and loads eBPF programs: run `sudo cargo xtask record-trace`"
+        );
+    }
+    setup()?;
+    install_stop_handler()?;
+    step("record", "building the agent");
+    run(cargo().args(["build", "-p", "tokenflow-agent"]))?;
+    for ns in cleanup_stale()? {
+        step(
+            "record",
+            format!("removed namespace {ns} left by an earlier run"),
+        );
+    }
+    let mut bed = Testbed::create("rec")?;
+    bed.set_delay(Duration::from_millis(a.delay_ms))?;
+    let buffer = Duration::from_millis(a.buffer_ms);
+    bed.set_bottleneck(a.rate_kbit, buffer)?;
+    let server = |port| SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port));
+    let _bulk_srv = DiscardServer::start(&bed.server, server(BULK_PORT))?;
+    let _probe_srv = DiscardServer::start(&bed.server, server(PROBE_PORT))?;
+    let netns = format!("/run/netns/{}", bed.client);
+    let mut agent = Agent::start(&[
+        "--interval",
+        "1s",
+        "--netns",
+        &netns,
+        "--node-id",
+        "trace",
+        "--metrics-addr",
+        "off",
+        "--sink",
+        "stdout",
+    ])?;
+    let probe = Sender::start(&bed.client, server(PROBE_PORT), Some(50_000), 1_000)?;
+
+    // A schedule that visits every phase once per cycle, in a seeded order, so that transitions
+    // between all kinds of phases occur.
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    let n_phases = (a.duration.as_secs_f64() / a.phase.as_secs_f64()).ceil() as usize;
+    let mut schedule = Vec::with_capacity(n_phases);
+    while schedule.len() < n_phases {
+        let mut cycle = PHASES.to_vec();
+        rng.shuffle(&mut cycle);
+        schedule.extend(cycle);
+    }
+    schedule.truncate(n_phases);
+
+    let out = match &a.out {
+        Some(p) => p.clone(),
+        None => root()
+            .join("results")
+            .join(format!("trace-{}.jsonl", unix_ms() / 1000)),
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+    // (start of phase in unix ms, phase), to label each window by its midpoint.
+    let mut timeline: Vec<(u64, Phase)> = Vec::new();
+    let t0 = Instant::now();
+    // Windows taken from the agent so far, and how many of them were labelled and written.
+    let (mut taken, mut written) = (0usize, 0usize);
+    let mut bulk: Vec<Sender> = Vec::new();
+    for (i, p) in schedule.iter().enumerate() {
+        if stopped() {
+            break;
+        }
+        bulk.clear();
+        bed.set_bottleneck((a.rate_kbit as f64 * p.rate) as u64, buffer)?;
+        if p.loss_per_mille > 0 {
+            bed.set_loss(p.loss_per_mille, BULK_PORT)?;
+        } else {
+            let _ = bed.clear_loss();
+        }
+        let nominal_bytes_per_s = a.rate_kbit as f64 * 1000.0 / 8.0;
+        // Load varies inside a phase too: ±20 % per phase, so the forecaster sees more than steps.
+        let jitter = 0.8 + 0.4 * rng.f64();
+        for _ in 0..p.bulk_flows {
+            let rate = p
+                .load
+                .map(|l| (l * jitter * nominal_bytes_per_s / p.bulk_flows as f64) as u64);
+            bulk.push(Sender::start(
+                &bed.client,
+                server(BULK_PORT),
+                rate,
+                16 * 1024,
+            )?);
+        }
+        timeline.push((unix_ms(), *p));
+        step(
+            "record",
+            format!(
+                "phase {}/{} {:<8} load {:>4} rate {:>5} kbit/s loss {:>3}‰ — {:.0}/{:.0} s, {written} windows",
+                i + 1,
+                schedule.len(),
+                p.name,
+                p.load
+                    .map(|l| format!("{:.0}%", l * jitter * 100.0))
+                    .unwrap_or_else(|| "max".into()),
+                (a.rate_kbit as f64 * p.rate) as u64,
+                p.loss_per_mille,
+                t0.elapsed().as_secs_f64(),
+                a.duration.as_secs_f64(),
+            ),
+        );
+        let until = Instant::now() + a.phase;
+        while Instant::now() < until && !stopped() {
+            std::thread::sleep(Duration::from_millis(250));
+            let (t, w) = flush(&agent, &timeline, taken, a, &mut file)?;
+            taken += t;
+            written += w;
+        }
+    }
+    bulk.clear();
+    drop(probe);
+    agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
+    written += flush(&agent, &timeline, taken, a, &mut file)?.1;
+    drop(bed);
+    step(
+        "record",
+        format!("{written} labelled windows written to {}", out.display()),
+    );
+    if stopped() {
+        bail!("interrupted (the windows so far are kept)");
+    }
+    Ok(())
+}
+
+/// Writes the windows the agent produced since the last call; returns how many were taken and how
+/// many of those were labelled and written.
+fn flush(
+    agent: &Agent,
+    timeline: &[(u64, Phase)],
+    done: usize,
+    a: &RecordArgs,
+    f: &mut File,
+) -> Result<(usize, usize)> {
+    let windows = agent.windows();
+    let (mut n, mut written) = (0, 0);
+    for w in windows.iter().skip(done) {
+        let mid = (w.start_unix_ms + w.end_unix_ms) / 2;
+        let Some((_, p)) = timeline.iter().rev().find(|(t, _)| *t <= mid) else {
+            // Before the first phase began: not labelled, not written.
+            n += 1;
+            continue;
+        };
+        let label = TraceLabel {
+            phase: p.name.to_string(),
+            anomalous: p.anomalous,
+            bottleneck_kbit: (a.rate_kbit as f64 * p.rate) as u64,
+            loss_per_mille: p.loss_per_mille,
+            bulk_flows: p.bulk_flows as u32,
+        };
+        serde_json::to_writer(&mut *f, &Line { label, window: w })?;
+        f.write_all(b"\n")?;
+        n += 1;
+        written += 1;
+    }
+    Ok((n, written))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
