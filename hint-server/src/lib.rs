@@ -1,3 +1,14 @@
 //! TokenFlow's hint server: from the agents' telemetry windows to per-client rate limits.
 
+pub mod api;
 pub mod control;
+pub mod engine;
+pub mod evaluate;
+pub mod features;
+pub mod forecast;
+pub mod iforest;
+pub mod metrics;
+pub mod model;
+pub mod serve;
+pub mod store;
+pub mod trace;

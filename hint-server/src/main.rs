@@ -1,1 +1,181 @@
-fn main() {}
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use tokenflow_hint_server::{
+    evaluate,
+    model::{Models, calm_mask},
+    serve::{self, Settings, unix_ms},
+    trace::Trace,
+};
+
+/// TokenFlow's hint server: reads the agents' telemetry windows from Redis, scores them with an
+/// Isolation Forest, forecasts the p95 RTT with a GBDT, and turns both into per-client rate
+/// limits served as JSON (GET /v1/hints/{client_id}).
+#[derive(Parser)]
+#[command(name = "tokenflow-hint-server", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve hints (see `serve --help`).
+    Serve(ServeArgs),
+    /// Train the models on a recorded trace and write a versioned model file.
+    Train {
+        /// Trace recorded by `cargo xtask record-trace`.
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long, default_value = "tokenflow-models.json")]
+        out: PathBuf,
+        /// Fit the Isolation Forest on the windows labelled normal (default: on windows that look
+        /// calm, as the online refit does, ignoring the labels).
+        #[arg(long)]
+        use_labels: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Score every model on a recorded trace (time-ordered split) and every controller on the
+    /// plant simulation; writes report.json, report.svg and anomaly_rows.csv.
+    Evaluate {
+        /// Trace recorded by `cargo xtask record-trace`.
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long, default_value = "results/evaluation")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Redis holding the agents' streams, the client settings and the hints.
+    #[arg(
+        long,
+        env = "TOKENFLOW_REDIS",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis: String,
+    /// Address of the HTTP API.
+    #[arg(long, env = "TOKENFLOW_HINT_LISTEN", default_value = "127.0.0.1:8700")]
+    listen: SocketAddr,
+    /// Prometheus /metrics address, or `off`.
+    #[arg(long, env = "TOKENFLOW_HINT_METRICS", default_value = "127.0.0.1:9465")]
+    metrics_addr: String,
+    /// Bearer token required for writes (PUT /v1/clients/…). Without one, writes are refused.
+    #[arg(long, env = "TOKENFLOW_HINT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Require the token for reads too.
+    #[arg(long, env = "TOKENFLOW_HINT_AUTH_READS")]
+    auth_reads: bool,
+    /// The agents' window interval; input older than 3 intervals is stale.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Model file: loaded at start when present, rewritten after every refit.
+    #[arg(long, env = "TOKENFLOW_HINT_MODEL")]
+    model: Option<PathBuf>,
+    /// How often the models are refitted in the background.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    refit_every: Duration,
+    /// Newest windows per node the refit trains on.
+    #[arg(long, default_value_t = 1800)]
+    train_windows: usize,
+    /// Name of this replica in the Redis consumer group (default: host name and pid).
+    #[arg(long, env = "TOKENFLOW_HINT_CONSUMER")]
+    consumer: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Serve(a) => run_serve(a),
+        Cmd::Train {
+            trace,
+            out,
+            use_labels,
+            seed,
+        } => train(&trace, &out, use_labels, seed),
+        Cmd::Evaluate { trace, out, seed } => evaluate::evaluate(&trace, seed).and_then(|e| {
+            evaluate::write(&e, &out)?;
+            println!("{}", serde_json::to_string_pretty(&e.report)?);
+            eprintln!(
+                "report written to {}/report.json and report.svg",
+                out.display()
+            );
+            Ok(())
+        }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenflow-hint-server: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let metrics = match a.metrics_addr.as_str() {
+        "off" => None,
+        s => Some(
+            s.parse()
+                .map_err(|_| anyhow::anyhow!("--metrics-addr: `{s}` is not ADDR:PORT or `off`"))?,
+        ),
+    };
+    let consumer = a.consumer.unwrap_or_else(|| {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "host".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let settings = Settings {
+        redis: a.redis,
+        listen: a.listen,
+        metrics,
+        token: a.token.filter(|t| !t.is_empty()),
+        auth_reads: a.auth_reads,
+        interval: a.interval,
+        model: a.model,
+        refit_every: a.refit_every,
+        train_windows: a.train_windows,
+        consumer,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve::serve(settings))
+}
+
+fn train(
+    trace: &std::path::Path,
+    out: &std::path::Path,
+    use_labels: bool,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let t = Trace::load(trace)?;
+    let baseline: Vec<bool> = if use_labels {
+        t.anomalous.iter().map(|a| !a).collect()
+    } else {
+        calm_mask(&t.features)
+    };
+    let t0 = std::time::Instant::now();
+    let m = Models::train(&t.features, &baseline, seed, unix_ms())?;
+    m.save(out)?;
+    eprintln!(
+        "trained on {} windows ({} as the normal baseline) in {:.2} s; model written to {}",
+        m.rows,
+        m.baseline_rows,
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}

@@ -163,6 +163,21 @@ pub mod keys {
     }
     /// Field of a stream entry that holds the window.
     pub const WINDOW_FIELD: &str = "window";
+    /// Hash of client id → [`super::ClientConfig`] (JSON), shared by every hint-server replica.
+    pub const CLIENTS: &str = "tokenflow:clients";
+    /// The client's current [`super::Hint`] (JSON), expiring with the hint's TTL.
+    pub fn hint(client_id: &str) -> String {
+        format!("tokenflow:hint:{client_id}")
+    }
+    /// The hint server's per-node state (features' history, controller state), so that any
+    /// replica can continue where another left off.
+    pub fn hint_state(node_id: &str) -> String {
+        format!("tokenflow:hint-state:{node_id}")
+    }
+    /// Pub/sub channel on which every new hint is published (JSON).
+    pub const HINTS_CHANNEL: &str = "tokenflow:hints";
+    /// Consumer group of the hint servers on every telemetry stream.
+    pub const HINT_GROUP: &str = "tokenflow-hint";
 }
 
 /// The small "latest" record: enough for a cheap read of a node's state.
@@ -300,6 +315,7 @@ pub mod trace {
 pub const HINT_SCHEMA_VERSION: u32 = 1;
 
 /// Which controller turns a node's telemetry into a client's rate limit.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ControllerKind {
@@ -336,6 +352,7 @@ impl ControllerKind {
 }
 
 /// Traffic class of a client: under congestion `batch` is cut before `interactive`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientClass {
@@ -346,6 +363,7 @@ pub enum ClientClass {
 
 /// A client's pacing settings (`PUT /v1/clients/{client_id}`); every field optional on input,
 /// defaults filled in by the hint server.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
@@ -367,7 +385,101 @@ pub struct ClientConfig {
     pub tokens_per_request: f64,
 }
 
+/// Body of `PUT /v1/clients/{client_id}`: every field optional; omitted fields keep their current
+/// value (or the default for a new client, which must name its `node_id`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfigInput {
+    pub node_id: Option<String>,
+    pub controller: Option<ControllerKind>,
+    pub class: Option<ClientClass>,
+    pub weight: Option<f64>,
+    pub setpoint_ms: Option<f64>,
+    pub min_rps: Option<f64>,
+    pub max_rps: Option<f64>,
+    pub max_concurrency: Option<u32>,
+    pub tokens_per_request: Option<f64>,
+}
+
+impl ClientConfig {
+    pub const DEFAULT_SETPOINT_MS: f64 = 50.0;
+
+    /// Applies `input` over `current` (or over the defaults), checking every field. The error
+    /// names the offending field.
+    pub fn merge(
+        current: Option<&ClientConfig>,
+        input: &ClientConfigInput,
+    ) -> Result<ClientConfig, (String, String)> {
+        let err = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
+        let node_id = match (&input.node_id, current) {
+            (Some(n), _) => n.clone(),
+            (None, Some(c)) => c.node_id.clone(),
+            (None, None) => {
+                return err(
+                    "node_id",
+                    "a new client must name the node whose telemetry governs it",
+                );
+            }
+        };
+        if node_id.is_empty()
+            || node_id.len() > 128
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err("node_id", "1–128 characters of [A-Za-z0-9._-]");
+        }
+        let d = current.cloned().unwrap_or(ClientConfig {
+            node_id: node_id.clone(),
+            controller: ControllerKind::Pid,
+            class: ClientClass::Interactive,
+            weight: 1.0,
+            setpoint_ms: Self::DEFAULT_SETPOINT_MS,
+            min_rps: 0.5,
+            max_rps: 100.0,
+            max_concurrency: 64,
+            tokens_per_request: 128.0,
+        });
+        let c = ClientConfig {
+            node_id,
+            controller: input.controller.unwrap_or(d.controller),
+            class: input.class.unwrap_or(d.class),
+            weight: input.weight.unwrap_or(d.weight),
+            setpoint_ms: input.setpoint_ms.unwrap_or(d.setpoint_ms),
+            min_rps: input.min_rps.unwrap_or(d.min_rps),
+            max_rps: input.max_rps.unwrap_or(d.max_rps),
+            max_concurrency: input.max_concurrency.unwrap_or(d.max_concurrency),
+            tokens_per_request: input.tokens_per_request.unwrap_or(d.tokens_per_request),
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(c.weight) {
+            return err("weight", "must be a number > 0");
+        }
+        if !positive(c.setpoint_ms) || c.setpoint_ms > 60_000.0 {
+            return err("setpoint_ms", "must be > 0 and ≤ 60000");
+        }
+        if !positive(c.min_rps) {
+            return err(
+                "min_rps",
+                "must be > 0: a paced client is slowed, never stopped",
+            );
+        }
+        if !positive(c.max_rps) || c.max_rps < c.min_rps {
+            return err("max_rps", "must be ≥ min_rps");
+        }
+        if c.max_concurrency == 0 {
+            return err("max_concurrency", "must be ≥ 1");
+        }
+        if !positive(c.tokens_per_request) {
+            return err("tokens_per_request", "must be > 0");
+        }
+        Ok(c)
+    }
+}
+
 /// The rate limit a client should apply now (`GET /v1/hints/{client_id}`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Hint {

@@ -4,6 +4,7 @@
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
 
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Aimd {
     rate: f64,
     /// Increase per period, fraction of the maximum rate.

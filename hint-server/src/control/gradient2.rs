@@ -10,6 +10,7 @@
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
 
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Gradient2 {
     limit: f64,
     long_rtt: Option<f64>,

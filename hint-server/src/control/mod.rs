@@ -17,6 +17,7 @@ pub mod sim;
 pub use aimd::Aimd;
 pub use gradient2::Gradient2;
 pub use pid::{Pid, PidGains};
+use serde::{Deserialize, Serialize};
 pub use sigmoid::Sigmoid;
 use tokenflow_schema::ControllerKind;
 
@@ -38,7 +39,7 @@ pub struct Observation {
 }
 
 /// Bounds and target of a group.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub setpoint_ms: f64,
     pub min_rps: f64,
@@ -76,18 +77,43 @@ pub trait Controller: Send + Sync {
     fn applied(&mut self, _rate_rps: f64) {}
 }
 
-/// Builds a fresh controller of a kind with default parameters.
-pub fn new_controller(kind: ControllerKind, limits: &Limits) -> Box<dyn Controller> {
-    match kind {
-        ControllerKind::Pid => Box::new(Pid::new(PidGains::default(), limits)),
-        ControllerKind::Sigmoid => Box::new(Sigmoid),
-        ControllerKind::Gradient2 => Box::new(Gradient2::new(limits)),
-        ControllerKind::Aimd => Box::new(Aimd::new(limits)),
-        ControllerKind::Off => Box::new(Off),
+/// Any controller, as a value: serialisable, so that a group's state can live in Redis and be
+/// continued by whichever hint-server replica receives the node's next window.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AnyController {
+    Pid(Pid),
+    Sigmoid(Sigmoid),
+    Gradient2(Gradient2),
+    Aimd(Aimd),
+    Off(Off),
+}
+
+impl AnyController {
+    /// A fresh controller of a kind with default parameters.
+    pub fn new(kind: ControllerKind, limits: &Limits) -> Self {
+        match kind {
+            ControllerKind::Pid => Self::Pid(Pid::new(PidGains::default(), limits)),
+            ControllerKind::Sigmoid => Self::Sigmoid(Sigmoid),
+            ControllerKind::Gradient2 => Self::Gradient2(Gradient2::new(limits)),
+            ControllerKind::Aimd => Self::Aimd(Aimd::new(limits)),
+            ControllerKind::Off => Self::Off(Off),
+        }
+    }
+
+    fn inner(&mut self) -> &mut dyn Controller {
+        match self {
+            Self::Pid(c) => c,
+            Self::Sigmoid(c) => c,
+            Self::Gradient2(c) => c,
+            Self::Aimd(c) => c,
+            Self::Off(c) => c,
+        }
     }
 }
 
 /// No pacing: the group's maximum, always.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Off;
 
 impl Controller for Off {
@@ -100,18 +126,19 @@ impl Controller for Off {
 }
 
 /// A controller plus the rules every kind obeys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Governor {
-    controller: Box<dyn Controller>,
+    controller: AnyController,
     pub limits: Limits,
     last_rps: f64,
 }
 
 impl Governor {
     pub fn new(kind: ControllerKind, limits: Limits) -> Self {
-        Self::with_controller(new_controller(kind, &limits), limits)
+        Self::with_controller(AnyController::new(kind, &limits), limits)
     }
 
-    pub fn with_controller(controller: Box<dyn Controller>, limits: Limits) -> Self {
+    pub fn with_controller(controller: AnyController, limits: Limits) -> Self {
         Self {
             controller,
             // Start from the bottom: a new group earns its rate.
@@ -121,7 +148,13 @@ impl Governor {
     }
 
     pub fn kind(&self) -> ControllerKind {
-        self.controller.kind()
+        match self.controller {
+            AnyController::Pid(_) => ControllerKind::Pid,
+            AnyController::Sigmoid(_) => ControllerKind::Sigmoid,
+            AnyController::Gradient2(_) => ControllerKind::Gradient2,
+            AnyController::Aimd(_) => ControllerKind::Aimd,
+            AnyController::Off(_) => ControllerKind::Off,
+        }
     }
 
     pub fn last_rps(&self) -> f64 {
@@ -138,7 +171,7 @@ impl Governor {
                 l.stale_rps(self.last_rps)
             };
             self.last_rps = rate;
-            self.controller.applied(rate);
+            self.controller.inner().applied(rate);
             return Decision {
                 rate_rps: rate,
                 max_concurrency: concurrency(rate, &l),
@@ -147,14 +180,14 @@ impl Governor {
                 reason: "no telemetry for 3 intervals: conservative rate".into(),
             };
         }
-        let (raw, reason) = self.controller.update(obs, &l);
+        let (raw, reason) = self.controller.inner().update(obs, &l);
         let rate = if raw.is_finite() {
             raw.clamp(l.min_rps, l.max_rps)
         } else {
             l.min_rps
         };
         self.last_rps = rate;
-        self.controller.applied(rate);
+        self.controller.inner().applied(rate);
         Decision {
             rate_rps: rate,
             max_concurrency: concurrency(rate, &l),

@@ -16,7 +16,7 @@
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PidGains {
     /// Proportional gain, ln(rate) per second of queueing error.
     pub kp: f64,
@@ -57,6 +57,7 @@ impl Default for PidGains {
     }
 }
 
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
     g: PidGains,
     /// ln(rate / max_rps).

@@ -6,6 +6,7 @@
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
 
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sigmoid;
 
 impl Sigmoid {

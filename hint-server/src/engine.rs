@@ -1,0 +1,241 @@
+//! From a node's window to its clients' hints: features, models, controllers, sharing. No I/O:
+//! the server loads a node's [`NodeState`] from Redis, calls [`on_window`] or [`on_stale`], and
+//! stores the state and hints back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tokenflow_schema::{
+    ClientClass, ClientConfig, ControllerKind, HINT_SCHEMA_VERSION, Hint, TelemetryWindow,
+};
+
+use crate::{
+    control::{Decision, Governor, Limits, Observation, concurrency, share},
+    features::{FeatureBuilder, Features},
+    model::Models,
+};
+
+/// Windows missed before a node's input counts as stale.
+pub const STALE_INTERVALS: u64 = 3;
+
+/// What the hint server remembers about a node between windows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeState {
+    pub features: FeatureBuilder,
+    /// One governor per controller kind in use on this node.
+    pub groups: BTreeMap<String, Governor>,
+    pub last_window_end_ms: u64,
+    pub last_seq: u64,
+    pub last_p95_ms: Option<f64>,
+    pub last_anomaly: f64,
+    pub last_predicted_ms: Option<f64>,
+    /// Windows this state has seen.
+    pub windows: u64,
+}
+
+/// Everything one decision produced, for metrics and tests.
+pub struct Outcome {
+    pub hints: Vec<Hint>,
+    pub features: Option<Features>,
+}
+
+/// A window arrived: update features and every group of the node's clients.
+pub fn on_window(
+    st: &mut NodeState,
+    w: &TelemetryWindow,
+    clients: &[(String, ClientConfig)],
+    models: Option<&Models>,
+    now_ms: u64,
+    interval_ms: u64,
+) -> Outcome {
+    if w.end_unix_ms <= st.last_window_end_ms && st.windows > 0 {
+        // Already seen (redelivered after a replica died): nothing new.
+        return Outcome {
+            hints: Vec::new(),
+            features: None,
+        };
+    }
+    let f = st.features.push(w);
+    st.windows += 1;
+    st.last_window_end_ms = w.end_unix_ms;
+    st.last_seq = w.seq;
+    st.last_p95_ms = f.p95_ms.or(st.last_p95_ms);
+    st.last_anomaly = models.map_or(0.0, |m| m.anomaly(&f));
+    st.last_predicted_ms = models.map(|m| m.forecast_h1(&f));
+    let obs = |now_s: f64| Observation {
+        now: now_s,
+        p95_rtt_ms: f.p95_ms,
+        predicted_p95_ms: st.last_predicted_ms,
+        anomaly: st.last_anomaly,
+        inflight: None,
+        stale: false,
+    };
+    let o = obs(w.end_unix_ms as f64 / 1000.0);
+    let hints = decide(st, &w.node_id, clients, &o, now_ms, interval_ms);
+    Outcome {
+        hints,
+        features: Some(f),
+    }
+}
+
+/// No window for [`STALE_INTERVALS`]: conservative hints, marked stale.
+pub fn on_stale(
+    st: &mut NodeState,
+    node_id: &str,
+    clients: &[(String, ClientConfig)],
+    now_ms: u64,
+    interval_ms: u64,
+) -> Vec<Hint> {
+    let o = Observation {
+        now: now_ms as f64 / 1000.0,
+        p95_rtt_ms: st.last_p95_ms,
+        predicted_p95_ms: None,
+        anomaly: st.last_anomaly,
+        inflight: None,
+        stale: true,
+    };
+    decide(st, node_id, clients, &o, now_ms, interval_ms)
+}
+
+pub fn is_stale(st: &NodeState, now_ms: u64, interval_ms: u64) -> bool {
+    st.windows == 0 || now_ms.saturating_sub(st.last_window_end_ms) > STALE_INTERVALS * interval_ms
+}
+
+fn decide(
+    st: &mut NodeState,
+    node_id: &str,
+    clients: &[(String, ClientConfig)],
+    obs: &Observation,
+    now_ms: u64,
+    interval_ms: u64,
+) -> Vec<Hint> {
+    let mine: Vec<&(String, ClientConfig)> = clients
+        .iter()
+        .filter(|(_, c)| c.node_id == node_id)
+        .collect();
+    let mut hints = Vec::with_capacity(mine.len());
+    let mut in_use = Vec::new();
+    for kind in ControllerKind::ALL {
+        let members: Vec<&(String, ClientConfig)> = mine
+            .iter()
+            .copied()
+            .filter(|(_, c)| c.controller == kind)
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        in_use.push(kind.as_str().to_string());
+        let limits = group_limits(&members);
+        let gov = st
+            .groups
+            .entry(kind.as_str().to_string())
+            .or_insert_with(|| Governor::new(kind, limits));
+        gov.limits = limits;
+        let d = gov.update(obs);
+        let shares = share::share(
+            d.rate_rps,
+            &members
+                .iter()
+                .map(|(_, c)| share::Member {
+                    class: c.class,
+                    weight: c.weight,
+                    min_rps: c.min_rps,
+                    max_rps: c.max_rps,
+                })
+                .collect::<Vec<_>>(),
+        );
+        for ((id, c), rate) in members.iter().zip(shares) {
+            hints.push(hint(id, c, kind, &d, rate, st, now_ms, interval_ms));
+        }
+    }
+    // Groups nobody uses any more are forgotten.
+    st.groups.retain(|k, _| in_use.contains(k));
+    hints
+}
+
+fn group_limits(members: &[&(String, ClientConfig)]) -> Limits {
+    let interactive: Vec<f64> = members
+        .iter()
+        .filter(|(_, c)| c.class == ClientClass::Interactive)
+        .map(|(_, c)| c.setpoint_ms)
+        .collect();
+    let setpoint = if interactive.is_empty() {
+        members
+            .iter()
+            .map(|(_, c)| c.setpoint_ms)
+            .fold(f64::INFINITY, f64::min)
+    } else {
+        interactive.iter().copied().fold(f64::INFINITY, f64::min)
+    };
+    Limits {
+        setpoint_ms: setpoint,
+        min_rps: members.iter().map(|(_, c)| c.min_rps).sum(),
+        max_rps: members.iter().map(|(_, c)| c.max_rps).sum(),
+        max_concurrency: members.iter().map(|(_, c)| c.max_concurrency).sum(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hint(
+    id: &str,
+    c: &ClientConfig,
+    kind: ControllerKind,
+    d: &Decision,
+    rate: f64,
+    st: &NodeState,
+    now_ms: u64,
+    interval_ms: u64,
+) -> Hint {
+    let own = Limits {
+        setpoint_ms: c.setpoint_ms,
+        min_rps: c.min_rps,
+        max_rps: c.max_rps,
+        max_concurrency: c.max_concurrency,
+    };
+    Hint {
+        schema_version: HINT_SCHEMA_VERSION,
+        client_id: id.to_string(),
+        node_id: c.node_id.clone(),
+        rate_limit_rps: rate,
+        max_concurrency: concurrency(rate, &own),
+        tokens_per_s: rate * c.tokens_per_request,
+        health: d.health,
+        anomaly_score: st.last_anomaly,
+        predicted_rtt_ms: st.last_predicted_ms,
+        observed_rtt_ms: st.last_p95_ms,
+        controller: kind,
+        reason: d.reason.clone(),
+        issued_at_unix_ms: now_ms,
+        ttl_ms: STALE_INTERVALS * interval_ms,
+        stale: d.stale,
+    }
+}
+
+/// The hint for a registered client that has none yet (no window seen for its node, or the last
+/// hint expired): its minimum rate, marked stale.
+pub fn conservative(id: &str, c: &ClientConfig, now_ms: u64, interval_ms: u64, why: &str) -> Hint {
+    let own = Limits {
+        setpoint_ms: c.setpoint_ms,
+        min_rps: c.min_rps,
+        max_rps: c.max_rps,
+        max_concurrency: c.max_concurrency,
+    };
+    let rate = own.stale_rps(c.min_rps);
+    Hint {
+        schema_version: HINT_SCHEMA_VERSION,
+        client_id: id.to_string(),
+        node_id: c.node_id.clone(),
+        rate_limit_rps: rate,
+        max_concurrency: concurrency(rate, &own),
+        tokens_per_s: rate * c.tokens_per_request,
+        health: 0.0,
+        anomaly_score: 0.0,
+        predicted_rtt_ms: None,
+        observed_rtt_ms: None,
+        controller: c.controller,
+        reason: why.to_string(),
+        issued_at_unix_ms: now_ms,
+        ttl_ms: STALE_INTERVALS * interval_ms,
+        stale: true,
+    }
+}

@@ -1,0 +1,350 @@
+//! `tokenflow-hint-server serve`: ingest through a Redis consumer group, decide, publish, refit.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use redis::{
+    AsyncCommands,
+    streams::{StreamRangeReply, StreamReadOptions, StreamReadReply},
+};
+use tokenflow_schema::{Hint, TelemetryWindow, keys};
+use tokio::sync::broadcast;
+
+use crate::{
+    engine::{self, is_stale, on_stale, on_window},
+    features::FeatureBuilder,
+    model::{Models, calm_mask},
+    store::Store,
+};
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub redis: String,
+    pub listen: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub token: Option<String>,
+    pub auth_reads: bool,
+    pub interval: Duration,
+    pub model: Option<PathBuf>,
+    pub refit_every: Duration,
+    pub train_windows: usize,
+    pub consumer: String,
+}
+
+pub struct App {
+    pub settings: Settings,
+    pub store: Store,
+    pub models: ArcSwapOption<Models>,
+    pub hints: broadcast::Sender<Hint>,
+    pub ingest_alive: AtomicBool,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn serve(settings: Settings) -> Result<()> {
+    if let Some(addr) = settings.metrics {
+        crate::api::install_metrics(addr)?;
+    }
+    let store = Store::connect(&settings.redis).await?;
+    store
+        .ping()
+        .await
+        .with_context(|| format!("Redis at {} does not answer", settings.redis))?;
+    let models = match &settings.model {
+        Some(p) if p.exists() => {
+            let m = Models::load(p)?;
+            tracing::info!(path = %p.display(), rows = m.rows, "models loaded");
+            Some(Arc::new(m))
+        }
+        Some(p) => {
+            tracing::info!(path = %p.display(), "no model file yet: serving without models until the first refit");
+            None
+        }
+        None => None,
+    };
+    let (tx, _) = broadcast::channel(1024);
+    let app = Arc::new(App {
+        settings: settings.clone(),
+        store,
+        models: ArcSwapOption::new(models),
+        hints: tx,
+        ingest_alive: AtomicBool::new(false),
+    });
+    tokio::spawn(ingest_loop(app.clone()));
+    tokio::spawn(stale_loop(app.clone()));
+    tokio::spawn(pubsub_loop(app.clone()));
+    tokio::spawn(refit_loop(app.clone()));
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is the port in use? use --listen)",
+                settings.listen
+            )
+        })?;
+    tracing::info!(addr = %settings.listen, consumer = %settings.consumer, "serving hints");
+    axum::serve(listener, crate::api::router(app))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("HTTP server")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Reads every node's stream through the consumer group, one window at a time per node.
+async fn ingest_loop(app: Arc<App>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ingest(&app).await {
+            Ok(()) => return,
+            Err(e) => {
+                app.ingest_alive.store(false, Ordering::Relaxed);
+                metrics::counter!("tokenflow_hint_redis_errors_total").increment(1);
+                tracing::warn!("ingest: {e:#}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn ingest(app: &App) -> Result<()> {
+    let mut reader = app.store.blocking_connection().await?;
+    let mut con = app.store.con.clone();
+    let mut nodes: Vec<String> = Vec::new();
+    let mut refreshed = Instant::now() - Duration::from_secs(60);
+    loop {
+        if refreshed.elapsed() > Duration::from_secs(2) {
+            let now = app.store.nodes().await?;
+            for n in &now {
+                if !nodes.contains(n) {
+                    let r: redis::RedisResult<()> = con
+                        .xgroup_create_mkstream(keys::telemetry_stream(n), keys::HINT_GROUP, "$")
+                        .await;
+                    if let Err(e) = r
+                        && e.code() != Some("BUSYGROUP")
+                    {
+                        return Err(e).context("creating the consumer group");
+                    }
+                    tracing::info!(node = %n, "reading telemetry");
+                }
+            }
+            nodes = now;
+            refreshed = Instant::now();
+        }
+        app.ingest_alive.store(true, Ordering::Relaxed);
+        if nodes.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let streams: Vec<String> = nodes.iter().map(|n| keys::telemetry_stream(n)).collect();
+        let ids: Vec<&str> = vec![">"; streams.len()];
+        let opts = StreamReadOptions::default()
+            .group(keys::HINT_GROUP, &app.settings.consumer)
+            .block(1000)
+            .count(32);
+        let reply: Option<StreamReadReply> = reader.xread_options(&streams, &ids, &opts).await?;
+        let Some(reply) = reply else { continue };
+        for key in reply.keys {
+            for entry in key.ids {
+                let window: Option<TelemetryWindow> = entry
+                    .get::<String>(keys::WINDOW_FIELD)
+                    .and_then(|j| serde_json::from_str(&j).ok());
+                match window {
+                    Some(w) => process(app, &w).await?,
+                    None => {
+                        tracing::warn!(stream = %key.key, id = %entry.id, "skipping an entry that is not a window")
+                    }
+                }
+                let _: () = con.xack(&key.key, keys::HINT_GROUP, &[&entry.id]).await?;
+            }
+        }
+    }
+}
+
+/// One window: the node's state from Redis, the decision, state and hints back to Redis.
+pub async fn process(app: &App, w: &TelemetryWindow) -> Result<()> {
+    let clients = app.store.clients().await?;
+    let mut st = app.store.node_state(&w.node_id).await?;
+    let models = app.models.load_full();
+    let t0 = Instant::now();
+    let out = on_window(
+        &mut st,
+        w,
+        &clients,
+        models.as_deref(),
+        unix_ms(),
+        app.settings.interval.as_millis() as u64,
+    );
+    metrics::histogram!("tokenflow_hint_decision_seconds").record(t0.elapsed().as_secs_f64());
+    metrics::counter!("tokenflow_hint_windows_total").increment(1);
+    metrics::gauge!("tokenflow_hint_anomaly_score", "node" => w.node_id.clone())
+        .set(st.last_anomaly);
+    if let Some(p) = st.last_predicted_ms {
+        metrics::gauge!("tokenflow_hint_predicted_rtt_seconds", "node" => w.node_id.clone())
+            .set(p / 1000.0);
+    }
+    record_hints(&out.hints);
+    app.store.commit(&w.node_id, &st, &out.hints).await
+}
+
+fn record_hints(hints: &[Hint]) {
+    for h in hints {
+        metrics::counter!("tokenflow_hint_hints_total", "controller" => h.controller.as_str(), "stale" => if h.stale { "true" } else { "false" }).increment(1);
+        metrics::gauge!("tokenflow_hint_rate_limit_requests_per_second", "client" => h.client_id.clone()).set(h.rate_limit_rps);
+    }
+}
+
+/// Every interval: nodes whose windows stopped get conservative, stale hints (one replica per
+/// node and interval, by a short lock).
+async fn stale_loop(app: Arc<App>) {
+    let interval = app.settings.interval;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = stale_pass(&app).await {
+            tracing::warn!("stale check: {e:#}");
+        }
+    }
+}
+
+async fn stale_pass(app: &App) -> Result<()> {
+    let clients = app.store.clients().await?;
+    let interval_ms = app.settings.interval.as_millis() as u64;
+    let mut nodes: Vec<&str> = clients.iter().map(|(_, c)| c.node_id.as_str()).collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes {
+        let mut st = app.store.node_state(node).await?;
+        let now = unix_ms();
+        if !is_stale(&st, now, interval_ms) {
+            continue;
+        }
+        if !app
+            .store
+            .try_lock(
+                &format!("tokenflow:stale-lock:{node}"),
+                interval_ms.max(100),
+            )
+            .await?
+        {
+            continue;
+        }
+        let hints = on_stale(&mut st, node, &clients, now, interval_ms);
+        metrics::counter!("tokenflow_hint_stale_decisions_total").increment(1);
+        record_hints(&hints);
+        app.store.commit(node, &st, &hints).await?;
+    }
+    Ok(())
+}
+
+/// New hints from every replica, for the SSE streams of this one.
+async fn pubsub_loop(app: Arc<App>) {
+    loop {
+        let r: Result<()> = async {
+            let mut ps = app.store.client.get_async_pubsub().await?;
+            ps.subscribe(keys::HINTS_CHANNEL).await?;
+            let mut s = ps.on_message();
+            while let Some(msg) = s.next().await {
+                if let Ok(h) = serde_json::from_str::<Hint>(&msg.get_payload::<String>()?) {
+                    let _ = app.hints.send(h);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!("hint subscription: {e:#}; resubscribing");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Refits the models on the newest windows of every node, in the background, and swaps them in
+/// atomically; serving keeps using the old ones meanwhile.
+async fn refit_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(app.settings.refit_every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match refit(&app).await {
+            Ok(Some(rows)) => tracing::info!(rows, "models refitted"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("refit: {e:#}"),
+        }
+    }
+}
+
+pub async fn refit(app: &App) -> Result<Option<usize>> {
+    let mut con = app.store.con.clone();
+    let (mut features, mut calm) = (Vec::new(), Vec::new());
+    for node in app.store.nodes().await? {
+        let reply: StreamRangeReply = con
+            .xrevrange_count(
+                keys::telemetry_stream(&node),
+                "+",
+                "-",
+                app.settings.train_windows,
+            )
+            .await?;
+        let mut windows: Vec<TelemetryWindow> = reply
+            .ids
+            .iter()
+            .filter_map(|e| e.get::<String>(keys::WINDOW_FIELD))
+            .filter_map(|j| serde_json::from_str(&j).ok())
+            .collect();
+        windows.sort_by_key(|w| w.end_unix_ms);
+        let mut b = FeatureBuilder::default();
+        let f: Vec<_> = windows.iter().map(|w| b.push(w)).collect();
+        calm.extend(calm_mask(&f));
+        features.extend(f);
+    }
+    if features.len() < 300 {
+        tracing::debug!(
+            windows = features.len(),
+            "too few windows to refit (need 300)"
+        );
+        return Ok(None);
+    }
+    let rows = features.len();
+    let now = unix_ms();
+    let t0 = Instant::now();
+    let models =
+        tokio::task::spawn_blocking(move || Models::train(&features, &calm, now, now)).await??;
+    metrics::histogram!("tokenflow_hint_training_seconds").record(t0.elapsed().as_secs_f64());
+    metrics::counter!("tokenflow_hint_model_refits_total").increment(1);
+    if let Some(p) = &app.settings.model {
+        models.save(p)?;
+    }
+    app.models.store(Some(Arc::new(models)));
+    Ok(Some(rows))
+}
+
+pub use engine::conservative;
