@@ -96,18 +96,18 @@ impl IntoResponse for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let text = r.body_text();
-        // serde names the field: "unknown field `x`", "weight: invalid type …"
-        let field = text
-            .split('`')
-            .nth(1)
-            .map(str::to_string)
-            .or_else(|| {
-                text.split(": ")
-                    .nth(1)
-                    .and_then(|s| s.split(':').next())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "body".into());
+        // serde names the field: "unknown field `x`", or a path before the message
+        // ("… target type: weight: invalid type …").
+        let field = if let Some(rest) = text.split("unknown field `").nth(1) {
+            rest.split('`').next().unwrap_or("body").to_string()
+        } else if let Some(rest) = text.split("target type: ").nth(1)
+            && let Some((path, _)) = rest.split_once(": ")
+            && !path.contains(' ')
+        {
+            path.to_string()
+        } else {
+            "body".to_string()
+        };
         Self {
             status: r.status(),
             code: "bad_request",

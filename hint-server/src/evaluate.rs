@@ -329,3 +329,40 @@ fn plot(e: &Evaluation, path: &Path) -> Result<()> {
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod experiments {
+    #[test]
+    #[ignore]
+    fn gbdt_grid() {
+        let trace =
+            crate::trace::Trace::load(std::path::Path::new(&std::env::var("TRACE").unwrap()))
+                .unwrap();
+        let cut = trace.split_at(super::TEST_FRACTION);
+        for h in [1, 5] {
+            let tr = crate::forecast::Rows::build(&trace.features[..cut], h);
+            let te = crate::forecast::Rows::build(&trace.features[cut..], h);
+            println!(
+                "h{h} persistence {:.2}",
+                crate::metrics::mae(&te.now, &te.y)
+            );
+            for it in [50, 150] {
+                for lr in [0.03f32, 0.1] {
+                    for depth in [2, 4] {
+                        for leaf in [5.0f32, 30.0] {
+                            for clip in [5.0, 20.0, 1e9] {
+                                let g =
+                                    crate::forecast::Gbdt::fit_with(&tr, it, lr, depth, leaf, clip)
+                                        .unwrap();
+                                let m = crate::metrics::mae(&g.predict(&te), &te.y);
+                                println!(
+                                    "h{h} it {it} lr {lr} depth {depth} leaf {leaf} clip {clip}: {m:.2}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -76,8 +76,31 @@ impl Gbdt {
     pub const ITERATIONS: usize = 150;
     pub const LEARNING_RATE: f32 = 0.05;
     pub const MAX_DEPTH: usize = 4;
+    pub const MIN_LEAF: f32 = 5.0;
+    /// Residuals beyond ±this are clipped for training: a regime change (a bandwidth step, a
+    /// load that starts) cannot be foreseen from the window before it, and squared loss would
+    /// otherwise pull every prediction toward those jumps.
+    pub const CLIP_MS: f64 = 1e9;
 
     pub fn fit(rows: &Rows) -> Result<Self> {
+        Self::fit_with(
+            rows,
+            Self::ITERATIONS,
+            Self::LEARNING_RATE,
+            Self::MAX_DEPTH,
+            Self::MIN_LEAF,
+            Self::CLIP_MS,
+        )
+    }
+
+    pub fn fit_with(
+        rows: &Rows,
+        iterations: usize,
+        lr: f32,
+        depth: usize,
+        min_leaf: f32,
+        clip_ms: f64,
+    ) -> Result<Self> {
         anyhow::ensure!(
             rows.len() >= 20,
             "{} rows are too few to train on",
@@ -85,16 +108,21 @@ impl Gbdt {
         );
         let data = rows.column_major();
         let m = Matrix::new(&data, rows.len(), N_FEATURES);
+        let target: Vec<f64> = rows
+            .residual()
+            .iter()
+            .map(|r| r.clamp(-clip_ms, clip_ms))
+            .collect();
         let mut booster = GradientBooster::default()
             .set_objective_type(ObjectiveType::SquaredLoss)
-            .set_iterations(Self::ITERATIONS)
-            .set_learning_rate(Self::LEARNING_RATE)
-            .set_max_depth(Self::MAX_DEPTH)
-            .set_min_leaf_weight(5.0)
+            .set_iterations(iterations)
+            .set_learning_rate(lr)
+            .set_max_depth(depth)
+            .set_min_leaf_weight(min_leaf)
             .set_initialize_base_score(true)
             .set_parallel(false);
         booster
-            .fit_unweighted(&m, &rows.residual(), None)
+            .fit_unweighted(&m, &target, None)
             .map_err(|e| anyhow!("GBDT training failed: {e}"))?;
         Ok(Self { booster })
     }

@@ -41,8 +41,9 @@ pub struct Models {
     pub created_unix_ms: u64,
 }
 
-/// A window that looks calm without labels: RTT within 1.5× the path's base (the 5th percentile
-/// of the windows given) and no retransmits. The online refit fits the Isolation Forest on these.
+/// A window that looks calm without labels: p95 RTT within 1.5× the path's base (the 5th
+/// percentile of the windows given) plus 10 ms, and under one retransmit per second. The online
+/// refit fits the Isolation Forest on these.
 pub fn calm_mask(f: &[Features]) -> Vec<bool> {
     let p95 = index("rtt_p95_ms");
     let mut v: Vec<f64> = f
@@ -54,7 +55,7 @@ pub fn calm_mask(f: &[Features]) -> Vec<bool> {
     let base = v.get(v.len() / 20).copied().unwrap_or(0.0);
     let retrans = index("retransmits_per_s");
     f.iter()
-        .map(|x| x.values[p95] <= 1.5 * base.max(1.0) && x.values[retrans] == 0.0)
+        .map(|x| x.values[p95] <= 1.5 * base + 10.0 && x.values[retrans] < 1.0)
         .collect()
 }
 

@@ -49,6 +49,19 @@ pub struct App {
     pub ingest_alive: AtomicBool,
 }
 
+impl App {
+    pub fn new(settings: Settings, store: Store, models: Option<Arc<Models>>) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(1024);
+        Arc::new(App {
+            settings,
+            store,
+            models: ArcSwapOption::new(models),
+            hints: tx,
+            ingest_alive: AtomicBool::new(false),
+        })
+    }
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -77,14 +90,7 @@ pub async fn serve(settings: Settings) -> Result<()> {
         }
         None => None,
     };
-    let (tx, _) = broadcast::channel(1024);
-    let app = Arc::new(App {
-        settings: settings.clone(),
-        store,
-        models: ArcSwapOption::new(models),
-        hints: tx,
-        ingest_alive: AtomicBool::new(false),
-    });
+    let app = App::new(settings.clone(), store, models);
     tokio::spawn(ingest_loop(app.clone()));
     tokio::spawn(stale_loop(app.clone()));
     tokio::spawn(pubsub_loop(app.clone()));

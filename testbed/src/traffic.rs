@@ -158,6 +158,52 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// A sender whose rate (bytes/s) can change while it runs: a token bucket refilled at the
+    /// current value of `rate` (0 pauses it), holding at most 100 ms of credit.
+    pub fn start_variable(
+        ns: &str,
+        to: SocketAddr,
+        rate: Arc<AtomicU64>,
+        chunk: usize,
+    ) -> Result<Self> {
+        let mut stream = connect_from(ns, to)?;
+        stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+        let local_port = stream.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            let buf = vec![0x5au8; chunk];
+            let (mut credit, mut last) = (0.0f64, Instant::now());
+            while !s.load(Ordering::Relaxed) {
+                let r = rate.load(Ordering::Relaxed) as f64;
+                let now = Instant::now();
+                credit = (credit + r * (now - last).as_secs_f64()).min((r * 0.1).max(chunk as f64));
+                last = now;
+                if credit < chunk as f64 {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                match stream.write(&buf) {
+                    Ok(w) => {
+                        credit -= w as f64;
+                        n.fetch_add(w as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Self {
+            local_port,
+            stop,
+            sent,
+            thread: Some(thread),
+        })
+    }
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

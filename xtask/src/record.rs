@@ -8,6 +8,10 @@ use std::{
     io::Write,
     net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -33,7 +37,7 @@ const PROBE_PORT: u16 = 5202;
 #[derive(Args, Debug)]
 pub struct RecordArgs {
     /// Total recording time.
-    #[arg(long, default_value = "12m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Length of one phase (one load/bandwidth/loss setting).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -67,66 +71,56 @@ struct Phase {
     loss_per_mille: u32,
     /// Whether the phase congests or damages the path (the anomaly label).
     anomalous: bool,
+    /// Load ramp (from, to) over the phase, fractions of the nominal rate, instead of `load`;
+    /// windows are anomalous once the offered load passes the bottleneck rate.
+    ramp: Option<(f64, f64)>,
 }
 
-const PHASES: [Phase; 7] = [
+const fn phase(
+    name: &'static str,
+    load: Option<f64>,
+    bulk_flows: usize,
+    rate: f64,
+    loss_per_mille: u32,
+    anomalous: bool,
+) -> Phase {
     Phase {
-        name: "idle",
-        load: Some(0.0),
-        bulk_flows: 0,
-        rate: 1.0,
-        loss_per_mille: 0,
-        anomalous: false,
+        name,
+        load,
+        bulk_flows,
+        rate,
+        loss_per_mille,
+        anomalous,
+        ramp: None,
+    }
+}
+
+const PHASES: [Phase; 9] = [
+    phase("idle", Some(0.0), 0, 1.0, 0, false),
+    phase("light", Some(0.3), 1, 1.0, 0, false),
+    phase("moderate", Some(0.5), 2, 1.0, 0, false),
+    phase("busy", Some(0.7), 2, 1.0, 0, false),
+    phase("bloat", None, 4, 1.0, 0, true),
+    phase("loss", Some(0.4), 1, 1.0, 20, true),
+    phase("step", Some(0.5), 2, 0.25, 0, true),
+    // Load that grows past the bottleneck and one that falls below it: the queue builds and
+    // drains gradually, which a forecaster can see coming.
+    Phase {
+        ramp: Some((0.5, 1.3)),
+        ..phase("ramp-up", None, 2, 1.0, 0, false)
     },
     Phase {
-        name: "light",
-        load: Some(0.3),
-        bulk_flows: 1,
-        rate: 1.0,
-        loss_per_mille: 0,
-        anomalous: false,
-    },
-    Phase {
-        name: "moderate",
-        load: Some(0.5),
-        bulk_flows: 2,
-        rate: 1.0,
-        loss_per_mille: 0,
-        anomalous: false,
-    },
-    Phase {
-        name: "busy",
-        load: Some(0.7),
-        bulk_flows: 2,
-        rate: 1.0,
-        loss_per_mille: 0,
-        anomalous: false,
-    },
-    Phase {
-        name: "bloat",
-        load: None,
-        bulk_flows: 4,
-        rate: 1.0,
-        loss_per_mille: 0,
-        anomalous: true,
-    },
-    Phase {
-        name: "loss",
-        load: Some(0.4),
-        bulk_flows: 1,
-        rate: 1.0,
-        loss_per_mille: 20,
-        anomalous: true,
-    },
-    Phase {
-        name: "step",
-        load: Some(0.5),
-        bulk_flows: 2,
-        rate: 0.25,
-        loss_per_mille: 0,
-        anomalous: true,
+        ramp: Some((1.3, 0.4)),
+        ..phase("ramp-down", None, 2, 1.0, 0, false)
     },
 ];
+
+/// Offered load (fraction of the nominal rate) `elapsed` into a ramp phase of length `len`.
+fn ramp_load(p: &Phase, elapsed: Duration, len: Duration) -> Option<f64> {
+    let (a, b) = p.ramp?;
+    let x = (elapsed.as_secs_f64() / len.as_secs_f64()).clamp(0.0, 1.0);
+    Some(a + (b - a) * x)
+}
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -214,16 +208,25 @@ pub fn record(a: &RecordArgs) -> Result<()> {
         let nominal_bytes_per_s = a.rate_kbit as f64 * 1000.0 / 8.0;
         // Load varies inside a phase too: ±20 % per phase, so the forecaster sees more than steps.
         let jitter = 0.8 + 0.4 * rng.f64();
+        let ramp_rate = Arc::new(AtomicU64::new(0));
+        let per_flow = |load: f64| (load * nominal_bytes_per_s / p.bulk_flows.max(1) as f64) as u64;
         for _ in 0..p.bulk_flows {
-            let rate = p
-                .load
-                .map(|l| (l * jitter * nominal_bytes_per_s / p.bulk_flows as f64) as u64);
-            bulk.push(Sender::start(
-                &bed.client,
-                server(BULK_PORT),
-                rate,
-                16 * 1024,
-            )?);
+            if p.ramp.is_some() {
+                bulk.push(Sender::start_variable(
+                    &bed.client,
+                    server(BULK_PORT),
+                    ramp_rate.clone(),
+                    16 * 1024,
+                )?);
+            } else {
+                let rate = p.load.map(|l| per_flow(l * jitter));
+                bulk.push(Sender::start(
+                    &bed.client,
+                    server(BULK_PORT),
+                    rate,
+                    16 * 1024,
+                )?);
+            }
         }
         timeline.push((unix_ms(), *p));
         step(
@@ -233,17 +236,22 @@ pub fn record(a: &RecordArgs) -> Result<()> {
                 i + 1,
                 schedule.len(),
                 p.name,
-                p.load
-                    .map(|l| format!("{:.0}%", l * jitter * 100.0))
-                    .unwrap_or_else(|| "max".into()),
+                match (p.ramp, p.load) {
+                    (Some((x, y)), _) => format!("{:.0}→{:.0}%", x * 100.0, y * 100.0),
+                    (None, Some(l)) => format!("{:.0}%", l * jitter * 100.0),
+                    (None, None) => "max".into(),
+                },
                 (a.rate_kbit as f64 * p.rate) as u64,
                 p.loss_per_mille,
                 t0.elapsed().as_secs_f64(),
                 a.duration.as_secs_f64(),
             ),
         );
-        let until = Instant::now() + a.phase;
-        while Instant::now() < until && !stopped() {
+        let started = Instant::now();
+        while started.elapsed() < a.phase && !stopped() {
+            if let Some(l) = ramp_load(p, started.elapsed(), a.phase) {
+                ramp_rate.store(per_flow(l), Ordering::Relaxed);
+            }
             std::thread::sleep(Duration::from_millis(250));
             let (t, w) = flush(&agent, &timeline, taken, a, &mut file)?;
             taken += t;
@@ -278,14 +286,15 @@ fn flush(
     let (mut n, mut written) = (0, 0);
     for w in windows.iter().skip(done) {
         let mid = (w.start_unix_ms + w.end_unix_ms) / 2;
-        let Some((_, p)) = timeline.iter().rev().find(|(t, _)| *t <= mid) else {
+        let Some((start, p)) = timeline.iter().rev().find(|(t, _)| *t <= mid) else {
             // Before the first phase began: not labelled, not written.
             n += 1;
             continue;
         };
+        let ramp = ramp_load(p, Duration::from_millis(mid - start), a.phase);
         let label = TraceLabel {
             phase: p.name.to_string(),
-            anomalous: p.anomalous,
+            anomalous: p.anomalous || ramp.is_some_and(|l| l > 1.0),
             bottleneck_kbit: (a.rate_kbit as f64 * p.rate) as u64,
             loss_per_mille: p.loss_per_mille,
             bulk_flows: p.bulk_flows as u32,

@@ -1,0 +1,298 @@
+//! The API in process (no socket: `tower::ServiceExt::oneshot` on the router) against a real
+//! redis-server, fed with windows recorded on the test bed.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use tokenflow_hint_server::{
+    api::router,
+    model::Models,
+    serve::{App, Settings, process},
+    store::Store,
+    trace::Trace,
+};
+use tokenflow_schema::{Hint, TelemetryWindow, keys, trace::TraceLine};
+use tokenflow_tests::redis_server::RedisServer;
+use tower::ServiceExt;
+
+const TOKEN: &str = "s3cret";
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/trace.jsonl")
+}
+
+fn windows() -> Vec<(bool, String, TelemetryWindow)> {
+    let text = std::fs::read_to_string(fixture()).unwrap();
+    let mut v: Vec<TraceLine> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    v.sort_by_key(|l| l.window.end_unix_ms);
+    v.into_iter()
+        .map(|l| (l.label.anomalous, l.label.phase, l.window))
+        .collect()
+}
+
+async fn app(redis: &RedisServer, token: Option<&str>, models: Option<Arc<Models>>) -> Arc<App> {
+    let settings = Settings {
+        redis: redis.url(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics: None,
+        token: token.map(str::to_string),
+        auth_reads: false,
+        interval: Duration::from_secs(1),
+        model: None,
+        refit_every: Duration::from_secs(3600),
+        train_windows: 100,
+        consumer: "test".into(),
+    };
+    App::new(
+        settings.clone(),
+        Store::connect(&settings.redis).await.unwrap(),
+        models,
+    )
+}
+
+async fn call(
+    r: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b
+        .body(body.map_or(Body::empty(), |s| Body::from(s.to_string())))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_need_the_token_and_bad_input_names_the_field() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let r = router(app(&redis, Some(TOKEN), None).await);
+    let good = r#"{"node_id":"n1","class":"batch","max_rps":20}"#;
+    let (s, v) = call(&r, "PUT", "/v1/clients/c1", None, Some(good)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let (s, _) = call(&r, "PUT", "/v1/clients/c1", Some("wrong"), Some(good)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = call(&r, "PUT", "/v1/clients/c1", Some(TOKEN), Some(good)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["class"], "batch");
+    assert_eq!(v["max_rps"], 20.0);
+    assert_eq!(v["controller"], "pid");
+
+    for (body, field) in [
+        (r#"{"weight":-1}"#, "weight"),
+        (r#"{"min_rps":0}"#, "min_rps"),
+        (r#"{"max_rps":0.1,"min_rps":1}"#, "max_rps"),
+        (r#"{"setpoint_ms":"fast"}"#, "setpoint_ms"),
+        (r#"{"controller":"magic"}"#, "controller"),
+        (r#"{"colour":"red"}"#, "colour"),
+    ] {
+        let (s, v) = call(&r, "PUT", "/v1/clients/c1", Some(TOKEN), Some(body)).await;
+        assert_eq!(s.as_u16() / 100, 4, "{body}: {s} {v}");
+        assert_eq!(v["error"]["field"], field, "{body}: {v}");
+    }
+    let (s, v) = call(&r, "PUT", "/v1/clients/c1", Some(TOKEN), Some("{not json")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // A new client must name its node.
+    let (s, v) = call(&r, "PUT", "/v1/clients/c2", Some(TOKEN), Some("{}")).await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("node_id"))
+    );
+    let (s, v) = call(&r, "PUT", "/v1/clients/bad%20id", Some(TOKEN), Some(good)).await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("client_id"))
+    );
+    // Nothing was lost: the stored settings are the good ones.
+    let (s, v) = call(&r, "GET", "/v1/clients/c1", None, None).await;
+    assert_eq!((s, v["max_rps"].as_f64()), (StatusCode::OK, Some(20.0)));
+
+    // Without a configured token, writes are refused rather than open.
+    let open = router(app(&redis, None, None).await);
+    let (s, v) = call(&open, "PUT", "/v1/clients/c1", None, Some(good)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hints_follow_the_recorded_windows() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let trace = Trace::load(&fixture()).unwrap();
+    let models = Arc::new(
+        Models::train(
+            &trace.features,
+            &tokenflow_hint_server::model::calm_mask(&trace.features),
+            1,
+            0,
+        )
+        .unwrap(),
+    );
+    let a = app(&redis, Some(TOKEN), Some(models)).await;
+    let r = router(a.clone());
+
+    let (s, v) = call(&r, "GET", "/v1/hints/nobody", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "not_found");
+
+    let windows = windows();
+    let node = windows[0].2.node_id.clone();
+    let body = json!({"node_id": node, "max_rps": 50.0, "min_rps": 0.5}).to_string();
+    assert_eq!(
+        call(&r, "PUT", "/v1/clients/pacer", Some(TOKEN), Some(&body))
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // Registered, no telemetry yet: a conservative hint marked stale.
+    let (s, v) = call(&r, "GET", "/v1/hints/pacer", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let h: Hint = serde_json::from_value(v).unwrap();
+    assert!(h.stale && h.rate_limit_rps <= 5.0, "{h:?}");
+
+    // Replay the trace through the decision path; windows are re-stamped to now so they are fresh.
+    let mut by_phase: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let now = tokenflow_hint_server::serve::unix_ms();
+    let offset = now - windows.last().unwrap().2.end_unix_ms;
+    for (_, phase, w) in &windows {
+        let mut w = w.clone();
+        w.start_unix_ms += offset;
+        w.end_unix_ms += offset;
+        process(&a, &w).await.unwrap();
+        let (s, v) = call(&r, "GET", "/v1/hints/pacer", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        let h: Hint = serde_json::from_value(v).unwrap();
+        assert!(!h.stale, "{h:?}");
+        assert!(h.rate_limit_rps >= 0.5 && h.rate_limit_rps <= 50.0);
+        by_phase
+            .entry(phase.clone())
+            .or_default()
+            .push(h.rate_limit_rps);
+    }
+    let mean = |p: &str| {
+        let v = &by_phase[p];
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    println!(
+        "{:?}",
+        by_phase
+            .keys()
+            .map(|k| (k.clone(), mean(k)))
+            .collect::<Vec<_>>()
+    );
+    // Congested phases get less than calm ones.
+    assert!(
+        mean("step") < mean("idle"),
+        "step {} idle {}",
+        mean("step"),
+        mean("idle")
+    );
+
+    // Nodes list shows the node (registered by its agent) with its state.
+    let _: () = a.store.con.clone().sadd(keys::NODES, &node).await.unwrap();
+    let (s, v) = call(&r, "GET", "/v1/nodes", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let n = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == node.as_str());
+    assert!(
+        n.is_some_and(|n| n["windows_seen"].as_u64() == Some(windows.len() as u64)),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_returns_the_windows_in_range() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let a = app(&redis, None, None).await;
+    let r = router(a.clone());
+    let windows = windows();
+    let node = windows[0].2.node_id.clone();
+    let mut con = a.store.con.clone();
+    for (_, _, w) in windows.iter().take(100) {
+        let _: String = con
+            .xadd(
+                keys::telemetry_stream(&node),
+                format!("{}-*", w.end_unix_ms),
+                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
+            )
+            .await
+            .unwrap();
+    }
+    let (from, to) = (windows[10].2.end_unix_ms, windows[39].2.end_unix_ms);
+    let (s, v) = call(
+        &r,
+        "GET",
+        &format!("/v1/history?node={node}&from={from}&to={to}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 30);
+    assert_eq!(v["windows"][0]["end_unix_ms"].as_u64(), Some(from));
+    for (q, field) in [
+        (format!("node={node}&from={to}&to={from}"), "from"),
+        (format!("from={from}&to={to}"), "node"),
+        (format!("node={node}&from=yesterday&to={to}"), "from"),
+        (format!("node={node}&from={from}&to={to}&limit=0"), "limit"),
+    ] {
+        let (s, v) = call(&r, "GET", &format!("/v1/history?{q}"), None, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(v["error"]["field"], field, "{q}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_health_and_unknown_routes() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let r = router(app(&redis, None, None).await);
+    let (s, v) = call(&r, "GET", "/openapi.json", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    for p in [
+        "/v1/hints/{client_id}",
+        "/v1/hints/{client_id}/stream",
+        "/v1/nodes",
+        "/v1/history",
+        "/v1/clients/{client_id}",
+    ] {
+        assert!(v["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    assert!(v["components"]["schemas"].get("Hint").is_some());
+    assert_eq!(
+        call(&r, "GET", "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    // Ingest is not running in this test: not ready, and says why.
+    let (s, v) = call(&r, "GET", "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let (s, v) = call(&r, "GET", "/v2/nothing", None, None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}
