@@ -18,13 +18,18 @@ use tokenflow_schema::TelemetryWindow;
 
 /// The agent binary next to the test executable (`target/<profile>/tokenflow-agent`).
 pub fn agent_binary() -> Result<PathBuf> {
+    sibling_binary("tokenflow-agent")
+}
+
+/// A workspace binary next to the test executable (`target/<profile>/<name>`).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // Test executables live in target/<profile>/deps, binaries such as xtask in target/<profile>.
     let mut dir = exe.parent().context("executable without a directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps without a parent")?;
     }
-    let bin = dir.join("tokenflow-agent");
+    let bin = dir.join(name);
     if !bin.exists() {
         bail!(
             "{} missing: build it first (`cargo build`; `cargo xtask test` does this)",
