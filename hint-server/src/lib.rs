@@ -1,6 +1,7 @@
 //! TokenFlow's hint server: from the agents' telemetry windows to per-client rate limits.
 
 pub mod api;
+pub mod bench;
 pub mod control;
 pub mod engine;
 pub mod evaluate;

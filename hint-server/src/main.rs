@@ -47,6 +47,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Time one decision per window of a trace (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchDecision {
+        #[arg(long)]
+        trace: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -82,6 +88,9 @@ struct ServeArgs {
     /// Newest windows per node the refit trains on.
     #[arg(long, default_value_t = 1800)]
     train_windows: usize,
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Name of this replica in the Redis consumer group (default: host name and pid).
     #[arg(long, env = "TOKENFLOW_HINT_CONSUMER")]
     consumer: Option<String>,
@@ -103,6 +112,9 @@ fn main() -> ExitCode {
             use_labels,
             seed,
         } => train(&trace, &out, use_labels, seed),
+        Cmd::BenchDecision { trace } => {
+            tokenflow_hint_server::bench::decision(&trace).map(|v| println!("{v}"))
+        }
         Cmd::Evaluate { trace, out, seed } => evaluate::evaluate(&trace, seed).and_then(|e| {
             evaluate::write(&e, &out)?;
             println!("{}", serde_json::to_string_pretty(&e.report)?);
@@ -137,6 +149,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "host".into());
         format!("{host}-{}", std::process::id())
     });
+    let workers = a.workers;
     let settings = Settings {
         redis: a.redis,
         listen: a.listen,
@@ -149,10 +162,11 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         train_windows: a.train_windows,
         consumer,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve::serve(settings))
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        rt.worker_threads(n.max(1));
+    }
+    rt.enable_all().build()?.block_on(serve::serve(settings))
 }
 
 fn train(

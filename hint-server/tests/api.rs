@@ -296,3 +296,53 @@ async fn openapi_health_and_unknown_routes() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_sends_the_current_hint_then_changes() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let a = app(&redis, Some(TOKEN), None).await;
+    let r = router(a.clone());
+    let body = json!({"node_id": "n1", "max_rps": 40.0}).to_string();
+    assert_eq!(
+        call(&r, "PUT", "/v1/clients/s1", Some(TOKEN), Some(&body))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let req = Request::builder()
+        .uri("/v1/hints/s1/stream")
+        .body(Body::empty())
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = next_event(&mut body).await;
+    assert!(
+        first.starts_with("event: hint\ndata: ") && first.contains("\"stale\":true"),
+        "{first}"
+    );
+    // A new hint for this client, as the ingest of any replica publishes it.
+    let mut h: Hint =
+        serde_json::from_str(first.trim_start_matches("event: hint\ndata: ").trim()).unwrap();
+    h.rate_limit_rps = 17.0;
+    h.stale = false;
+    let _: () = a
+        .store
+        .con
+        .clone()
+        .publish(keys::HINTS_CHANNEL, serde_json::to_string(&h).unwrap())
+        .await
+        .unwrap();
+    // (This test runs no pub/sub listener: deliver as the listener would.)
+    a.hints.send(h).unwrap();
+    let second = next_event(&mut body).await;
+    assert!(second.contains("\"rate_limit_rps\":17.0"), "{second}");
+}
+
+async fn next_event(b: &mut Body) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(5), b.frame())
+        .await
+        .expect("an event within 5 s");
+    String::from_utf8(frame.unwrap().unwrap().into_data().unwrap().to_vec()).unwrap()
+}

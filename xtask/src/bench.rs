@@ -38,6 +38,16 @@ pub struct BenchArgs {
     /// Loopback connections carrying the load.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
+    /// Measure only one component.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    pub only: Part,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    All,
+    Agent,
+    Hint,
 }
 
 /// run_time_ns and run_cnt of one loaded program.
@@ -155,6 +165,12 @@ impl Drop for Bpftrace {
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
+    if a.only == Part::Hint {
+        setup()?;
+        let figures = crate::bench_hint::measure()?;
+        report::write(&figures, "cargo xtask bench --only hint")?;
+        return Ok(());
+    }
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs and reads their kernel stats: run `sudo cargo xtask bench`"
@@ -174,7 +190,10 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         "-w",
         &format!("kernel.bpf_stats_enabled={}", old_stats.trim()),
     ]));
-    let figures = result?;
+    let mut figures = result?;
+    if a.only == Part::All {
+        figures.extend(crate::bench_hint::measure()?);
+    }
     report::write(&figures, "cargo xtask bench")?;
     Ok(())
 }

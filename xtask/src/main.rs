@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point for TokenFlow's chores — set-up, the demo, tests, benchmarks.
 
 mod bench;
+mod bench_hint;
 mod demo;
 mod record;
 mod report;

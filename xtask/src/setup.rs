@@ -20,6 +20,7 @@ pub const PACKAGES: &[&str] = &[
     "redis-server",
     "bpftrace",
     "protobuf-compiler",
+    "wrk",
 ];
 
 pub fn setup() -> Result<()> {
