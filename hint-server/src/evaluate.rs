@@ -46,14 +46,18 @@ pub struct Report {
     pub split: String,
     pub anomaly: AnomalyReport,
     pub forecast: Vec<HorizonReport>,
+    /// The default plant: 20 → 5 → 20 Mbit/s with cross traffic wandering ±1 %/s.
     pub controllers: Vec<sim::SimFigures>,
+    /// The same plant with constant cross traffic: what the controllers do without noise.
+    pub controllers_quiet: Vec<sim::SimFigures>,
     pub targets: Vec<Target>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
     pub name: String,
-    pub value: f64,
+    /// `null` when the figure never occurred (a controller that never settled).
+    pub value: Option<f64>,
     pub target: String,
     pub met: bool,
 }
@@ -117,28 +121,36 @@ pub fn evaluate(trace_path: &Path, seed: u64) -> Result<Evaluation> {
         }
     }
     let plant = sim::Plant::default();
+    let quiet = sim::Plant {
+        cross_walk: 0.0,
+        ..sim::Plant::default()
+    };
     let limits = Limits {
         setpoint_ms: 50.0,
         min_rps: 0.5,
         max_rps: 50.0,
         max_concurrency: 64,
     };
-    let controllers: Vec<sim::SimFigures> = [
-        ControllerKind::Pid,
-        ControllerKind::Sigmoid,
-        ControllerKind::Gradient2,
-        ControllerKind::Aimd,
-    ]
-    .into_iter()
-    .map(|k| {
-        sim::figures(
-            k,
-            &plant,
-            limits.setpoint_ms,
-            &sim::simulate(k, &plant, limits, seed),
-        )
-    })
-    .collect();
+    let run_all = |plant: &sim::Plant| -> Vec<sim::SimFigures> {
+        [
+            ControllerKind::Pid,
+            ControllerKind::Sigmoid,
+            ControllerKind::Gradient2,
+            ControllerKind::Aimd,
+        ]
+        .into_iter()
+        .map(|k| {
+            sim::figures(
+                k,
+                plant,
+                limits.setpoint_ms,
+                &sim::simulate(k, plant, limits, seed),
+            )
+        })
+        .collect()
+    };
+    let controllers = run_all(&plant);
+    let controllers_quiet = run_all(&quiet);
     let mut targets = vec![
         target(
             "anomaly.auroc",
@@ -213,6 +225,7 @@ pub fn evaluate(trace_path: &Path, seed: u64) -> Result<Evaluation> {
             anomaly,
             forecast,
             controllers,
+            controllers_quiet,
             targets,
         },
         test_anomaly_scores: scores,
@@ -226,7 +239,7 @@ pub fn evaluate(trace_path: &Path, seed: u64) -> Result<Evaluation> {
 fn target(name: &str, value: f64, target: &str, met: bool) -> Target {
     Target {
         name: name.into(),
-        value,
+        value: value.is_finite().then_some(value),
         target: target.into(),
         met,
     }
@@ -328,41 +341,4 @@ fn plot(e: &Evaluation, path: &Path) -> Result<()> {
     )?;
     root.present()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod experiments {
-    #[test]
-    #[ignore]
-    fn gbdt_grid() {
-        let trace =
-            crate::trace::Trace::load(std::path::Path::new(&std::env::var("TRACE").unwrap()))
-                .unwrap();
-        let cut = trace.split_at(super::TEST_FRACTION);
-        for h in [1, 5] {
-            let tr = crate::forecast::Rows::build(&trace.features[..cut], h);
-            let te = crate::forecast::Rows::build(&trace.features[cut..], h);
-            println!(
-                "h{h} persistence {:.2}",
-                crate::metrics::mae(&te.now, &te.y)
-            );
-            for it in [50, 150] {
-                for lr in [0.03f32, 0.1] {
-                    for depth in [2, 4] {
-                        for leaf in [5.0f32, 30.0] {
-                            for clip in [5.0, 20.0, 1e9] {
-                                let g =
-                                    crate::forecast::Gbdt::fit_with(&tr, it, lr, depth, leaf, clip)
-                                        .unwrap();
-                                let m = crate::metrics::mae(&g.predict(&te), &te.y);
-                                println!(
-                                    "h{h} it {it} lr {lr} depth {depth} leaf {leaf} clip {clip}: {m:.2}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

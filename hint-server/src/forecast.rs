@@ -73,14 +73,14 @@ pub struct Gbdt {
 }
 
 impl Gbdt {
-    pub const ITERATIONS: usize = 150;
-    pub const LEARNING_RATE: f32 = 0.05;
+    pub const ITERATIONS: usize = 50;
+    pub const LEARNING_RATE: f32 = 0.03;
     pub const MAX_DEPTH: usize = 4;
     pub const MIN_LEAF: f32 = 5.0;
     /// Residuals beyond ±this are clipped for training: a regime change (a bandwidth step, a
     /// load that starts) cannot be foreseen from the window before it, and squared loss would
     /// otherwise pull every prediction toward those jumps.
-    pub const CLIP_MS: f64 = 1e9;
+    pub const CLIP_MS: f64 = 20.0;
 
     pub fn fit(rows: &Rows) -> Result<Self> {
         Self::fit_with(

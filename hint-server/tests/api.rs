@@ -1,5 +1,7 @@
 //! The API in process (no socket: `tower::ServiceExt::oneshot` on the router) against a real
 //! redis-server, fed with windows recorded on the test bed.
+// Helpers outside `#[test]` functions panic on set-up failures: that is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -1,5 +1,7 @@
 //! The models on the committed trace (recorded on the test bed by `cargo xtask record-trace`,
 //! split by time): the figures the evaluation report gives, asserted.
+// Helpers outside `#[test]` functions panic on set-up failures: that is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 

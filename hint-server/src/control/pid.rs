@@ -51,7 +51,7 @@ impl Default for PidGains {
             slew_up: 0.25,
             probe_start: 0.05,
             severe: 3.0,
-            severe_cut: 0.7,
+            severe_cut: 0.5,
             anomaly_damping: 0.3,
         }
     }
@@ -67,6 +67,8 @@ pub struct Pid {
     prev_t: Option<f64>,
     base_ms: Option<f64>,
     probe_step: f64,
+    /// Rate (fraction of max) at which a queue above the setpoint was last seen.
+    congested_u: Option<f64>,
     last_u: f64,
     max_rps: f64,
     min_ln: f64,
@@ -86,6 +88,7 @@ impl Pid {
             prev_t: None,
             base_ms: None,
             probe_step: 0.0,
+            congested_u: None,
             last_u: start,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
@@ -127,13 +130,21 @@ impl Controller for Pid {
         if y < base + self.g.probe_fraction * (sp - base) {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to
-            // the slew limit.
+            // the slew limit — but near the rate at which a queue last appeared, creep (the
+            // capacity is probably still there); that memory fades 2 % per probing period.
             self.probe_step = if self.probe_step == 0.0 {
                 self.g.probe_start
             } else {
                 (self.probe_step * 2.0).min(self.g.slew_up)
             };
-            self.integral += (1.0 + self.probe_step).ln() * dt.min(1.0);
+            let step = match self.congested_u {
+                Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
+                    self.congested_u = Some(c * 1.02);
+                    self.g.probe_start.min(self.probe_step)
+                }
+                _ => self.probe_step,
+            };
+            self.integral += (1.0 + step).ln() * dt.min(1.0);
             terms = 0.0;
             reason = format!("p95 {y:.1} ms, no queue (base {base:.1} ms): probing up");
         } else if y > self.g.severe * sp && d >= 0.0 {
@@ -147,6 +158,15 @@ impl Controller for Pid {
                 self.g.severe, self.g.severe_cut
             );
         } else {
+            if y > sp {
+                // Rising: this rate overloads the path. Falling: this rate drains it, so the
+                // capacity is just above — creep from here rather than probe.
+                self.congested_u = Some(if d < 0.0 {
+                    self.last_u
+                } else {
+                    self.last_u / 0.9
+                });
+            }
             self.probe_step = 0.0;
             self.integral += self.g.ki * e * dt;
             terms = self.g.kp * e + self.g.kd * d + self.g.kf * ff;
