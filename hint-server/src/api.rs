@@ -204,6 +204,9 @@ async fn get_hint(
 }
 
 async fn current_hint(app: &App, id: &str) -> Result<Hint, ApiError> {
+    if let Some(h) = app.cached(id, unix_ms()) {
+        return Ok(h);
+    }
     let Some(cfg) = app.store.client(id).await.map_err(ApiError::unavailable)? else {
         return Err(ApiError::not_found(format!(
             "client {id} is not registered: PUT /v1/clients/{id} first"

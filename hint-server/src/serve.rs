@@ -47,6 +47,9 @@ pub struct App {
     pub models: ArcSwapOption<Models>,
     pub hints: broadcast::Sender<Hint>,
     pub ingest_alive: AtomicBool,
+    /// The newest hint per client, as published on `tokenflow:hints` by any replica: reads are
+    /// served from here while the hint is within its TTL, and from Redis otherwise.
+    pub cache: std::sync::RwLock<std::collections::HashMap<String, Hint>>,
 }
 
 impl App {
@@ -58,7 +61,29 @@ impl App {
             models: ArcSwapOption::new(models),
             hints: tx,
             ingest_alive: AtomicBool::new(false),
+            cache: Default::default(),
         })
+    }
+
+    /// Remembers a published hint (newest wins) and passes it to the SSE streams.
+    pub fn remember(&self, h: Hint) {
+        if let Ok(mut c) = self.cache.write() {
+            let newer = c
+                .get(&h.client_id)
+                .is_none_or(|old| old.issued_at_unix_ms <= h.issued_at_unix_ms);
+            if newer {
+                c.insert(h.client_id.clone(), h.clone());
+            }
+        }
+        let _ = self.hints.send(h);
+    }
+
+    /// The cached hint of a client, if still within its TTL.
+    pub fn cached(&self, client: &str, now_ms: u64) -> Option<Hint> {
+        let c = self.cache.read().ok()?;
+        c.get(client)
+            .filter(|h| h.issued_at_unix_ms + h.ttl_ms > now_ms)
+            .cloned()
     }
 }
 
@@ -280,7 +305,7 @@ async fn pubsub_loop(app: Arc<App>) {
             let mut s = ps.on_message();
             while let Some(msg) = s.next().await {
                 if let Ok(h) = serde_json::from_str::<Hint>(&msg.get_payload::<String>()?) {
-                    let _ = app.hints.send(h);
+                    app.remember(h);
                 }
             }
             Ok(())

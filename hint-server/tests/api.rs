@@ -337,7 +337,7 @@ async fn the_stream_sends_the_current_hint_then_changes() {
         .await
         .unwrap();
     // (This test runs no pub/sub listener: deliver as the listener would.)
-    a.hints.send(h).unwrap();
+    a.remember(h);
     let second = next_event(&mut body).await;
     assert!(second.contains("\"rate_limit_rps\":17.0"), "{second}");
 }
