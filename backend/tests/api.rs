@@ -1,0 +1,273 @@
+//! The OpenAI contract, in process (no socket), against the real tiny model.
+// Helpers outside `#[test]` functions panic on set-up failures: that is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokenflow_backend::{
+    api::{AppState, Message, chat_prompt, router},
+    engine::{Engine, Limits},
+    model::{Model, Size, init},
+};
+use tower::ServiceExt;
+
+fn model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("tf-backend-test-{}", std::process::id()));
+        init(Size::Tiny, &d, 7).unwrap();
+        d
+    })
+    .clone()
+}
+
+fn app(limits: Limits) -> (Router, Arc<Engine>, Model) {
+    let dir = model_dir();
+    let engine = Engine::start(Model::load(&dir, candle_core::Device::Cpu).unwrap(), limits);
+    let model = Model::load(&dir, candle_core::Device::Cpu).unwrap();
+    let st = AppState::new(engine.clone(), &model, None);
+    (router(st), engine, model)
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_running: 4,
+        max_waiting: 16,
+        token_budget: 512,
+    }
+}
+
+async fn post(r: &Router, path: &str, body: Value) -> (StatusCode, axum::http::HeaderMap, String) {
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn model_name() -> String {
+    model_dir()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_stream_is_framed_as_vllm_frames_it_and_counts_tokens_with_the_tokenizer() {
+    let (r, _, model) = app(limits());
+    let messages = json!([{"role": "user", "content": "How full is the queue?"}]);
+    let (s, h, body) = post(
+        &r,
+        "/v1/chat/completions",
+        json!({"model": model_name(), "messages": messages, "max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}, "seed": 3}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(h["content-type"], "text/event-stream");
+    assert!(h.contains_key("x-queue-time-ms") && h.contains_key("x-prefill-time-ms"));
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.iter().all(|e| e.starts_with("data: ")), "{body}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e[6..]).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let finish = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert!(finish["tokenflow"]["prefill_time_ms"].as_f64().unwrap() > 0.0);
+    let usage = &chunks.last().unwrap()["usage"];
+    // Usage equals the tokenizer's own counts: the chat template plus BOS, and every sampled token.
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: "How full is the queue?".into(),
+    }];
+    let prompt_ids = model.encode(&chat_prompt(&msgs)).unwrap();
+    assert_eq!(
+        usage["prompt_tokens"].as_u64(),
+        Some(prompt_ids.len() as u64)
+    );
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(prompt_ids.len() as u64 + 12)
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_generation_is_deterministic_and_completions_agree_with_chat_shape() {
+    let (r, _, _) = app(limits());
+    let req = json!({"model": model_name(), "prompt": "The bottleneck", "max_tokens": 10, "seed": 42, "temperature": 0.8});
+    let (s1, _, a) = post(&r, "/v1/completions", req.clone()).await;
+    let (s2, _, b) = post(&r, "/v1/completions", req).await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(&a).unwrap(),
+        serde_json::from_str(&b).unwrap(),
+    );
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    assert_eq!(a["object"], "text_completion");
+    assert_eq!(a["usage"]["completion_tokens"], 10);
+    // Stop sequences end the text before the stop.
+    let text = a["choices"][0]["text"].as_str().unwrap().to_string();
+    if let Some(stop) = text.split_whitespace().nth(1).filter(|w| !w.is_empty()) {
+        let (_, _, c) = post(&r, "/v1/completions", json!({"model": model_name(), "prompt": "The bottleneck", "max_tokens": 10, "seed": 42, "temperature": 0.8, "stop": stop})).await;
+        let c: Value = serde_json::from_str(&c).unwrap();
+        assert_eq!(c["choices"][0]["finish_reason"], "stop", "{c}");
+        assert!(!c["choices"][0]["text"].as_str().unwrap().contains(stop));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_name_the_field_unknown_models_are_404() {
+    let (r, _, _) = app(limits());
+    let m = model_name();
+    for (path, body, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": []}),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "user", "content": "x"}], "temperature": 3.5}),
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "max_tokens": 100000}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "n": 2}),
+            "n",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": ["a", "b"]}),
+            "prompt",
+        ),
+    ] {
+        let (s, _, b) = post(&r, path, body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["param"], param, "{body}: {b}");
+        assert_eq!(v["error"]["type"], "BadRequestError");
+    }
+    let (s, _, b) = post(
+        &r,
+        "/v1/chat/completions",
+        json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(b.contains("The model `gpt-9` does not exist."));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_waiting_queue_answers_429_with_retry_after() {
+    let (r, _, _) = app(Limits {
+        max_running: 1,
+        max_waiting: 0,
+        token_budget: 512,
+    });
+    let (s, h, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": model_name(), "prompt": "x", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{b}");
+    assert_eq!(h["retry-after"], "1");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["error"]["type"], "RateLimitError");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_stops_its_generation() {
+    let (r, engine, _) = app(limits());
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"model": model_name(), "prompt": "x", "max_tokens": 3000, "stream": true})
+                .to_string(),
+        ))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    let _first = body.frame().await.unwrap().unwrap();
+    assert_eq!(engine.running.load(Ordering::SeqCst), 1);
+    drop(body);
+    // 3000 tokens would take seconds; the scheduler drops the sequence at its next step.
+    let t0 = Instant::now();
+    while engine.running.load(Ordering::SeqCst) != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "generation went on after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_and_health() {
+    let (r, _, _) = app(limits());
+    let resp = r
+        .clone()
+        .oneshot(Request::get("/v1/models").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["data"][0]["id"].as_str(), Some(model_name().as_str()));
+    let resp = r
+        .clone()
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
