@@ -1,0 +1,214 @@
+//! One streaming chat request against an OpenAI-compatible server (vLLM or tokenflow-backend),
+//! timed as the user feels it: from the moment the user submitted, pacer wait included.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Record {
+    pub user: usize,
+    pub class: String,
+    pub target: String,
+    /// Milliseconds since the run started, when the user submitted.
+    pub submitted_ms: f64,
+    /// Time spent waiting in the pacer.
+    pub wait_ms: f64,
+    /// Time to first token from submission (what the user feels).
+    pub ttft_ms: Option<f64>,
+    /// Time to first token from when the request was sent.
+    pub ttft_sent_ms: Option<f64>,
+    pub itl_ms: Vec<f64>,
+    pub e2e_ms: f64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub status: u16,
+    pub error: Option<String>,
+    pub retries: u32,
+}
+
+/// What one parsed SSE `data:` line carries.
+#[derive(Debug, PartialEq)]
+pub enum Chunk {
+    Content(String),
+    Usage { prompt: u64, completion: u64 },
+    Finish(String),
+    Error(String),
+    Done,
+    Other,
+}
+
+/// Parses one `data:` payload of an OpenAI/vLLM stream (chat or completions).
+pub fn parse_chunk(data: &str) -> Chunk {
+    if data.trim() == "[DONE]" {
+        return Chunk::Done;
+    }
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return Chunk::Error(format!(
+            "not JSON: {}",
+            data.chars().take(80).collect::<String>()
+        ));
+    };
+    if let Some(e) = v.get("error") {
+        return Chunk::Error(
+            e.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("error")
+                .to_string(),
+        );
+    }
+    if let Some(u) = v.get("usage").filter(|u| !u.is_null())
+        && v["choices"].as_array().is_none_or(|c| c.is_empty())
+    {
+        return Chunk::Usage {
+            prompt: u["prompt_tokens"].as_u64().unwrap_or(0),
+            completion: u["completion_tokens"].as_u64().unwrap_or(0),
+        };
+    }
+    let c = &v["choices"][0];
+    let text = c["delta"]["content"]
+        .as_str()
+        .or_else(|| c["text"].as_str())
+        .unwrap_or("");
+    if !text.is_empty() {
+        return Chunk::Content(text.to_string());
+    }
+    if let Some(f) = c["finish_reason"].as_str() {
+        return Chunk::Finish(f.to_string());
+    }
+    Chunk::Other
+}
+
+pub struct Call<'a> {
+    pub http: &'a reqwest::Client,
+    pub target: &'a str,
+    pub model: &'a str,
+    pub prompt: &'a str,
+    pub max_tokens: u32,
+    pub timeout: Duration,
+}
+
+/// The outcome of one attempt.
+pub struct Attempt {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub first_token: Option<Instant>,
+    pub token_times: Vec<Instant>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub error: Option<String>,
+}
+
+pub async fn attempt(c: &Call<'_>) -> Attempt {
+    let mut a = Attempt {
+        status: 0,
+        retry_after: None,
+        first_token: None,
+        token_times: Vec::new(),
+        tokens_in: 0,
+        tokens_out: 0,
+        error: None,
+    };
+    let body = json!({
+        "model": c.model,
+        "messages": [{"role": "user", "content": c.prompt}],
+        "max_tokens": c.max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let r = match c
+        .http
+        .post(format!("{}/v1/chat/completions", c.target))
+        .json(&body)
+        .timeout(c.timeout)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            a.error = Some(format!("{e}"));
+            return a;
+        }
+    };
+    a.status = r.status().as_u16();
+    if !r.status().is_success() {
+        a.retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        a.error = Some(
+            r.text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect(),
+        );
+        return a;
+    }
+    let mut events = r.bytes_stream().eventsource();
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                a.error = Some(format!("stream: {e}"));
+                break;
+            }
+        };
+        match parse_chunk(&ev.data) {
+            Chunk::Content(_) => {
+                let now = Instant::now();
+                a.first_token.get_or_insert(now);
+                a.token_times.push(now);
+            }
+            Chunk::Usage { prompt, completion } => {
+                a.tokens_in = prompt;
+                a.tokens_out = completion;
+            }
+            Chunk::Error(e) => a.error = Some(e),
+            Chunk::Done => break,
+            Chunk::Finish(_) | Chunk::Other => {}
+        }
+    }
+    if a.tokens_out == 0 {
+        a.tokens_out = a.token_times.len() as u64;
+    }
+    a
+}
+
+/// Inter-token gaps, milliseconds.
+pub fn itl(times: &[Instant]) -> Vec<f64> {
+    times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+        .collect()
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+/// Sends with retries on 429 (after Retry-After) and on refused connections, within `budget`.
+pub async fn send_with_retries(c: &Call<'_>, budget: u32) -> Result<(Attempt, u32)> {
+    let mut retries = 0;
+    loop {
+        let a = attempt(c).await;
+        let retryable =
+            a.status == 429 || a.status == 503 || (a.status == 0 && a.first_token.is_none());
+        if !retryable || retries >= budget {
+            return Ok((a, retries));
+        }
+        retries += 1;
+        tokio::time::sleep(jitter(a.retry_after.unwrap_or(Duration::from_millis(200)))).await;
+    }
+}

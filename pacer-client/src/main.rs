@@ -1,0 +1,273 @@
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use clap::{Parser, Subcommand};
+use tokenflow_pacer::{
+    gate::Limit,
+    hints::HintSource,
+    prompts::Prompts,
+    run::{Load, Pacing, RunConfig, run},
+    summary::summarize,
+};
+
+/// Sends prompts to an OpenAI-compatible LLM server (vLLM, tokenflow-backend) — unpaced, at a
+/// fixed rate, or at the rate TokenFlow's hint server allows — and records what users feel:
+/// time waiting in the pacer, TTFT from submission, inter-token latency, end-to-end latency.
+#[derive(Parser)]
+#[command(name = "tokenflow-pacer", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a workload and write a JSON summary and JSONL of every request.
+    Run(Args),
+}
+
+#[derive(clap::Args)]
+struct Args {
+    /// Server base URL (repeat for several backends; requests go to the least loaded).
+    #[arg(long, required = true)]
+    target: Vec<String>,
+    #[arg(long)]
+    model: String,
+    /// Closed loop: this many users, each sending again when its answer ends (1–100).
+    #[arg(long, conflicts_with = "rate", value_parser = clap::value_parser!(u32).range(1..=100))]
+    users: Option<u32>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// `off`, `fixed:RATE` (requests/s) or `hints:URL` (hint server base URL).
+    #[arg(long, default_value = "off")]
+    pacing: String,
+    /// Concurrency cap for fixed pacing.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// This client's id at the hint server.
+    #[arg(long, default_value = "pacer")]
+    client_id: String,
+    /// `interactive` or `batch` (registered at the hint server with --hint-token).
+    #[arg(long, default_value = "interactive")]
+    class: String,
+    /// Bearer token to register this client at the hint server (PUT /v1/clients/{id}).
+    #[arg(long, env = "TOKENFLOW_HINT_TOKEN", hide_env_values = true)]
+    hint_token: Option<String>,
+    /// Node whose telemetry governs this client (for registration).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Rate and concurrency used while no fresh hint is at hand.
+    #[arg(long, default_value_t = 1.0)]
+    safe_rps: f64,
+    #[arg(long, default_value_t = 2)]
+    safe_concurrency: usize,
+    /// Size of synthetic prompts in bytes (50000–200000 for long-context profiles).
+    #[arg(long, default_value_t = 400)]
+    prompt_bytes: usize,
+    /// JSONL prompts (`{"prompt": …}` or ShareGPT conversations) instead of synthetic ones.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Retries after 429 or a refused connection, per request.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// TTFT objective for goodput, milliseconds.
+    #[arg(long, default_value_t = 1000.0)]
+    slo_ttft_ms: f64,
+    /// Output folder (default results/pacer-<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as JSON only.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cmd::Run(a) = Cli::parse().cmd;
+    let r = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(main_run(a)));
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenflow-pacer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pacing(a: &Args) -> anyhow::Result<Pacing> {
+    let safe = Limit {
+        rate: a.safe_rps,
+        concurrency: a.safe_concurrency.max(1),
+    };
+    Ok(match a.pacing.split_once(':') {
+        None if a.pacing == "off" => Pacing::Off,
+        Some(("fixed", r)) => Pacing::Fixed(
+            r.parse()
+                .map_err(|_| anyhow::anyhow!("--pacing fixed:RATE: `{r}` is not a number"))?,
+        ),
+        Some(("hints", url)) => Pacing::Hints(HintSource {
+            url: url.trim_end_matches('/').to_string(),
+            client_id: a.client_id.clone(),
+            safe,
+        }),
+        _ => anyhow::bail!(
+            "--pacing: `{}` is not off, fixed:RATE or hints:URL",
+            a.pacing
+        ),
+    })
+}
+
+async fn main_run(a: Args) -> anyhow::Result<()> {
+    let pacing = pacing(&a)?;
+    if let (Pacing::Hints(src), Some(token)) = (&pacing, &a.hint_token) {
+        let node = a
+            .node_id
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--node-id is needed to register at the hint server"))?;
+        let r = reqwest::Client::new()
+            .put(format!("{}/v1/clients/{}", src.url, src.client_id))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"node_id": node, "class": a.class}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "registering at the hint server: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    let load = match (a.users, a.rate) {
+        (Some(u), None) => Load::Closed { users: u as usize },
+        (None, Some(r)) if r > 0.0 => Load::Open { rate: r },
+        _ => anyhow::bail!("give --users N (closed loop) or --rate R (open loop)"),
+    };
+    let prompts = Arc::new(match &a.prompts {
+        Some(p) => Prompts::from_jsonl(p)?,
+        None => Prompts::synthetic(a.prompt_bytes, 64, 1),
+    });
+    let cfg = RunConfig {
+        targets: a
+            .target
+            .iter()
+            .map(|t| t.trim_end_matches('/').to_string())
+            .collect(),
+        model: a.model.clone(),
+        load,
+        duration: a.duration,
+        max_tokens: a.max_tokens,
+        pacing,
+        class: a.class.clone(),
+        retries: a.retries,
+        timeout: a.timeout,
+        concurrency: a.concurrency,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t0 = Instant::now();
+    let running = run(cfg, prompts, tx).await?;
+    let bar = (!a.json).then(|| {
+        let b = indicatif::ProgressBar::new(a.duration.as_secs());
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut records = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => records.push(r),
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Some(b) = &bar {
+                    b.set_position(t0.elapsed().as_secs().min(a.duration.as_secs()));
+                    let s = summarize(&records, t0.elapsed().as_secs_f64(), a.slo_ttft_ms);
+                    let l = running.gate.limit();
+                    b.set_message(format!("{:.1} req/s, TTFT p99 {:.0} ms, limit {} req/s, waiting {}", s.requests_per_s, s.ttft.p99_ms,
+                        if l.rate.is_finite() { format!("{:.1}", l.rate) } else { "∞".into() }, running.gate.waiting()));
+                }
+                if t0.elapsed() > a.duration + a.timeout {
+                    break;
+                }
+            }
+        }
+    }
+    drop(running);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let s = summarize(&records, a.duration.as_secs_f64(), a.slo_ttft_ms);
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("results").join(format!(
+            "pacer-{}",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        ))
+    });
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&s)?)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("requests.jsonl"))?);
+    for r in &records {
+        serde_json::to_writer(&mut f, r)?;
+        f.write_all(b"\n")?;
+    }
+    f.flush()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "{} requests ({} ok, {} errors, {} × 429) in {:.0} s: {:.2} req/s, {:.1} tokens/s, goodput {:.2} req/s (TTFT ≤ {} ms)",
+            s.requests,
+            s.ok,
+            s.errors,
+            s.rejected_429,
+            s.duration_s,
+            s.requests_per_s,
+            s.tokens_per_s,
+            s.goodput_per_s,
+            s.slo_ttft_ms
+        );
+        for (name, p) in [
+            ("TTFT (from submit)", &s.ttft),
+            ("TTFT (from send)", &s.ttft_from_send),
+            ("inter-token", &s.inter_token),
+            ("end-to-end", &s.e2e),
+            ("pacer wait", &s.pacer_wait),
+        ] {
+            println!(
+                "  {name:<20} p50 {:>8.1} ms  p95 {:>8.1} ms  p99 {:>8.1} ms",
+                p.p50_ms, p.p95_ms, p.p99_ms
+            );
+        }
+        println!(
+            "written to {}/summary.json and requests.jsonl",
+            out.display()
+        );
+    }
+    Ok(())
+}

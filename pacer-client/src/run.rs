@@ -1,0 +1,194 @@
+//! Workloads: a closed loop of N users, or open-loop Poisson arrivals; each request passes the
+//! pacing gate before it is sent, and is timed from the moment the user submitted it.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+use crate::{
+    client::{Call, Record, itl, ms, send_with_retries},
+    gate::{Gate, Limit},
+    hints::{HintSource, Latest, follow},
+    prompts::Prompts,
+};
+
+#[derive(Clone, Debug)]
+pub enum Pacing {
+    Off,
+    Fixed(f64),
+    Hints(HintSource),
+}
+
+#[derive(Clone, Debug)]
+pub enum Load {
+    /// N users, each sending its next request when the previous one ends.
+    Closed { users: usize },
+    /// Poisson arrivals at this many requests per second.
+    Open { rate: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub targets: Vec<String>,
+    pub model: String,
+    pub load: Load,
+    pub duration: Duration,
+    pub max_tokens: u32,
+    pub pacing: Pacing,
+    pub class: String,
+    pub retries: u32,
+    pub timeout: Duration,
+    /// Concurrency cap for `fixed` pacing.
+    pub concurrency: usize,
+}
+
+pub struct Running {
+    pub gate: Arc<Gate>,
+    pub latest: Arc<Mutex<Latest>>,
+    pub in_flight: Arc<Vec<AtomicUsize>>,
+}
+
+pub async fn run(
+    cfg: RunConfig,
+    prompts: Arc<Prompts>,
+    records: mpsc::UnboundedSender<Record>,
+) -> Result<Running> {
+    anyhow::ensure!(!cfg.targets.is_empty(), "give at least one --target");
+    let limit = match &cfg.pacing {
+        Pacing::Off => Limit::UNLIMITED,
+        Pacing::Fixed(r) => Limit {
+            rate: *r,
+            concurrency: cfg.concurrency,
+        },
+        // Until the first hint arrives: the safe floor.
+        Pacing::Hints(src) => src.safe,
+    };
+    let gate = Gate::new(limit);
+    let latest = Arc::new(Mutex::new(Latest::default()));
+    if let Pacing::Hints(src) = &cfg.pacing {
+        tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
+    }
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()?;
+    let start = Instant::now();
+    let deadline = start + cfg.duration;
+    let in_flight: Arc<Vec<AtomicUsize>> =
+        Arc::new(cfg.targets.iter().map(|_| AtomicUsize::new(0)).collect());
+    let one = {
+        let (cfg, gate, http, prompts, records, in_flight) = (
+            cfg.clone(),
+            gate.clone(),
+            http.clone(),
+            prompts.clone(),
+            records.clone(),
+            in_flight.clone(),
+        );
+        move |user: usize, submitted: Instant| {
+            let (cfg, gate, http, prompts, records, in_flight) = (
+                cfg.clone(),
+                gate.clone(),
+                http.clone(),
+                prompts.clone(),
+                records.clone(),
+                in_flight.clone(),
+            );
+            async move {
+                let permit = gate.acquire().await;
+                let sent = Instant::now();
+                // Least in-flight target.
+                let t = (0..cfg.targets.len())
+                    .min_by_key(|&i| in_flight[i].load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                in_flight[t].fetch_add(1, Ordering::Relaxed);
+                let prompt = prompts.pick();
+                let call = Call {
+                    http: &http,
+                    target: &cfg.targets[t],
+                    model: &cfg.model,
+                    prompt: &prompt,
+                    max_tokens: cfg.max_tokens,
+                    timeout: cfg.timeout,
+                };
+                let r = send_with_retries(&call, cfg.retries).await;
+                in_flight[t].fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+                let end = Instant::now();
+                let rec = match r {
+                    Ok((a, retries)) => Record {
+                        user,
+                        class: cfg.class.clone(),
+                        target: cfg.targets[t].clone(),
+                        submitted_ms: ms(submitted - start),
+                        wait_ms: ms(sent - submitted),
+                        ttft_ms: a.first_token.map(|f| ms(f - submitted)),
+                        ttft_sent_ms: a.first_token.map(|f| ms(f - sent)),
+                        itl_ms: itl(&a.token_times),
+                        e2e_ms: ms(end - submitted),
+                        tokens_in: a.tokens_in,
+                        tokens_out: a.tokens_out,
+                        status: a.status,
+                        error: a.error,
+                        retries,
+                    },
+                    Err(e) => Record {
+                        user,
+                        class: cfg.class.clone(),
+                        target: cfg.targets[t].clone(),
+                        submitted_ms: ms(submitted - start),
+                        wait_ms: ms(sent - submitted),
+                        ttft_ms: None,
+                        ttft_sent_ms: None,
+                        itl_ms: Vec::new(),
+                        e2e_ms: ms(end - submitted),
+                        tokens_in: 0,
+                        tokens_out: 0,
+                        status: 0,
+                        error: Some(format!("{e:#}")),
+                        retries: 0,
+                    },
+                };
+                let _ = records.send(rec);
+            }
+        }
+    };
+    match cfg.load {
+        Load::Closed { users } => {
+            for u in 0..users {
+                let one = one.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        one(u, Instant::now()).await;
+                    }
+                });
+            }
+        }
+        Load::Open { rate } => {
+            tokio::spawn(async move {
+                let mut next = Instant::now();
+                let mut n = 0usize;
+                while next < deadline {
+                    tokio::time::sleep_until(next.into()).await;
+                    // The request was submitted when it was due, however late this task woke.
+                    tokio::spawn(one(n, next));
+                    n += 1;
+                    let gap = -(1.0 - fastrand::f64()).ln() / rate.max(1e-9);
+                    next += Duration::from_secs_f64(gap);
+                }
+            });
+        }
+    }
+    Ok(Running {
+        gate,
+        latest,
+        in_flight,
+    })
+}

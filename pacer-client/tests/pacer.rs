@@ -1,0 +1,229 @@
+//! The gate's guarantees, the fallback without a hint server, and the pacer against the real
+//! backend over loopback.
+// Helpers outside `#[test]` functions panic on set-up failures: that is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokenflow_pacer::{
+    client::{Chunk, parse_chunk},
+    gate::{Gate, Limit},
+    hints::{HintSource, Latest, follow},
+    prompts::Prompts,
+    run::{Load, Pacing, RunConfig, run},
+    summary::summarize,
+};
+
+/// Grants from `n` requests queued at once, with their queue positions.
+async fn grants(gate: &Arc<Gate>, n: usize, hold: Duration) -> Vec<(usize, Instant)> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (g, o) = (gate.clone(), out.clone());
+        tasks.push(tokio::spawn(async move {
+            let p = g.acquire().await;
+            o.lock().unwrap().push((i, Instant::now()));
+            tokio::time::sleep(hold).await;
+            drop(p);
+        }));
+        // Deterministic arrival order.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Arc::try_unwrap(out).unwrap().into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bucket_never_exceeds_its_rate_and_serves_in_arrival_order() {
+    for rate in [20.0, 50.0, 137.0] {
+        let gate = Gate::new(Limit {
+            rate,
+            concurrency: usize::MAX,
+        });
+        let g = grants(&gate, 40, Duration::ZERO).await;
+        // First come, first served.
+        let order: Vec<usize> = g.iter().map(|x| x.0).collect();
+        assert_eq!(order, (0..40).collect::<Vec<_>>(), "rate {rate}");
+        // Any window of length w holds at most rate·w + 1 (the bucket's depth) grants.
+        let t: Vec<Instant> = g.iter().map(|x| x.1).collect();
+        for i in 0..t.len() {
+            for j in i + 1..t.len() {
+                let w = (t[j] - t[i]).as_secs_f64();
+                let n = (j - i + 1) as f64;
+                assert!(
+                    n <= rate * w + 1.0 + 1e-9 + rate * 0.002,
+                    "rate {rate}: {n} grants in {w:.4} s"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_is_capped_and_limits_change_live() {
+    let gate = Gate::new(Limit {
+        rate: f64::INFINITY,
+        concurrency: 2,
+    });
+    let t0 = Instant::now();
+    let g = grants(&gate, 6, Duration::from_millis(100)).await;
+    // Pairs of two, 100 ms apart.
+    let last = g.last().unwrap().1 - t0;
+    assert!(last >= Duration::from_millis(190), "{last:?}");
+    // Raising the rate while requests wait takes effect at once.
+    let gate = Gate::new(Limit {
+        rate: 1.0,
+        concurrency: 100,
+    });
+    let g2 = gate.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        g2.set(Limit {
+            rate: 1000.0,
+            concurrency: 100,
+        });
+    });
+    let t0 = Instant::now();
+    grants(&gate, 20, Duration::ZERO).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the new rate was not applied: {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_hint_server_the_gate_falls_to_the_safe_floor() {
+    let gate = Gate::new(Limit {
+        rate: 500.0,
+        concurrency: 64,
+    });
+    let latest = Arc::new(Mutex::new(Latest::default()));
+    let safe = Limit {
+        rate: 1.5,
+        concurrency: 2,
+    };
+    // Port 1 on loopback: nothing listens.
+    let src = HintSource {
+        url: "http://127.0.0.1:1".into(),
+        client_id: "c".into(),
+        safe,
+    };
+    tokio::spawn(follow(src, gate.clone(), latest.clone()));
+    let t0 = Instant::now();
+    while gate.limit() != safe {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "still {:?}",
+            gate.limit()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(latest.lock().unwrap().fallbacks >= 1);
+}
+
+#[test]
+fn parses_vllm_stream_chunks() {
+    // Shapes from vLLM's OpenAI-compatible server (chat, completions, usage, error, done).
+    let chat = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#;
+    assert_eq!(parse_chunk(chat), Chunk::Content("Hi".into()));
+    let role = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#;
+    assert_eq!(parse_chunk(role), Chunk::Other);
+    let text = r#"{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":" world","logprobs":null,"finish_reason":null,"stop_reason":null}]}"#;
+    assert_eq!(parse_chunk(text), Chunk::Content(" world".into()));
+    let fin = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length","stop_reason":null}]}"#;
+    assert_eq!(parse_chunk(fin), Chunk::Finish("length".into()));
+    let usage = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":12,"total_tokens":28,"completion_tokens":16}}"#;
+    assert_eq!(
+        parse_chunk(usage),
+        Chunk::Usage {
+            prompt: 12,
+            completion: 16
+        }
+    );
+    let err = r#"{"error":{"object":"error","message":"This model's maximum context length is 2048 tokens.","type":"BadRequestError","param":null,"code":400}}"#;
+    assert!(matches!(parse_chunk(err), Chunk::Error(m) if m.contains("maximum context length")));
+    assert_eq!(parse_chunk("[DONE]"), Chunk::Done);
+    assert!(matches!(parse_chunk("{not json"), Chunk::Error(_)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
+    use tokenflow_backend::{
+        api::{AppState, router},
+        engine::{Engine, Limits},
+        model::{Model, Size, init},
+    };
+    let dir = std::env::temp_dir().join(format!("tf-pacer-test-{}", std::process::id()));
+    init(Size::Tiny, &dir, 7).unwrap();
+    let engine = Engine::start(
+        Model::load(&dir, candle_core::Device::Cpu).unwrap(),
+        Limits {
+            max_running: 8,
+            max_waiting: 64,
+            token_budget: 1024,
+        },
+    );
+    let model = Model::load(&dir, candle_core::Device::Cpu).unwrap();
+    let name = model.name.clone();
+    let st = AppState::new(engine, &model, None);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, router(st)).await });
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let rate = 4.0;
+    let cfg = RunConfig {
+        targets: vec![format!("http://{addr}")],
+        model: name,
+        load: Load::Closed { users: 6 },
+        duration: Duration::from_secs(3),
+        max_tokens: 4,
+        pacing: Pacing::Fixed(rate),
+        class: "interactive".into(),
+        retries: 1,
+        timeout: Duration::from_secs(30),
+        concurrency: 64,
+    };
+    let running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
+        .await
+        .unwrap();
+    let mut recs = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            Ok(Some(r)) => recs.push(r),
+            _ if t0.elapsed() > Duration::from_secs(4) && running.gate.waiting() == 0 => break,
+            _ => {}
+        }
+    }
+    let s = summarize(&recs, 3.0, 1000.0);
+    println!("{s:?}");
+    assert!(s.ok >= 8 && s.errors == 0, "{s:?}");
+    // The pacer sent no faster than its rate (+1 for the bucket's depth).
+    let mut sent: Vec<f64> = recs.iter().map(|r| r.submitted_ms + r.wait_ms).collect();
+    sent.sort_by(f64::total_cmp);
+    let span = (sent.last().unwrap() - sent[0]) / 1000.0;
+    assert!(
+        sent.len() as f64 <= rate * span + 1.0 + 0.1,
+        "{} sends in {span:.2} s",
+        sent.len()
+    );
+    // What users feel includes the wait: TTFT from submission ≥ wait + TTFT from send.
+    for r in &recs {
+        let (t, ts) = (r.ttft_ms.unwrap(), r.ttft_sent_ms.unwrap());
+        assert!((t - (r.wait_ms + ts)).abs() < 1.0, "{r:?}");
+        assert_eq!(r.tokens_out, 4);
+        assert!(r.tokens_in > 0);
+    }
+    assert!(
+        recs.iter().any(|r| r.wait_ms > 100.0),
+        "6 users at 4 req/s never waited"
+    );
+}
