@@ -52,7 +52,7 @@ async fn app(redis: &RedisServer, token: Option<&str>, models: Option<Arc<Models
         interval: Duration::from_secs(1),
         model: None,
         refit_every: Duration::from_secs(3600),
-        train_windows: 100,
+        train_windows: 400,
         consumer: "test".into(),
     };
     App::new(
@@ -347,4 +347,60 @@ async fn next_event(b: &mut Body) -> String {
         .await
         .expect("an event within 5 s");
     String::from_utf8(frame.unwrap().unwrap().into_data().unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refit_trains_on_the_streams_and_swaps_the_models_in() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let a = app(&redis, None, None).await;
+    assert!(a.models.load().is_none());
+    let windows = windows();
+    let node = windows[0].2.node_id.clone();
+    let mut con = a.store.con.clone();
+    let _: () = con.sadd(keys::NODES, &node).await.unwrap();
+    // Too few windows: no refit, no models.
+    for (_, _, w) in windows.iter().take(100) {
+        let _: String = con
+            .xadd(
+                keys::telemetry_stream(&node),
+                format!("{}-*", w.end_unix_ms),
+                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(tokenflow_hint_server::serve::refit(&a).await.unwrap(), None);
+    assert!(a.models.load().is_none());
+    for (_, _, w) in windows.iter().skip(100) {
+        let _: String = con
+            .xadd(
+                keys::telemetry_stream(&node),
+                format!("{}-*", w.end_unix_ms),
+                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
+            )
+            .await
+            .unwrap();
+    }
+    let rows = tokenflow_hint_server::serve::refit(&a).await.unwrap();
+    // The newest `train_windows` (400 in these settings) of the node's stream.
+    assert_eq!(rows, Some(a.settings.train_windows.min(windows.len())));
+    let m = a.models.load_full().expect("models swapped in");
+    // The refitted models score a congested window above a calm one.
+    let trace = Trace::load(&fixture()).unwrap();
+    let mean = |want: bool| {
+        let v: Vec<f64> = trace
+            .features
+            .iter()
+            .zip(&trace.anomalous)
+            .filter(|(_, a)| **a == want)
+            .map(|(f, _)| m.anomaly(f))
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!(
+        mean(true) > mean(false),
+        "anomalous {} vs normal {}",
+        mean(true),
+        mean(false)
+    );
 }
