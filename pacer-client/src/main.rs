@@ -29,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Run a workload and write a JSON summary and JSONL of every request.
     Run(Args),
+    /// Time the gate per request (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchGate,
 }
 
 #[derive(clap::Args)]
@@ -100,10 +103,19 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cmd::Run(a) = Cli::parse().cmd;
     let r = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(main_run(a)));
+        .and_then(|rt| match Cli::parse().cmd {
+            Cmd::Run(a) => rt.block_on(main_run(a)),
+            Cmd::BenchGate => {
+                let (free, queued) = rt.block_on(tokenflow_pacer::gate::bench(100_000));
+                println!(
+                    "{}",
+                    serde_json::json!({ "us_per_request": free, "us_per_request_queued": queued })
+                );
+                Ok(())
+            }
+        });
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -48,6 +48,8 @@ pub enum Part {
     All,
     Agent,
     Hint,
+    /// The candle backend and the pacer.
+    Llm,
 }
 
 /// run_time_ns and run_cnt of one loaded program.
@@ -171,6 +173,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         report::write(&figures, "cargo xtask bench --only hint")?;
         return Ok(());
     }
+    if a.only == Part::Llm {
+        setup()?;
+        let figures = crate::bench_llm::measure()?;
+        report::write(&figures, "cargo xtask bench --only llm")?;
+        return Ok(());
+    }
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs and reads their kernel stats: run `sudo cargo xtask bench`"
@@ -193,6 +201,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let mut figures = result?;
     if a.only == Part::All {
         figures.extend(crate::bench_hint::measure()?);
+        figures.extend(crate::bench_llm::measure()?);
     }
     report::write(&figures, "cargo xtask bench")?;
     Ok(())

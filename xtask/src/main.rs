@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_hint;
+mod bench_llm;
 mod demo;
 mod record;
 mod report;
