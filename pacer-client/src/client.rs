@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -199,14 +198,14 @@ pub fn jitter(d: Duration) -> Duration {
 }
 
 /// Sends with retries on 429 (after Retry-After) and on refused connections, within `budget`.
-pub async fn send_with_retries(c: &Call<'_>, budget: u32) -> Result<(Attempt, u32)> {
+pub async fn send_with_retries(c: &Call<'_>, budget: u32) -> (Attempt, u32) {
     let mut retries = 0;
     loop {
         let a = attempt(c).await;
         let retryable =
             a.status == 429 || a.status == 503 || (a.status == 0 && a.first_token.is_none());
         if !retryable || retries >= budget {
-            return Ok((a, retries));
+            return (a, retries);
         }
         retries += 1;
         tokio::time::sleep(jitter(a.retry_after.unwrap_or(Duration::from_millis(200)))).await;

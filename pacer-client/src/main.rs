@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a workload and write a JSON summary and JSONL of every request.
-    Run(Args),
+    Run(Box<Args>),
     /// Time the gate per request (used by `cargo xtask bench`).
     #[command(hide = true)]
     BenchGate,
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
     let r = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|rt| match Cli::parse().cmd {
-            Cmd::Run(a) => rt.block_on(main_run(a)),
+            Cmd::Run(a) => rt.block_on(main_run(*a)),
             Cmd::BenchGate => {
                 let (free, queued) = rt.block_on(tokenflow_pacer::gate::bench(100_000));
                 println!(

@@ -83,90 +83,22 @@ pub async fn run(
     let deadline = start + cfg.duration;
     let in_flight: Arc<Vec<AtomicUsize>> =
         Arc::new(cfg.targets.iter().map(|_| AtomicUsize::new(0)).collect());
-    let one = {
-        let (cfg, gate, http, prompts, records, in_flight) = (
-            cfg.clone(),
-            gate.clone(),
-            http.clone(),
-            prompts.clone(),
-            records.clone(),
-            in_flight.clone(),
-        );
-        move |user: usize, submitted: Instant| {
-            let (cfg, gate, http, prompts, records, in_flight) = (
-                cfg.clone(),
-                gate.clone(),
-                http.clone(),
-                prompts.clone(),
-                records.clone(),
-                in_flight.clone(),
-            );
-            async move {
-                let permit = gate.acquire().await;
-                let sent = Instant::now();
-                // Least in-flight target.
-                let t = (0..cfg.targets.len())
-                    .min_by_key(|&i| in_flight[i].load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                in_flight[t].fetch_add(1, Ordering::Relaxed);
-                let prompt = prompts.pick();
-                let call = Call {
-                    http: &http,
-                    target: &cfg.targets[t],
-                    model: &cfg.model,
-                    prompt: &prompt,
-                    max_tokens: cfg.max_tokens,
-                    timeout: cfg.timeout,
-                };
-                let r = send_with_retries(&call, cfg.retries).await;
-                in_flight[t].fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-                let end = Instant::now();
-                let rec = match r {
-                    Ok((a, retries)) => Record {
-                        user,
-                        class: cfg.class.clone(),
-                        target: cfg.targets[t].clone(),
-                        submitted_ms: ms(submitted - start),
-                        wait_ms: ms(sent - submitted),
-                        ttft_ms: a.first_token.map(|f| ms(f - submitted)),
-                        ttft_sent_ms: a.first_token.map(|f| ms(f - sent)),
-                        itl_ms: itl(&a.token_times),
-                        e2e_ms: ms(end - submitted),
-                        tokens_in: a.tokens_in,
-                        tokens_out: a.tokens_out,
-                        status: a.status,
-                        error: a.error,
-                        retries,
-                    },
-                    Err(e) => Record {
-                        user,
-                        class: cfg.class.clone(),
-                        target: cfg.targets[t].clone(),
-                        submitted_ms: ms(submitted - start),
-                        wait_ms: ms(sent - submitted),
-                        ttft_ms: None,
-                        ttft_sent_ms: None,
-                        itl_ms: Vec::new(),
-                        e2e_ms: ms(end - submitted),
-                        tokens_in: 0,
-                        tokens_out: 0,
-                        status: 0,
-                        error: Some(format!("{e:#}")),
-                        retries: 0,
-                    },
-                };
-                let _ = records.send(rec);
-            }
-        }
-    };
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        gate: gate.clone(),
+        http,
+        prompts,
+        records,
+        in_flight: in_flight.clone(),
+        start,
+    });
     match cfg.load {
         Load::Closed { users } => {
             for u in 0..users {
-                let one = one.clone();
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
                     while Instant::now() < deadline {
-                        one(u, Instant::now()).await;
+                        one(&ctx, u, Instant::now()).await;
                     }
                 });
             }
@@ -178,7 +110,8 @@ pub async fn run(
                 while next < deadline {
                     tokio::time::sleep_until(next.into()).await;
                     // The request was submitted when it was due, however late this task woke.
-                    tokio::spawn(one(n, next));
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { one(&ctx, n, next).await });
                     n += 1;
                     let gap = -(1.0 - fastrand::f64()).ln() / rate.max(1e-9);
                     next += Duration::from_secs_f64(gap);
@@ -191,4 +124,55 @@ pub async fn run(
         latest,
         in_flight,
     })
+}
+
+/// What every request of a run shares.
+struct Ctx {
+    cfg: RunConfig,
+    gate: Arc<Gate>,
+    http: reqwest::Client,
+    prompts: Arc<Prompts>,
+    records: mpsc::UnboundedSender<Record>,
+    in_flight: Arc<Vec<AtomicUsize>>,
+    start: Instant,
+}
+
+/// One request: through the gate, to the least busy target, recorded from `submitted`.
+async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
+    let cfg = &ctx.cfg;
+    let permit = ctx.gate.acquire().await;
+    let sent = Instant::now();
+    let t = (0..cfg.targets.len())
+        .min_by_key(|&i| ctx.in_flight[i].load(Ordering::Relaxed))
+        .unwrap_or(0);
+    ctx.in_flight[t].fetch_add(1, Ordering::Relaxed);
+    let prompt = ctx.prompts.pick();
+    let call = Call {
+        http: &ctx.http,
+        target: &cfg.targets[t],
+        model: &cfg.model,
+        prompt: &prompt,
+        max_tokens: cfg.max_tokens,
+        timeout: cfg.timeout,
+    };
+    let (a, retries) = send_with_retries(&call, cfg.retries).await;
+    ctx.in_flight[t].fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
+    let end = Instant::now();
+    let _ = ctx.records.send(Record {
+        user,
+        class: cfg.class.clone(),
+        target: cfg.targets[t].clone(),
+        submitted_ms: ms(submitted - ctx.start),
+        wait_ms: ms(sent - submitted),
+        ttft_ms: a.first_token.map(|f| ms(f - submitted)),
+        ttft_sent_ms: a.first_token.map(|f| ms(f - sent)),
+        itl_ms: itl(&a.token_times),
+        e2e_ms: ms(end - submitted),
+        tokens_in: a.tokens_in,
+        tokens_out: a.tokens_out,
+        status: a.status,
+        error: a.error,
+        retries,
+    });
 }
