@@ -240,7 +240,16 @@ async fn a_client_that_disconnects_stops_its_generation() {
     let resp = r.clone().oneshot(req).await.unwrap();
     let mut body = resp.into_body();
     let _first = body.frame().await.unwrap().unwrap();
-    assert_eq!(engine.running.load(Ordering::SeqCst), 1);
+    // The scheduler publishes its running count at the end of the step that admitted the request,
+    // which may come a moment after the first token was sent.
+    let t0 = Instant::now();
+    while engine.running.load(Ordering::SeqCst) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the request never showed as running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     drop(body);
     // 3000 tokens would take seconds; the scheduler drops the sequence at its next step.
     let t0 = Instant::now();
