@@ -175,6 +175,29 @@ fn group_limits(members: &[&(String, ClientConfig)]) -> Limits {
     }
 }
 
+/// A client's own limits.
+fn own_limits(c: &ClientConfig) -> Limits {
+    Limits {
+        setpoint_ms: c.setpoint_ms,
+        min_rps: c.min_rps,
+        max_rps: c.max_rps,
+        max_concurrency: c.max_concurrency,
+    }
+}
+
+/// A hint at `rate` for one client; the rest of the figures come from `base` (everything but the
+/// client, the rate and what follows from it).
+fn for_client(id: &str, c: &ClientConfig, rate: f64, base: Hint) -> Hint {
+    Hint {
+        client_id: id.to_string(),
+        node_id: c.node_id.clone(),
+        rate_limit_rps: rate,
+        max_concurrency: concurrency(rate, &own_limits(c)),
+        tokens_per_s: rate * c.tokens_per_request,
+        ..base
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn hint(
     id: &str,
@@ -186,56 +209,54 @@ fn hint(
     now_ms: u64,
     interval_ms: u64,
 ) -> Hint {
-    let own = Limits {
-        setpoint_ms: c.setpoint_ms,
-        min_rps: c.min_rps,
-        max_rps: c.max_rps,
-        max_concurrency: c.max_concurrency,
-    };
-    Hint {
-        schema_version: HINT_SCHEMA_VERSION,
-        client_id: id.to_string(),
-        node_id: c.node_id.clone(),
-        rate_limit_rps: rate,
-        max_concurrency: concurrency(rate, &own),
-        tokens_per_s: rate * c.tokens_per_request,
-        health: d.health,
-        anomaly_score: st.last_anomaly,
-        predicted_rtt_ms: st.last_predicted_ms,
-        observed_rtt_ms: st.last_p95_ms,
-        controller: kind,
-        reason: d.reason.clone(),
-        issued_at_unix_ms: now_ms,
-        ttl_ms: STALE_INTERVALS * interval_ms,
-        stale: d.stale,
-    }
+    for_client(
+        id,
+        c,
+        rate,
+        Hint {
+            schema_version: HINT_SCHEMA_VERSION,
+            client_id: String::new(),
+            node_id: String::new(),
+            rate_limit_rps: 0.0,
+            max_concurrency: 0,
+            tokens_per_s: 0.0,
+            health: d.health,
+            anomaly_score: st.last_anomaly,
+            predicted_rtt_ms: st.last_predicted_ms,
+            observed_rtt_ms: st.last_p95_ms,
+            controller: kind,
+            reason: d.reason.clone(),
+            issued_at_unix_ms: now_ms,
+            ttl_ms: STALE_INTERVALS * interval_ms,
+            stale: d.stale,
+        },
+    )
 }
 
 /// The hint for a registered client that has none yet (no window seen for its node, or the last
 /// hint expired): its minimum rate, marked stale.
 pub fn conservative(id: &str, c: &ClientConfig, now_ms: u64, interval_ms: u64, why: &str) -> Hint {
-    let own = Limits {
-        setpoint_ms: c.setpoint_ms,
-        min_rps: c.min_rps,
-        max_rps: c.max_rps,
-        max_concurrency: c.max_concurrency,
-    };
-    let rate = own.stale_rps(c.min_rps);
-    Hint {
-        schema_version: HINT_SCHEMA_VERSION,
-        client_id: id.to_string(),
-        node_id: c.node_id.clone(),
-        rate_limit_rps: rate,
-        max_concurrency: concurrency(rate, &own),
-        tokens_per_s: rate * c.tokens_per_request,
-        health: 0.0,
-        anomaly_score: 0.0,
-        predicted_rtt_ms: None,
-        observed_rtt_ms: None,
-        controller: c.controller,
-        reason: why.to_string(),
-        issued_at_unix_ms: now_ms,
-        ttl_ms: STALE_INTERVALS * interval_ms,
-        stale: true,
-    }
+    let rate = own_limits(c).stale_rps(c.min_rps);
+    for_client(
+        id,
+        c,
+        rate,
+        Hint {
+            schema_version: HINT_SCHEMA_VERSION,
+            client_id: String::new(),
+            node_id: String::new(),
+            rate_limit_rps: 0.0,
+            max_concurrency: 0,
+            tokens_per_s: 0.0,
+            health: 0.0,
+            anomaly_score: 0.0,
+            predicted_rtt_ms: None,
+            observed_rtt_ms: None,
+            controller: c.controller,
+            reason: why.to_string(),
+            issued_at_unix_ms: now_ms,
+            ttl_ms: STALE_INTERVALS * interval_ms,
+            stale: true,
+        },
+    )
 }

@@ -236,14 +236,7 @@ async fn history_returns_the_windows_in_range() {
     let node = windows[0].2.node_id.clone();
     let mut con = a.store.con.clone();
     for (_, _, w) in windows.iter().take(100) {
-        let _: String = con
-            .xadd(
-                keys::telemetry_stream(&node),
-                format!("{}-*", w.end_unix_ms),
-                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
-            )
-            .await
-            .unwrap();
+        append(&mut con, w).await;
     }
     let (from, to) = (windows[10].2.end_unix_ms, windows[39].2.end_unix_ms);
     let (s, v) = call(
@@ -360,26 +353,12 @@ async fn refit_trains_on_the_streams_and_swaps_the_models_in() {
     let _: () = con.sadd(keys::NODES, &node).await.unwrap();
     // Too few windows: no refit, no models.
     for (_, _, w) in windows.iter().take(100) {
-        let _: String = con
-            .xadd(
-                keys::telemetry_stream(&node),
-                format!("{}-*", w.end_unix_ms),
-                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
-            )
-            .await
-            .unwrap();
+        append(&mut con, w).await;
     }
     assert_eq!(tokenflow_hint_server::serve::refit(&a).await.unwrap(), None);
     assert!(a.models.load().is_none());
     for (_, _, w) in windows.iter().skip(100) {
-        let _: String = con
-            .xadd(
-                keys::telemetry_stream(&node),
-                format!("{}-*", w.end_unix_ms),
-                &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
-            )
-            .await
-            .unwrap();
+        append(&mut con, w).await;
     }
     let rows = tokenflow_hint_server::serve::refit(&a).await.unwrap();
     // The newest `train_windows` (400 in these settings) of the node's stream.
@@ -403,4 +382,16 @@ async fn refit_trains_on_the_streams_and_swaps_the_models_in() {
         mean(true),
         mean(false)
     );
+}
+
+/// Appends a window to its node's stream as the agent does (entry ID = window end time).
+async fn append(con: &mut redis::aio::ConnectionManager, w: &TelemetryWindow) {
+    let _: String = con
+        .xadd(
+            keys::telemetry_stream(&w.node_id),
+            format!("{}-*", w.end_unix_ms),
+            &[(keys::WINDOW_FIELD, serde_json::to_string(w).unwrap())],
+        )
+        .await
+        .unwrap();
 }
