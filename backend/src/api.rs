@@ -127,58 +127,12 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Defines a request type with the fields both endpoints share, plus its own. Other OpenAI
-/// fields are accepted and ignored, as vLLM does. (No `#[serde(flatten)]`: it would hide which
-/// field a type error is about.)
-macro_rules! request {
-    ($(#[$m:meta])* $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Deserialize)]
-        pub struct $name {
-            $(pub $field: $ty,)*
-            pub model: String,
-            pub max_tokens: Option<u32>,
-            pub max_completion_tokens: Option<u32>,
-            pub temperature: Option<f64>,
-            pub top_p: Option<f64>,
-            pub seed: Option<u64>,
-            pub stop: Option<OneOrMany>,
-            #[serde(default)]
-            pub stream: bool,
-            pub stream_options: Option<StreamOptions>,
-            pub n: Option<u32>,
-        }
-
-        impl $name {
-            fn common(self) -> Common {
-                Common {
-                    model: self.model,
-                    max_tokens: self.max_tokens,
-                    max_completion_tokens: self.max_completion_tokens,
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    seed: self.seed,
-                    stop: self.stop,
-                    stream: self.stream,
-                    stream_options: self.stream_options,
-                    n: self.n,
-                }
-            }
-        }
-    };
-}
-
-request!(
-    /// `POST /v1/chat/completions`
-    ChatRequest { messages: Vec<Message> }
-);
-request!(
-    /// `POST /v1/completions`
-    CompletionRequest { prompt: OneOrMany }
-);
-
-#[derive(Debug)]
-pub struct Common {
+/// The body of both endpoints: `messages` for chat, `prompt` for completions, the rest shared.
+/// Other OpenAI fields are accepted and ignored, as vLLM does.
+#[derive(Debug, Deserialize)]
+pub struct GenerateRequest {
+    pub messages: Option<Vec<Message>>,
+    pub prompt: Option<OneOrMany>,
     pub model: String,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
@@ -186,6 +140,7 @@ pub struct Common {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
+    #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
@@ -225,47 +180,47 @@ pub fn chat_prompt(messages: &[Message]) -> String {
 
 async fn chat(
     State(st): State<Arc<AppState>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
+    let Json(mut req) = body?;
     check_model(&st, &req.model)?;
-    if req.messages.is_empty() {
+    let messages = req.messages.take().unwrap_or_default();
+    if messages.is_empty() {
         return Err(ApiError::bad("messages", "messages must not be empty"));
     }
-    if let Some(i) = req.messages.iter().position(|m| {
+    if let Some(i) = messages.iter().position(|m| {
         !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str())
     }) {
         return Err(ApiError::bad(
             &format!("messages[{i}].role"),
-            format!("unknown role {}", req.messages[i].role),
+            format!("unknown role {}", messages[i].role),
         ));
     }
-    let prompt = chat_prompt(&req.messages);
-    generate(st, Kind::Chat, prompt, req.common()).await
+    generate(st, Kind::Chat, chat_prompt(&messages), req).await
 }
 
 async fn completions(
     State(st): State<Arc<AppState>>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(mut req) = body?;
     check_model(&st, &req.model)?;
-    let prompt = match std::mem::replace(&mut req.prompt, OneOrMany::Many(Vec::new())) {
-        OneOrMany::One(p) => p,
-        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-        OneOrMany::Many(_) => return Err(ApiError::bad("prompt", "one prompt per request")),
+    let prompt = match req.prompt.take() {
+        Some(OneOrMany::One(p)) => p,
+        Some(OneOrMany::Many(mut v)) if v.len() == 1 => v.remove(0),
+        Some(OneOrMany::Many(_)) => return Err(ApiError::bad("prompt", "one prompt per request")),
+        None => return Err(ApiError::bad("prompt", "prompt is required")),
     };
-    generate(st, Kind::Text, prompt, req.common()).await
+    generate(st, Kind::Text, prompt, req).await
 }
 
 async fn generate(
     st: Arc<AppState>,
     kind: Kind,
     prompt: String,
-    c: Common,
+    c: GenerateRequest,
 ) -> Result<Response, ApiError> {
     let submitted = Instant::now();
-    check_model(&st, &c.model)?;
     if c.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad("n", "only n = 1 is served"));
     }
