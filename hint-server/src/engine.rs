@@ -185,16 +185,35 @@ fn own_limits(c: &ClientConfig) -> Limits {
     }
 }
 
-/// A hint at `rate` for one client; the rest of the figures come from `base` (everything but the
-/// client, the rate and what follows from it).
-fn for_client(id: &str, c: &ClientConfig, rate: f64, base: Hint) -> Hint {
+/// What a hint says about the node and its controller, the same for every client of a group.
+struct Basis {
+    health: f64,
+    anomaly: f64,
+    predicted_ms: Option<f64>,
+    observed_ms: Option<f64>,
+    controller: ControllerKind,
+    reason: String,
+    stale: bool,
+}
+
+/// A client's hint at `rate` (concurrency and tokens/s follow from the rate and its settings).
+fn make(id: &str, c: &ClientConfig, rate: f64, b: Basis, now_ms: u64, interval_ms: u64) -> Hint {
     Hint {
+        schema_version: HINT_SCHEMA_VERSION,
         client_id: id.to_string(),
         node_id: c.node_id.clone(),
         rate_limit_rps: rate,
         max_concurrency: concurrency(rate, &own_limits(c)),
         tokens_per_s: rate * c.tokens_per_request,
-        ..base
+        health: b.health,
+        anomaly_score: b.anomaly,
+        predicted_rtt_ms: b.predicted_ms,
+        observed_rtt_ms: b.observed_ms,
+        controller: b.controller,
+        reason: b.reason,
+        issued_at_unix_ms: now_ms,
+        ttl_ms: STALE_INTERVALS * interval_ms,
+        stale: b.stale,
     }
 }
 
@@ -209,54 +228,36 @@ fn hint(
     now_ms: u64,
     interval_ms: u64,
 ) -> Hint {
-    for_client(
-        id,
-        c,
-        rate,
-        Hint {
-            schema_version: HINT_SCHEMA_VERSION,
-            client_id: String::new(),
-            node_id: String::new(),
-            rate_limit_rps: 0.0,
-            max_concurrency: 0,
-            tokens_per_s: 0.0,
-            health: d.health,
-            anomaly_score: st.last_anomaly,
-            predicted_rtt_ms: st.last_predicted_ms,
-            observed_rtt_ms: st.last_p95_ms,
-            controller: kind,
-            reason: d.reason.clone(),
-            issued_at_unix_ms: now_ms,
-            ttl_ms: STALE_INTERVALS * interval_ms,
-            stale: d.stale,
-        },
-    )
+    let b = Basis {
+        health: d.health,
+        anomaly: st.last_anomaly,
+        predicted_ms: st.last_predicted_ms,
+        observed_ms: st.last_p95_ms,
+        controller: kind,
+        reason: d.reason.clone(),
+        stale: d.stale,
+    };
+    make(id, c, rate, b, now_ms, interval_ms)
 }
 
 /// The hint for a registered client that has none yet (no window seen for its node, or the last
 /// hint expired): its minimum rate, marked stale.
 pub fn conservative(id: &str, c: &ClientConfig, now_ms: u64, interval_ms: u64, why: &str) -> Hint {
-    let rate = own_limits(c).stale_rps(c.min_rps);
-    for_client(
+    let b = Basis {
+        health: 0.0,
+        anomaly: 0.0,
+        predicted_ms: None,
+        observed_ms: None,
+        controller: c.controller,
+        reason: why.to_string(),
+        stale: true,
+    };
+    make(
         id,
         c,
-        rate,
-        Hint {
-            schema_version: HINT_SCHEMA_VERSION,
-            client_id: String::new(),
-            node_id: String::new(),
-            rate_limit_rps: 0.0,
-            max_concurrency: 0,
-            tokens_per_s: 0.0,
-            health: 0.0,
-            anomaly_score: 0.0,
-            predicted_rtt_ms: None,
-            observed_rtt_ms: None,
-            controller: c.controller,
-            reason: why.to_string(),
-            issued_at_unix_ms: now_ms,
-            ttl_ms: STALE_INTERVALS * interval_ms,
-            stale: true,
-        },
+        own_limits(c).stale_rps(c.min_rps),
+        b,
+        now_ms,
+        interval_ms,
     )
 }
