@@ -117,6 +117,8 @@ async fn writer(
         conn: None,
         buf: VecDeque::new(),
         stats,
+        in_doubt: None,
+        parked: None,
     };
     let mut backoff = Backoff::default();
     let mut retry_at = Instant::now();
@@ -157,14 +159,26 @@ struct Writer {
     conn: Option<ConnectionManager>,
     buf: VecDeque<TelemetryWindow>,
     stats: Arc<RedisStats>,
+    /// End time of the window whose write failed: Redis may have stored it before the connection
+    /// broke, so whether it is lost is only known once Redis answers again.
+    in_doubt: Option<u64>,
+    /// That window, evicted from a full buffer before it could be checked: counted as written or
+    /// dropped once Redis answers, never both and never twice.
+    parked: Option<u64>,
 }
 
 impl Writer {
     /// Buffers a window, dropping the oldest when the buffer is full.
     fn push(&mut self, window: TelemetryWindow) {
-        if self.buf.len() >= self.cfg.buffer.max(1) {
-            self.buf.pop_front();
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.buf.len() >= self.cfg.buffer.max(1)
+            && let Some(old) = self.buf.pop_front()
+        {
+            if self.in_doubt == Some(old.end_unix_ms) {
+                self.in_doubt = None;
+                self.parked = Some(old.end_unix_ms);
+            } else {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.buf.push_back(window);
         self.stats
@@ -190,10 +204,45 @@ impl Writer {
         let Some(conn) = self.conn.as_mut() else {
             return false;
         };
+        if self.in_doubt.is_some() || self.parked.is_some() {
+            // Settle the window whose write failed: the stream's newest entry says whether it landed.
+            let last: redis::RedisResult<redis::streams::StreamRangeReply> =
+                redis::cmd("XREVRANGE")
+                    .arg(keys::telemetry_stream(&self.cfg.node_id))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(conn)
+                    .await;
+            let Ok(last) = last else {
+                self.stats.connected.store(false, Ordering::Relaxed);
+                return false;
+            };
+            let stored_ms = last
+                .ids
+                .first()
+                .and_then(|e| e.id.split('-').next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            if let Some(p) = self.parked.take() {
+                let counter = if p <= stored_ms {
+                    &self.stats.written
+                } else {
+                    &self.stats.dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            while self.buf.front().is_some_and(|w| w.end_unix_ms <= stored_ms) {
+                self.buf.pop_front();
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            self.in_doubt = None;
+        }
         while let Some(window) = self.buf.front() {
             let t0 = std::time::Instant::now();
             if let Err(e) = write(conn, &self.cfg, window).await {
                 tracing::debug!("Redis write: {e}");
+                self.in_doubt = Some(window.end_unix_ms);
                 self.stats.connected.store(false, Ordering::Relaxed);
                 return false;
             }
