@@ -108,9 +108,16 @@ fn live_hints_fall_when_the_bottleneck_congests() -> Result<()> {
         calm.iter().chain(&loaded).all(|h| !h.stale),
         "hints went stale while the agent ran"
     );
+    // The precondition, not the claim: the link must really be congested. Four bulk flows reach
+    // 60–65 ms p95 here (the probe's calm p95 is ~10 ms), so twice the setpoint is a clear margin
+    // that a busy CI machine still reaches.
     assert!(
-        rtt(&loaded) > 60.0,
-        "the bulk flows did not push the p95 over three times the setpoint"
+        rtt(&calm) < 20.0,
+        "the calm link was already over the setpoint"
+    );
+    assert!(
+        rtt(&loaded) > 40.0,
+        "the bulk flows did not push the p95 over twice the setpoint"
     );
     assert!(
         min_loaded < 0.5 * last_calm.rate_limit_rps,
