@@ -144,6 +144,8 @@ pub struct GenerateRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    /// vLLM's extension: keep only the last k prompt tokens (long contexts on a short model).
+    pub truncate_prompt_tokens: Option<u32>,
 }
 
 fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
@@ -236,12 +238,35 @@ async fn generate(
     {
         return Err(ApiError::bad("top_p", "top_p must be within (0, 1]"));
     }
+    let truncate = match c.truncate_prompt_tokens {
+        Some(0) => {
+            return Err(ApiError::bad(
+                "truncate_prompt_tokens",
+                "truncate_prompt_tokens must be ≥ 1",
+            ));
+        }
+        t => t.map(|k| k as usize),
+    };
+    // With truncation only the prompt's tail is tokenized: no token is shorter than one byte, and a
+    // BPE token here is far shorter than 16 bytes, so the last k tokens lie within the last 16·k bytes.
+    let text = match truncate {
+        Some(k) if prompt.len() > 16 * k => {
+            let mut cut = prompt.len() - 16 * k;
+            while !prompt.is_char_boundary(cut) {
+                cut += 1;
+            }
+            &prompt[cut..]
+        }
+        _ => prompt.as_str(),
+    };
     let enc = st
         .tokenizer
-        .encode(prompt.as_str(), false)
+        .encode(text, false)
         .map_err(|e| ApiError::bad("prompt", format!("cannot tokenize: {e}")))?;
+    let tokens = enc.get_ids();
+    let tokens = &tokens[tokens.len() - truncate.unwrap_or(usize::MAX).min(tokens.len())..];
     let mut ids: Vec<u32> = st.bos.into_iter().collect();
-    ids.extend_from_slice(enc.get_ids());
+    ids.extend_from_slice(tokens);
     let max_len = st.engine.max_len;
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16) as usize;
     if max_tokens == 0 {

@@ -280,3 +280,36 @@ async fn models_and_health() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_contexts_are_refused_unless_truncated_to_their_last_tokens() {
+    let (r, _, model) = app(limits());
+    let m = model_name();
+    // 200 KB: far beyond the tiny model's context.
+    let long: String = "the queue at the bottleneck grows. ".repeat(6_000);
+    let (s, _, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": m, "prompt": long, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, _, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": m, "prompt": long, "max_tokens": 2, "truncate_prompt_tokens": 64}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let bos = usize::from(model.bos.is_some());
+    assert_eq!(v["usage"]["prompt_tokens"], 64 + bos, "{v}");
+    let (s, _, b) = post(
+        &r,
+        "/v1/completions",
+        json!({"model": m, "prompt": "x", "truncate_prompt_tokens": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.contains("truncate_prompt_tokens"), "{b}");
+}

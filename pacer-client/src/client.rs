@@ -88,6 +88,8 @@ pub struct Call<'a> {
     pub model: &'a str,
     pub prompt: &'a str,
     pub max_tokens: u32,
+    /// vLLM's `truncate_prompt_tokens`: the server keeps only the prompt's last k tokens.
+    pub truncate_prompt_tokens: Option<u32>,
     pub timeout: Duration,
 }
 
@@ -112,13 +114,16 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
         tokens_out: 0,
         error: None,
     };
-    let body = json!({
+    let mut body = json!({
         "model": c.model,
         "messages": [{"role": "user", "content": c.prompt}],
         "max_tokens": c.max_tokens,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let Some(k) = c.truncate_prompt_tokens {
+        body["truncate_prompt_tokens"] = k.into();
+    }
     let r = match c
         .http
         .post(format!("{}/v1/chat/completions", c.target))

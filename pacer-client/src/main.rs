@@ -80,6 +80,10 @@ struct Args {
     prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    /// Ask the server to keep only the prompt's last K tokens (vLLM's `truncate_prompt_tokens`):
+    /// long-context uploads still load the link in full while a short-context model serves them.
+    #[arg(long, value_name = "K")]
+    truncate_prompt_tokens: Option<u32>,
     /// Retries after 429 or a refused connection, per request.
     #[arg(long, default_value_t = 2)]
     retries: u32,
@@ -186,6 +190,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         load,
         duration: a.duration,
         max_tokens: a.max_tokens,
+        truncate_prompt_tokens: a.truncate_prompt_tokens,
         pacing,
         class: a.class.clone(),
         retries: a.retries,

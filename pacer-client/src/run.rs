@@ -41,6 +41,7 @@ pub struct RunConfig {
     pub load: Load,
     pub duration: Duration,
     pub max_tokens: u32,
+    pub truncate_prompt_tokens: Option<u32>,
     pub pacing: Pacing,
     pub class: String,
     pub retries: u32,
@@ -153,6 +154,7 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
         model: &cfg.model,
         prompt: &prompt,
         max_tokens: cfg.max_tokens,
+        truncate_prompt_tokens: cfg.truncate_prompt_tokens,
         timeout: cfg.timeout,
     };
     let (a, retries) = send_with_retries(&call, cfg.retries).await;

@@ -185,6 +185,7 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
         load: Load::Closed { users: 6 },
         duration: Duration::from_secs(3),
         max_tokens: 4,
+        truncate_prompt_tokens: None,
         pacing: Pacing::Fixed(rate),
         class: "interactive".into(),
         retries: 1,
