@@ -24,6 +24,13 @@ pub const ROUTER_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// Server host address (server side of the router—server link).
 pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 pub const ROUTER_SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// A second server address (same host): lets a run tell one client's flows from another's by the
+/// remote address alone.
+pub const SERVER_ADDR_2: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 3);
+/// The management link between the host and the client namespace (control traffic: hints), which
+/// bypasses the router and so never queues behind the bottleneck.
+pub const MGMT_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const MGMT_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 /// Prefix of every namespace a test bed creates; `cleanup_stale` removes leftovers by it.
 pub const NS_PREFIX: &str = "tf-";
 /// Router interface towards the client and towards the server.
@@ -161,6 +168,58 @@ impl Testbed {
             ]))?;
         }
         Ok(())
+    }
+
+    /// A veth pair from the host (`MGMT_HOST_ADDR`) to the client namespace (`MGMT_CLIENT_ADDR`):
+    /// how a client reaches services on the host, as a node reaches its control plane. One per
+    /// process; removed with the client namespace.
+    pub fn add_management_link(&self) -> Result<()> {
+        let host_if = format!("tfm{}", std::process::id());
+        ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mgmt0",
+            "netns",
+            &self.client,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{MGMT_HOST_ADDR}/30"),
+            "dev",
+            &host_if,
+        ])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &self.client,
+            "addr",
+            "add",
+            &format!("{MGMT_CLIENT_ADDR}/30"),
+            "dev",
+            "mgmt0",
+        ])?;
+        ip(&["-n", &self.client, "link", "set", "mgmt0", "up"])?;
+        Ok(())
+    }
+
+    /// Gives the server a second address, `SERVER_ADDR_2`.
+    pub fn add_server_addr_2(&self) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.server,
+            "addr",
+            "add",
+            &format!("{SERVER_ADDR_2}/24"),
+            "dev",
+            "eth0",
+        ])
+        .map(|_| ())
     }
 
     pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {

@@ -232,3 +232,130 @@ pub fn wait_acked(stream: &TcpStream, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The innocent neighbour: a small request/response flow that measures the round trip it sees.
+/// Every `every` the client writes a 16-byte message (sequence number, padding); the server in the
+/// other namespace echoes it; the round trip is timed from the write to the echo's arrival.
+pub struct EchoProbe {
+    stop: Arc<AtomicBool>,
+    samples: Arc<std::sync::Mutex<Vec<(f64, f64)>>>,
+    started: Instant,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const ECHO_LEN: usize = 16;
+
+impl EchoProbe {
+    /// Starts the echo server at `addr` in `server_ns` and the prober in `client_ns`.
+    pub fn start(
+        client_ns: &str,
+        server_ns: &str,
+        addr: SocketAddr,
+        every: Duration,
+    ) -> Result<Self> {
+        let listener = in_netns(server_ns, move || TcpListener::bind(addr).context("bind"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let s = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else {
+                return;
+            };
+            let _ = c.set_nodelay(true);
+            let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut buf = [0u8; ECHO_LEN];
+            while !s.load(Ordering::Relaxed) {
+                match c.read_exact(&mut buf) {
+                    Ok(()) => {
+                        if c.write_all(&buf).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+        let stream = connect_from(client_ns, addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let started = Instant::now();
+        let sent_at = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, at, mut w) = (stop.clone(), sent_at.clone(), stream.try_clone()?);
+        threads.push(std::thread::spawn(move || {
+            let mut seq = 0u64;
+            let mut next = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let mut msg = [0u8; ECHO_LEN];
+                msg[..8].copy_from_slice(&seq.to_le_bytes());
+                at.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Instant::now());
+                if w.write_all(&msg).is_err() {
+                    return;
+                }
+                seq += 1;
+                next += every;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+        }));
+        let (s, out, mut r) = (stop.clone(), samples.clone(), stream);
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; ECHO_LEN];
+            while !s.load(Ordering::Relaxed) {
+                match r.read_exact(&mut buf) {
+                    Ok(()) => {
+                        let now = Instant::now();
+                        let mut b8 = [0u8; 8];
+                        b8.copy_from_slice(&buf[..8]);
+                        let seq = u64::from_le_bytes(b8) as usize;
+                        let t = sent_at
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(seq)
+                            .copied();
+                        if let Some(t) = t {
+                            out.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                (t - started).as_secs_f64(),
+                                (now - t).as_secs_f64() * 1000.0,
+                            ));
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+        Ok(Self {
+            stop,
+            samples,
+            started,
+            threads,
+        })
+    }
+
+    /// When the probe started (sample times are seconds since then).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Samples so far: (seconds since start at the write, round trip in ms).
+    pub fn samples(&self) -> Vec<(f64, f64)> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for EchoProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
