@@ -9,7 +9,7 @@ use crate::util::{is_root, output, run, step, succeeds};
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
 /// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline,
-/// protoc for the gRPC test server).
+/// protoc for the gRPC test server, a font for the demo's plots).
 pub const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +21,7 @@ pub const PACKAGES: &[&str] = &[
     "bpftrace",
     "protobuf-compiler",
     "wrk",
+    "fonts-dejavu-core",
 ];
 
 pub fn setup() -> Result<()> {

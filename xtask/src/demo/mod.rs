@@ -1,0 +1,607 @@
+//! `cargo xtask demo`: the A/B experiment. The same workload runs with pacing `off`, with
+//! TokenFlow's `pid` controller and with the baselines (`sigmoid`, the original mapping;
+//! `gradient2`; `aimd`), interleaved within each repeat so drift hits every arm alike, on real
+//! network namespaces with a real bottleneck, a real backend and the neighbour's probe.
+
+mod report;
+mod scenario;
+mod stack;
+pub mod stats;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use serde_json::json;
+use tokenflow_testbed::{SERVER_ADDR, SERVER_ADDR_2, cleanup_stale};
+
+use crate::util::{cargo, install_stop_handler, is_root, root, run, step, stopped};
+use scenario::{ARMS, ClientSpec, NAMES, Role, Scenario};
+use stack::{BACKEND_PORT, Bins, NODE, Stack};
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// A short run for CI (≤ 3 minutes): network-bound and bandwidth-step, one repeat, short runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Scenarios to run (default: all four; with --quick network-bound and bandwidth-step).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(NAMES))]
+    pub scenario: Vec<String>,
+    /// Arms to compare (default: all five).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(ARMS))]
+    pub arms: Vec<String>,
+    /// Repeats of every arm (interleaved). Default 3, with --quick 1.
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Length of one run; the bandwidth step runs 1.5× as long. Default 16 s, with --quick 10 s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Warm-up dropped from every run's figures (the same for every arm).
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Bottleneck rate (tbf on the router), kbit/s. The compute-bound and open-loop scenarios
+    /// use 5× this so that the link is not their bottleneck.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate_kbit: u64,
+    /// The hint server's setpoint for every paced client: p95 RTT, ms.
+    #[arg(long, default_value_t = 50.0)]
+    pub setpoint_ms: f64,
+    /// Use the debug build (faster to build; dependencies are optimised either way).
+    #[arg(long)]
+    pub debug_build: bool,
+    /// Fail unless the loop demonstrably works (CI): hints fall under congestion and recover, the
+    /// pacer follows the hint, every arm completes, nothing is left behind.
+    #[arg(long)]
+    pub check: bool,
+    /// Report folder (default results/<timestamp>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One request as the pacer recorded it (its `requests.jsonl`).
+#[derive(Clone, Debug, serde::Deserialize, Serialize)]
+pub struct Req {
+    pub submitted_ms: f64,
+    pub wait_ms: f64,
+    pub ttft_ms: Option<f64>,
+    #[serde(default)]
+    pub itl_ms: Vec<f64>,
+    pub e2e_ms: f64,
+    pub tokens_out: u64,
+    pub status: u16,
+    pub error: Option<String>,
+}
+
+impl Req {
+    pub fn ok(&self) -> bool {
+        self.status == 200 && self.error.is_none() && self.ttft_ms.is_some()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientRun {
+    pub role: Role,
+    pub id: String,
+    pub slo_ttft_ms: f64,
+    pub offered: String,
+    pub requests: Vec<Req>,
+}
+
+/// A sample of the run's time series (seconds since the run started).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tick {
+    pub t: f64,
+    pub kbit: u64,
+    pub hint_rps: Vec<(String, f64)>,
+    pub observed_p95_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WindowSample {
+    pub t: f64,
+    pub p95_ms: f64,
+    pub retransmits: u64,
+    pub bytes_acked: u64,
+    /// RTT histogram of the interactive client's connections: [lo µs, hi µs, count].
+    pub interactive_hist: Vec<[u64; 3]>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub scenario: String,
+    pub arm: String,
+    pub repeat: usize,
+    pub started_unix_ms: u64,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub clients: Vec<ClientRun>,
+    /// (seconds since the run started, probe round trip ms).
+    pub probe: Vec<(f64, f64)>,
+    pub ticks: Vec<Tick>,
+    pub windows: Vec<WindowSample>,
+    pub steps: Vec<(f64, u64)>,
+}
+
+pub fn demo(a: &DemoArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo builds network namespaces and loads eBPF programs: run `sudo cargo xtask demo`"
+        );
+    }
+    crate::setup::setup()?;
+    install_stop_handler()?;
+    let scenarios: Vec<String> = if !a.scenario.is_empty() {
+        a.scenario.clone()
+    } else if a.quick {
+        vec!["network-bound".into(), "bandwidth-step".into()]
+    } else {
+        NAMES.iter().map(|s| s.to_string()).collect()
+    };
+    let arms: Vec<String> = if a.arms.is_empty() {
+        ARMS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.arms.clone()
+    };
+    let repeats = a.repeats.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
+    let duration = a
+        .duration
+        .unwrap_or(Duration::from_secs(if a.quick { 10 } else { 16 }));
+    anyhow::ensure!(
+        duration > a.warmup + Duration::from_secs(2),
+        "--duration must exceed the warm-up ({:?}) by at least 2 s",
+        a.warmup
+    );
+    let plan: Vec<Scenario> = scenarios
+        .iter()
+        .map(|n| scenario::scenario(n, duration, a.warmup, a.rate_kbit).context("unknown scenario"))
+        .collect::<Result<_>>()?;
+
+    let profile = if a.debug_build { "debug" } else { "release" };
+    step("demo", format!("building the binaries ({profile})"));
+    let mut b = cargo();
+    b.args([
+        "build",
+        "-p",
+        "tokenflow-agent",
+        "-p",
+        "tokenflow-hint-server",
+    ])
+    .args(["-p", "tokenflow-backend", "-p", "tokenflow-pacer"]);
+    if !a.debug_build {
+        b.arg("--release");
+    }
+    run(&mut b)?;
+    for ns in cleanup_stale()? {
+        step(
+            "demo",
+            format!("removed namespace {ns} left by an earlier run"),
+        );
+    }
+    let ts = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(':', "-");
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| root().join("results").join(&ts));
+    std::fs::create_dir_all(out.join("raw"))
+        .with_context(|| format!("creating {}", out.display()))?;
+
+    let total_s: f64 = plan
+        .iter()
+        .map(|s| {
+            (s.duration.as_secs_f64() + 3.0) * (arms.len() * repeats) as f64
+                + if s.clients.iter().any(|c| c.open_loop_x_capacity.is_some()) {
+                    10.0
+                } else {
+                    0.0
+                }
+        })
+        .sum();
+    let bar = indicatif::ProgressBar::new(total_s.ceil() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:32}] {percent:>3}% · {msg} · about {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let say = |m: String| bar.println(format!("[demo] {m}"));
+    let bins = Bins {
+        dir: root().join("target").join(profile),
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    let started = Instant::now();
+    let result = (|| -> Result<()> {
+        let mut stack = Stack::start(bins, &out, &say)?;
+        for sc in &plan {
+            if stopped() {
+                break;
+            }
+            say(format!("scenario {}: {}", sc.name, sc.what));
+            stack.start_backend(
+                sc.max_running,
+                sc.max_waiting,
+                &out.join(format!("backend-{}.log", sc.name)),
+            )?;
+            stack.set_rate(sc.rate_kbit, sc.buffer_ms)?;
+            let capacity = if sc.clients.iter().any(|c| c.open_loop_x_capacity.is_some()) {
+                bar.set_message(format!("{} · measuring the backend's capacity", sc.name));
+                let c = measure_capacity(&stack, sc, &out)?;
+                say(format!(
+                    "{}: backend capacity {c:.1} requests/s (closed loop, 2× its running slots, 8 s)",
+                    sc.name
+                ));
+                bar.inc(10);
+                Some(c)
+            } else {
+                None
+            };
+            for rep in 0..repeats {
+                for arm in &arms {
+                    if stopped() {
+                        return Ok(());
+                    }
+                    bar.set_message(format!(
+                        "{} · {arm} · repeat {}/{repeats}",
+                        sc.name,
+                        rep + 1
+                    ));
+                    let r = run_one(&stack, sc, arm, rep, capacity, a.setpoint_ms, &out, &bar)?;
+                    say(report::one_line(&r));
+                    runs.push(r);
+                    // Drain: let queues empty and connections close before the next arm.
+                    stack.set_rate(sc.rate_kbit, sc.buffer_ms)?;
+                    std::thread::sleep(Duration::from_secs(2));
+                    bar.inc(3);
+                }
+            }
+        }
+        Ok(())
+    })();
+    bar.finish_and_clear();
+    // Everything the stack started is stopped and removed by now (Drop), also on error.
+    let leftovers = leftovers();
+    if let Err(e) = result {
+        step(
+            "demo",
+            format!(
+                "stopped everything it started; leftovers: {}",
+                if leftovers.is_empty() {
+                    "none".to_string()
+                } else {
+                    leftovers.join(", ")
+                }
+            ),
+        );
+        return Err(e);
+    }
+    if stopped() {
+        step(
+            "demo",
+            "interrupted: everything it started is stopped and removed",
+        );
+        bail!("interrupted");
+    }
+    step(
+        "demo",
+        format!(
+            "{} runs in {:.0} s; test bed, processes and probes removed",
+            runs.len(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    let rep = report::write(&runs, &plan, &arms, a, &out)?;
+    if !a.quick && a.scenario.is_empty() && a.arms.is_empty() {
+        crate::report::write(&rep.figures, "sudo cargo xtask demo")?;
+    }
+    step(
+        "demo",
+        format!("report: {}", out.join("index.html").display()),
+    );
+    if a.check {
+        let mut problems = report::check(&runs, &arms, a.setpoint_ms);
+        problems.extend(leftovers.into_iter().map(|l| format!("left behind: {l}")));
+        if !problems.is_empty() {
+            for p in &problems {
+                step("demo", format!("check failed: {p}"));
+            }
+            bail!("{} check(s) failed", problems.len());
+        }
+        step(
+            "demo",
+            "checks passed: the loop works and nothing is left behind",
+        );
+    }
+    Ok(())
+}
+
+/// What a finished demo may not leave: test-bed namespaces, management links, TokenFlow
+/// processes, and eBPF programs whose loader is gone.
+fn leftovers() -> Vec<String> {
+    let mut v = Vec::new();
+    if let Ok(ns) = tokenflow_testbed::testbed_namespaces() {
+        let mine = format!("-{}-", std::process::id());
+        v.extend(
+            ns.into_iter()
+                .filter(|n| n.contains(&mine))
+                .map(|n| format!("namespace {n}")),
+        );
+    }
+    let link = format!("tfm{}", std::process::id());
+    if crate::util::succeeds(Command::new("ip").args(["link", "show", &link])) {
+        v.push(format!("link {link}"));
+    }
+    if let Ok(o) = crate::util::output(Command::new("pgrep").args([
+        "-a",
+        "-P",
+        &std::process::id().to_string(),
+    ])) {
+        v.extend(
+            o.lines()
+                .filter(|l| l.contains("tokenflow-"))
+                .map(|l| format!("process {l}")),
+        );
+    }
+    v
+}
+
+/// The backend's throughput for the scenario's request shape: unpaced closed loop with twice as
+/// many users as running slots, 8 s.
+fn measure_capacity(stack: &Stack, sc: &Scenario, out: &Path) -> Result<f64> {
+    let c = sc.clients.first().context("scenario without clients")?;
+    let mut spec = c.clone();
+    spec.users = Some((sc.max_running * 2).min(100));
+    spec.open_loop_x_capacity = None;
+    let dir = out.join("raw").join(format!("{}-capacity", sc.name));
+    let mut p = spawn_pacer(
+        stack,
+        &spec,
+        "off",
+        "capacity",
+        Duration::from_secs(8),
+        None,
+        &dir,
+        "off",
+    )?;
+    let status = p.child.wait()?;
+    anyhow::ensure!(
+        status.success(),
+        "the capacity run failed (see {})",
+        dir.display()
+    );
+    let reqs = read_requests(&dir)?;
+    let ok = reqs
+        .iter()
+        .filter(|r| r.ok() && r.submitted_ms >= 2000.0)
+        .count();
+    Ok(ok as f64 / 6.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_pacer(
+    stack: &Stack,
+    c: &ClientSpec,
+    pacing: &str,
+    id: &str,
+    duration: Duration,
+    open_rate: Option<f64>,
+    dir: &Path,
+    _arm: &str,
+) -> Result<stack::Proc> {
+    std::fs::create_dir_all(dir)?;
+    let addr = if c.second_address {
+        SERVER_ADDR_2
+    } else {
+        SERVER_ADDR
+    };
+    let mut cmd = stack.bed.exec(
+        &stack.bed.client,
+        &stack.bins.path("tokenflow-pacer").to_string_lossy(),
+    );
+    cmd.args(["run", "--target", &format!("http://{addr}:{BACKEND_PORT}")])
+        .args([
+            "--model",
+            &stack.model_name,
+            "--pacing",
+            pacing,
+            "--client-id",
+            id,
+        ])
+        .args(["--class", c.role.name()])
+        .args(["--duration", &format!("{}ms", duration.as_millis())])
+        .args(["--prompt-bytes", &c.prompt_bytes.to_string()])
+        .args(["--max-tokens", &c.max_tokens.to_string()])
+        .args(["--slo-ttft-ms", &c.slo_ttft_ms.to_string()])
+        .args(["--timeout", "30s", "--retries", "2", "--json", "--out"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pacer.log"))?);
+    if let Some(k) = c.truncate_prompt_tokens {
+        cmd.args(["--truncate-prompt-tokens", &k.to_string()]);
+    }
+    match (open_rate, c.users) {
+        (Some(r), _) => cmd.args(["--rate", &format!("{r:.3}")]),
+        (None, Some(u)) => cmd.args(["--users", &u.to_string()]),
+        (None, None) => bail!("client without users or rate"),
+    };
+    stack::Proc::spawn("tokenflow-pacer", &mut cmd)
+}
+
+fn read_requests(dir: &Path) -> Result<Vec<Req>> {
+    let text = std::fs::read_to_string(dir.join("requests.jsonl"))
+        .with_context(|| format!("reading {}/requests.jsonl", dir.display()))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).context("a request record"))
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    stack: &Stack,
+    sc: &Scenario,
+    arm: &str,
+    rep: usize,
+    capacity: Option<f64>,
+    setpoint_ms: f64,
+    out: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<Run> {
+    let tag = format!("{}-{arm}-{}", sc.name, rep + 1);
+    let hint_url = format!("http://{}", stack.hint_addr);
+    let mut pacers = Vec::new();
+    let mut clients = Vec::new();
+    for c in &sc.clients {
+        let id = format!("{tag}-{}", c.role.name());
+        let pacing = if arm == "off" {
+            "off".to_string()
+        } else {
+            stack.register(
+                &id,
+                &json!({
+                    "node_id": NODE,
+                    "controller": arm,
+                    "class": c.role.name(),
+                    "setpoint_ms": setpoint_ms,
+                    "min_rps": 0.5,
+                    "max_rps": c.max_rps,
+                    "max_concurrency": c.max_concurrency,
+                    "tokens_per_request": c.max_tokens,
+                }),
+            )?;
+            format!("hints:{hint_url}")
+        };
+        let open = c.open_loop_x_capacity.zip(capacity).map(|(x, cap)| x * cap);
+        let offered = match (open, c.users) {
+            (Some(r), _) => format!("Poisson {r:.1} req/s"),
+            (None, Some(u)) => format!("{u} users"),
+            _ => String::new(),
+        };
+        let dir = out.join("raw").join(&tag).join(c.role.name());
+        pacers.push((
+            spawn_pacer(stack, c, &pacing, &id, sc.duration, open, &dir, arm)?,
+            dir,
+        ));
+        clients.push((c.clone(), id, offered));
+    }
+    let t0 = Instant::now();
+    let started_unix_ms = unix_ms();
+    let probe_from = stack.probe.started().elapsed().as_secs_f64();
+    let windows_from = stack.agent.windows().len();
+    let mut ticks = Vec::new();
+    let mut steps = vec![(0.0, sc.rate_kbit)];
+    let mut kbit = sc.rate_kbit;
+    let mut next_step = 0;
+    let mut last_inc = 0.0;
+    loop {
+        let t = t0.elapsed().as_secs_f64();
+        if stopped() {
+            break;
+        }
+        if let Some(&(frac, k)) = sc.steps.get(next_step)
+            && t >= frac * sc.duration.as_secs_f64()
+        {
+            stack.set_rate(k, sc.buffer_ms)?;
+            steps.push((t, k));
+            kbit = k;
+            next_step += 1;
+        }
+        let mut tick = Tick {
+            t,
+            kbit,
+            ..Default::default()
+        };
+        if arm != "off" {
+            for (c, id, _) in &clients {
+                if let Some(h) = stack.hint(id) {
+                    tick.hint_rps
+                        .push((c.role.name().to_string(), h.rate_limit_rps));
+                    tick.observed_p95_ms = tick.observed_p95_ms.or(h.observed_rtt_ms);
+                }
+            }
+        }
+        ticks.push(tick);
+        if t - last_inc >= 1.0 {
+            bar.inc(1);
+            last_inc = t;
+        }
+        let running = pacers
+            .iter_mut()
+            .any(|(p, _)| matches!(p.child.try_wait(), Ok(None)));
+        if !running {
+            break;
+        }
+        if t > sc.duration.as_secs_f64() + 40.0 {
+            bail!("{tag}: the pacers did not finish within 40 s of the run's end");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut runs = Vec::new();
+    for ((mut p, dir), (c, id, offered)) in pacers.into_iter().zip(clients) {
+        p.stop();
+        if stopped() {
+            bail!("interrupted");
+        }
+        let status = p.child.wait()?;
+        anyhow::ensure!(
+            status.success(),
+            "{tag}: the {} pacer failed ({status}); see {}/pacer.log",
+            c.role.name(),
+            dir.display()
+        );
+        runs.push(ClientRun {
+            role: c.role,
+            id,
+            slo_ttft_ms: c.slo_ttft_ms,
+            offered,
+            requests: read_requests(&dir)?,
+        });
+    }
+    let probe = stack
+        .probe
+        .samples()
+        .into_iter()
+        .filter(|(t, _)| *t >= probe_from)
+        .map(|(t, rtt)| (t - probe_from, rtt))
+        .collect();
+    let inter = format!("{SERVER_ADDR_2}:{BACKEND_PORT}");
+    let windows = stack.agent.windows()[windows_from..]
+        .iter()
+        .map(|w| WindowSample {
+            t: (w.end_unix_ms as f64 - started_unix_ms as f64) / 1000.0,
+            p95_ms: w.node.rtt.p95_us as f64 / 1000.0,
+            retransmits: w.node.retransmits,
+            bytes_acked: w.node.bytes_acked,
+            interactive_hist: w
+                .flows
+                .iter()
+                .filter(|f| f.remote == inter)
+                .flat_map(|f| f.rtt_hist.iter().copied())
+                .collect(),
+        })
+        .collect();
+    Ok(Run {
+        scenario: sc.name.to_string(),
+        arm: arm.to_string(),
+        repeat: rep + 1,
+        started_unix_ms,
+        duration_s: sc.duration.as_secs_f64(),
+        warmup_s: sc.warmup.as_secs_f64(),
+        clients: runs,
+        probe,
+        ticks,
+        windows,
+        steps,
+    })
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

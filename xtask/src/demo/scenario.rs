@@ -1,0 +1,194 @@
+//! The demo's scenarios: what load each client offers, over which link, against which backend.
+//! The workload is the same for every arm; only the pacing differs.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The arms, in the order they are interleaved within each repeat.
+pub const ARMS: &[&str] = &["off", "pid", "sigmoid", "gradient2", "aimd"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Batch,
+    Interactive,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Batch => "batch",
+            Role::Interactive => "interactive",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientSpec {
+    pub role: Role,
+    /// Closed loop with this many users …
+    pub users: Option<u32>,
+    /// … or open loop at this multiple of the backend's measured capacity.
+    pub open_loop_x_capacity: Option<f64>,
+    pub prompt_bytes: usize,
+    pub max_tokens: u32,
+    pub truncate_prompt_tokens: Option<u32>,
+    /// Highest rate the hint server may grant this client.
+    pub max_rps: f64,
+    pub max_concurrency: u32,
+    /// TTFT objective for goodput, ms.
+    pub slo_ttft_ms: f64,
+    /// Sends to the server's second address, so its flows can be told apart.
+    pub second_address: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub rate_kbit: u64,
+    pub buffer_ms: u64,
+    /// Bottleneck changes: (fraction of the run, kbit/s).
+    pub steps: Vec<(f64, u64)>,
+    pub max_running: u32,
+    pub max_waiting: u32,
+    pub clients: Vec<ClientSpec>,
+    #[serde(with = "humantime_serde_secs")]
+    pub duration: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub warmup: Duration,
+}
+
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+pub const NAMES: &[&str] = &[
+    "network-bound",
+    "compute-bound",
+    "open-loop",
+    "bandwidth-step",
+];
+
+fn batch_uploads(users: u32) -> ClientSpec {
+    ClientSpec {
+        role: Role::Batch,
+        users: Some(users),
+        open_loop_x_capacity: None,
+        // A retrieval-sized context: the upload loads the link; the model keeps its last 64 tokens.
+        prompt_bytes: 100_000,
+        max_tokens: 4,
+        truncate_prompt_tokens: Some(64),
+        max_rps: 100.0,
+        max_concurrency: users,
+        slo_ttft_ms: 2_000.0,
+        second_address: false,
+    }
+}
+
+fn interactive(users: u32, slo_ttft_ms: f64) -> ClientSpec {
+    ClientSpec {
+        role: Role::Interactive,
+        users: Some(users),
+        open_loop_x_capacity: None,
+        prompt_bytes: 400,
+        max_tokens: 32,
+        truncate_prompt_tokens: None,
+        max_rps: 20.0,
+        max_concurrency: users,
+        slo_ttft_ms,
+        second_address: true,
+    }
+}
+
+/// The scenario `name` with a run of `duration` (the bandwidth step runs 1.5× as long).
+pub fn scenario(
+    name: &str,
+    duration: Duration,
+    warmup: Duration,
+    rate_kbit: u64,
+) -> Option<Scenario> {
+    let s = match name {
+        "network-bound" => Scenario {
+            name: "network-bound",
+            what: "32 users upload 100 KB contexts over the bottleneck beside 2 interactive streaming users and the probe",
+            rate_kbit,
+            buffer_ms: 300,
+            steps: vec![],
+            max_running: 16,
+            max_waiting: 256,
+            clients: vec![batch_uploads(32), interactive(2, 500.0)],
+            duration,
+            warmup,
+        },
+        "compute-bound" => Scenario {
+            name: "compute-bound",
+            what: "24 batch users (3× the backend's 8 running slots) beside 2 interactive users with a 500 ms TTFT SLO",
+            rate_kbit: rate_kbit * 5,
+            buffer_ms: 300,
+            steps: vec![],
+            max_running: 8,
+            max_waiting: 256,
+            clients: vec![
+                ClientSpec {
+                    role: Role::Batch,
+                    users: Some(24),
+                    open_loop_x_capacity: None,
+                    prompt_bytes: 400,
+                    max_tokens: 32,
+                    truncate_prompt_tokens: None,
+                    max_rps: 100.0,
+                    max_concurrency: 24,
+                    slo_ttft_ms: 2_000.0,
+                    second_address: false,
+                },
+                interactive(2, 500.0),
+            ],
+            duration,
+            warmup,
+        },
+        "open-loop" => Scenario {
+            name: "open-loop",
+            what: "Poisson arrivals at 1.5× the backend's measured capacity; goodput = answers whose TTFT met 1 s",
+            rate_kbit: rate_kbit * 5,
+            buffer_ms: 300,
+            steps: vec![],
+            max_running: 8,
+            max_waiting: 512,
+            clients: vec![ClientSpec {
+                role: Role::Batch,
+                users: None,
+                open_loop_x_capacity: Some(1.5),
+                prompt_bytes: 400,
+                max_tokens: 32,
+                truncate_prompt_tokens: None,
+                max_rps: 100.0,
+                max_concurrency: 64,
+                slo_ttft_ms: 1_000.0,
+                second_address: false,
+            }],
+            duration,
+            warmup,
+        },
+        "bandwidth-step" => Scenario {
+            name: "bandwidth-step",
+            what: "network-bound load while the bottleneck steps 20 → 5 → 20 Mbit/s at a third and two thirds of the run",
+            rate_kbit,
+            buffer_ms: 300,
+            steps: vec![(1.0 / 3.0, rate_kbit / 4), (2.0 / 3.0, rate_kbit)],
+            max_running: 16,
+            max_waiting: 256,
+            clients: vec![batch_uploads(32), interactive(2, 500.0)],
+            duration: duration.mul_f64(1.5),
+            warmup,
+        },
+        _ => return None,
+    };
+    Some(s)
+}
