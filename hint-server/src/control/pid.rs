@@ -11,7 +11,9 @@
 //! - feed-forward from the forecast: a predicted rise cuts the rate before the queue builds;
 //! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
 //!   the rate probes upward multiplicatively at the slew limit;
-//! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`.
+//! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only:
+//!   the damping is not fed back into the integrator, so a lasting anomaly score does not ratchet
+//!   the rate down period after period.
 
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
@@ -47,7 +49,7 @@ impl Default for PidGains {
             ki: 0.5,
             kd: 0.3,
             kf: 0.5,
-            probe_fraction: 0.1,
+            probe_fraction: 0.25,
             slew_up: 0.25,
             probe_start: 0.05,
             severe: 3.0,
@@ -70,6 +72,9 @@ pub struct Pid {
     /// Rate (fraction of max) at which a queue above the setpoint was last seen.
     congested_u: Option<f64>,
     last_u: f64,
+    /// ln of the last period's anomaly damping (≤ 0), kept out of the integrator.
+    #[serde(default)]
+    last_damp_ln: f64,
     max_rps: f64,
     min_ln: f64,
 }
@@ -90,6 +95,7 @@ impl Pid {
             probe_step: 0.0,
             congested_u: None,
             last_u: start,
+            last_damp_ln: 0.0,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -185,6 +191,7 @@ impl Controller for Pid {
             ));
         }
         let damp = self.g.anomaly_damping * ((obs.anomaly - 0.5) * 2.0).clamp(0.0, 1.0);
+        self.last_damp_ln = (1.0 - damp).max(1e-6).ln();
         if damp > 0.0 {
             u *= 1.0 - damp;
             reason.push_str(&format!(
@@ -206,9 +213,11 @@ impl Controller for Pid {
         // terms, so a clamp or the slew limit never lets it run away.
         let u = (rate_rps / self.max_rps).max(1e-6);
         self.last_u = u;
-        let computed = self.integral + self.last_terms;
+        // What this controller asked for, damping included: only a cut by someone else (the
+        // slew limit, the governor's bounds, the share) is tracked back into the integrator.
+        let computed = self.integral + self.last_terms + self.last_damp_ln;
         if u.ln() < computed - 1e-9 {
-            self.integral = (u.ln() - self.last_terms).clamp(self.min_ln, 0.0);
+            self.integral = (u.ln() - self.last_terms - self.last_damp_ln).clamp(self.min_ln, 0.0);
         }
     }
 }

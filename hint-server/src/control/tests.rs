@@ -159,3 +159,60 @@ proptest! {
         }
     }
 }
+
+#[test]
+#[ignore = "prints the simulated figures of every controller; run with --ignored --nocapture"]
+fn print_sim_figures() {
+    for kind in [
+        ControllerKind::Pid,
+        ControllerKind::Sigmoid,
+        ControllerKind::Gradient2,
+        ControllerKind::Aimd,
+    ] {
+        let plant = Plant::default();
+        let f = figures(kind, &plant, 50.0, &simulate(kind, &plant, limits(), 1));
+        println!("{f:?}");
+    }
+}
+
+#[test]
+#[ignore = "prints a simulated PID trace; run with --ignored --nocapture"]
+fn print_pid_trace() {
+    let plant = Plant::default();
+    for p in simulate(ControllerKind::Pid, &plant, limits(), 1)
+        .iter()
+        .step_by(2)
+    {
+        println!(
+            "t {:5.0} cap {:5.1} rate {:5.1} p95 {:6.1}",
+            p.t, p.capacity_rps, p.rate_rps, p.p95_ms
+        );
+    }
+}
+
+#[test]
+fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let mut rates = Vec::new();
+    for k in 0..30 {
+        let obs = Observation {
+            now: k as f64,
+            // A standing queue just under the setpoint: no reason to cut.
+            p95_rtt_ms: Some(45.0),
+            predicted_p95_ms: Some(45.0),
+            anomaly: 1.0,
+            inflight: None,
+            stale: false,
+        };
+        let (rate, _) = pid.update(&obs, &l);
+        pid.applied(rate);
+        rates.push(rate);
+    }
+    // Damped by at most `anomaly_damping` against the undamped rate, but never decaying.
+    assert!(
+        rates[29] >= rates[5] * 0.99,
+        "the damping ratcheted the rate down: {rates:?}"
+    );
+}

@@ -210,7 +210,14 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let say = |m: String| bar.println(format!("[demo] {m}"));
+    // Without a terminal the bar is hidden and so are its lines: print them plainly then.
+    let say = |m: String| {
+        if bar.is_hidden() {
+            eprintln!("[demo] {m}");
+        } else {
+            bar.println(format!("[demo] {m}"));
+        }
+    };
     let bins = Bins {
         dir: root().join("target").join(profile),
     };
