@@ -141,7 +141,29 @@ struct Ctx {
 /// One request: through the gate, to the least busy target, recorded from `submitted`.
 async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
     let cfg = &ctx.cfg;
-    let permit = ctx.gate.acquire().await;
+    // A request still waiting in the gate when the run and one timeout have passed is recorded
+    // as unsent, so that no submitted request goes missing from the results.
+    let give_up = ctx.start + cfg.duration + cfg.timeout;
+    let Ok(permit) = tokio::time::timeout_at(give_up.into(), ctx.gate.acquire()).await else {
+        let now = Instant::now();
+        let _ = ctx.records.send(Record {
+            user,
+            class: cfg.class.clone(),
+            target: String::new(),
+            submitted_ms: ms(submitted - ctx.start),
+            wait_ms: ms(now - submitted),
+            ttft_ms: None,
+            ttft_sent_ms: None,
+            itl_ms: Vec::new(),
+            e2e_ms: ms(now - submitted),
+            tokens_in: 0,
+            tokens_out: 0,
+            status: 0,
+            error: Some("not sent: still waiting in the pacer when the run ended".into()),
+            retries: 0,
+        });
+        return;
+    };
     let sent = Instant::now();
     let t = (0..cfg.targets.len())
         .min_by_key(|&i| ctx.in_flight[i].load(Ordering::Relaxed))

@@ -228,3 +228,52 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
         "6 users at 4 req/s never waited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cfg = RunConfig {
+        // Nothing listens there: the one request the bucket lets through fails to connect.
+        targets: vec!["http://127.0.0.1:9".into()],
+        model: "m".into(),
+        load: Load::Closed { users: 3 },
+        duration: Duration::from_millis(500),
+        max_tokens: 4,
+        truncate_prompt_tokens: None,
+        pacing: Pacing::Fixed(0.1),
+        class: "batch".into(),
+        retries: 0,
+        timeout: Duration::from_millis(500),
+        concurrency: 8,
+    };
+    let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
+        .await
+        .unwrap();
+    let mut recs = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            recs.push(r);
+        }
+    }
+    let unsent = recs
+        .iter()
+        .filter(|r| {
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("not sent"))
+        })
+        .count();
+    // Three users submitted at once; the bucket let one through, which failed at once, and its
+    // user submitted again: three requests waited past the end.
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    assert_eq!(unsent, 3, "{recs:?}");
+    for r in recs.iter().filter(|r| {
+        r.status == 0
+            && r.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("not sent"))
+    }) {
+        assert!(r.wait_ms >= 900.0 && r.ttft_ms.is_none(), "{r:?}");
+    }
+}

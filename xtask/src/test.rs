@@ -47,6 +47,17 @@ pub fn test() -> Result<()> {
         "cargo test (privileged tests run as root; under CI=true they may not skip)",
     );
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    step(
+        "test",
+        "the quick A/B demo as an integration test: the loop works, every arm completes, nothing is left behind",
+    );
+    if crate::util::is_root() {
+        crate::demo::demo(&crate::demo::DemoArgs::quick_check())?;
+    } else if std::env::var("CI").is_ok_and(|v| v == "true") {
+        anyhow::bail!("CI=true but not root: the demo check needs root (namespaces, eBPF)");
+    } else {
+        step("test", "SKIPPED the demo check: it needs root (run `sudo cargo xtask test`)");
+    }
     step("test", "all checks passed");
     Ok(())
 }

@@ -63,6 +63,25 @@ pub struct DemoArgs {
     pub out: Option<PathBuf>,
 }
 
+impl DemoArgs {
+    /// `--quick --debug-build --check`, as `cargo xtask test` runs it (report under target/).
+    pub fn quick_check() -> Self {
+        Self {
+            quick: true,
+            scenario: Vec::new(),
+            arms: Vec::new(),
+            repeats: None,
+            duration: None,
+            warmup: Duration::from_secs(4),
+            rate_kbit: 20_000,
+            setpoint_ms: 50.0,
+            debug_build: true,
+            check: true,
+            out: Some(root().join("target/demo-check")),
+        }
+    }
+}
+
 /// One request as the pacer recorded it (its `requests.jsonl`).
 #[derive(Clone, Debug, serde::Deserialize, Serialize)]
 pub struct Req {
@@ -424,7 +443,7 @@ fn spawn_pacer(
         .args(["--prompt-bytes", &c.prompt_bytes.to_string()])
         .args(["--max-tokens", &c.max_tokens.to_string()])
         .args(["--slo-ttft-ms", &c.slo_ttft_ms.to_string()])
-        .args(["--timeout", "30s", "--retries", "2", "--json", "--out"])
+        .args(["--timeout", "20s", "--retries", "2", "--json", "--out"])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("pacer.log"))?);

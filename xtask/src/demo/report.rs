@@ -993,7 +993,8 @@ fn html(
          (<b>sigmoid</b>, the original mapping; <b>gradient2</b>; <b>aimd</b>), interleaved within each repeat. \
          Measurement window: requests submitted after a {:.0} s warm-up (the same for every arm) until the run's end; \
          every latency is timed from the moment a user submitted (time waiting in the pacer included). \
-         Setpoint: p95 RTT {:.0} ms. Intervals: 95 % hierarchical bootstrap over repeats and observations.</p>",
+         Setpoint: p95 RTT {:.0} ms. Goodput: completed requests/s for batch clients, completed within the TTFT objective for \
+         interactive and open-loop clients. Intervals: 95 % hierarchical bootstrap over repeats and observations.</p>",
         a.warmup.as_secs_f64(),
         a.setpoint_ms
     );
