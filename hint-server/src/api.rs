@@ -417,6 +417,32 @@ async fn get_client(
         .ok_or_else(|| ApiError::not_found(format!("client {id} is not registered")))
 }
 
+#[utoipa::path(delete, path = "/v1/clients/{client_id}", params(("client_id" = String, Path)),
+    responses((status = 204, description = "the client and its hint are removed; its share goes to the node's other clients"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_client(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    ClientId(id): ClientId,
+) -> Result<StatusCode, ApiError> {
+    authorize(&app, &headers, true)?;
+    let removed = app
+        .store
+        .delete_client(&id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    app.cache
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    if !removed {
+        return Err(ApiError::not_found(format!(
+            "client {id} is not registered"
+        )));
+    }
+    tracing::info!(client = %id, "client removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the process is up")))]
 async fn healthz() -> &'static str {
     "ok\n"
@@ -449,6 +475,7 @@ async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
         history,
         put_client,
         get_client,
+        delete_client,
         healthz,
         readyz
     ),
@@ -496,7 +523,10 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/hints/{client_id}/stream", get(stream_hint))
         .route("/v1/nodes", get(nodes))
         .route("/v1/history", get(history))
-        .route("/v1/clients/{client_id}", put(put_client).get(get_client))
+        .route(
+            "/v1/clients/{client_id}",
+            put(put_client).get(get_client).delete(delete_client),
+        )
         .route("/v1/schema/telemetry-window", get(window_schema))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -61,6 +61,17 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a client's settings and its hint; false when it was not registered.
+    pub async fn delete_client(&self, id: &str) -> Result<bool> {
+        let (removed, _): (u32, u32) = redis::pipe()
+            .atomic()
+            .hdel(keys::CLIENTS, id)
+            .del(keys::hint(id))
+            .query_async(&mut self.con.clone())
+            .await?;
+        Ok(removed > 0)
+    }
+
     pub async fn hint(&self, id: &str) -> Result<Option<Hint>> {
         let raw: Option<String> = self.con.clone().get(keys::hint(id)).await?;
         Ok(raw.and_then(|j| serde_json::from_str(&j).ok()))

@@ -132,6 +132,18 @@ async fn writes_need_the_token_and_bad_input_names_the_field() {
     let (s, v) = call(&r, "GET", "/v1/clients/c1", None, None).await;
     assert_eq!((s, v["max_rps"].as_f64()), (StatusCode::OK, Some(20.0)));
 
+    // Deregistration: token required; afterwards the client and its hint are gone.
+    let (s, _) = call(&r, "DELETE", "/v1/clients/c1", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call(&r, "DELETE", "/v1/clients/c1", Some(TOKEN), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = call(&r, "GET", "/v1/clients/c1", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = call(&r, "DELETE", "/v1/clients/c1", Some(TOKEN), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, _) = call(&r, "PUT", "/v1/clients/c1", Some(TOKEN), Some(good)).await;
+    assert_eq!(s, StatusCode::OK);
+
     // Without a configured token, writes are refused rather than open.
     let open = router(app(&redis, None, None).await);
     let (s, v) = call(&open, "PUT", "/v1/clients/c1", None, Some(good)).await;

@@ -56,7 +56,10 @@ pub fn test() -> Result<()> {
     } else if std::env::var("CI").is_ok_and(|v| v == "true") {
         anyhow::bail!("CI=true but not root: the demo check needs root (namespaces, eBPF)");
     } else {
-        step("test", "SKIPPED the demo check: it needs root (run `sudo cargo xtask test`)");
+        step(
+            "test",
+            "SKIPPED the demo check: it needs root (run `sudo cargo xtask test`)",
+        );
     }
     step("test", "all checks passed");
     Ok(())

@@ -579,6 +579,9 @@ fn run_one(
             c.role.name(),
             dir.display()
         );
+        if arm != "off" {
+            stack.deregister(&id)?;
+        }
         runs.push(ClientRun {
             role: c.role,
             id,

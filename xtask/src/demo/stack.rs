@@ -241,6 +241,19 @@ impl Stack {
         Ok(())
     }
 
+    /// `DELETE /v1/clients/{id}`: the finished run's clients stop taking a share of the node.
+    pub fn deregister(&self, id: &str) -> Result<()> {
+        let (code, text) = http(
+            self.hint_addr,
+            "DELETE",
+            &format!("/v1/clients/{id}"),
+            Some(TOKEN),
+            None,
+        )?;
+        anyhow::ensure!(code == 204, "removing {id}: {code} {text}");
+        Ok(())
+    }
+
     /// The client's current hint, if any.
     pub fn hint(&self, id: &str) -> Option<tokenflow_schema::Hint> {
         let (code, body) = http(
