@@ -28,6 +28,9 @@ pub struct PidGains {
     pub kd: f64,
     /// Feed-forward gain on the predicted rise, ln(rate) per second of predicted RTT increase.
     pub kf: f64,
+    /// Integral gain below the setpoint, ln(rate) per unit of relative headroom per second.
+    #[serde(default)]
+    pub ki_up: f64,
     /// Below `base + probe_fraction · (setpoint − base)` there is no standing queue and the rate
     /// probes upward at the slew limit instead.
     pub probe_fraction: f64,
@@ -49,6 +52,7 @@ impl Default for PidGains {
             ki: 0.5,
             kd: 0.3,
             kf: 0.5,
+            ki_up: 0.1,
             probe_fraction: 0.25,
             slew_up: 0.25,
             probe_start: 0.05,
@@ -174,7 +178,15 @@ impl Controller for Pid {
                 });
             }
             self.probe_step = 0.0;
-            self.integral += self.g.ki * e * dt;
+            // Below the setpoint the integral grows on the error relative to the setpoint (the
+            // RTT says little about headroom there, so seconds of error would crawl); above it,
+            // on seconds of queueing, which a queue's growth makes large quickly.
+            let rise = if e > 0.0 {
+                self.g.ki_up * (e * 1000.0 / sp)
+            } else {
+                self.g.ki * e
+            };
+            self.integral += rise * dt;
             terms = self.g.kp * e + self.g.kd * d + self.g.kf * ff;
             reason = format!(
                 "p95 {y:.1} ms vs setpoint {sp:.0} ms: error {:+.1} ms",

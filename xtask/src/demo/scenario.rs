@@ -101,7 +101,8 @@ fn interactive(users: u32, slo_ttft_ms: f64) -> ClientSpec {
         prompt_bytes: 400,
         max_tokens: 32,
         truncate_prompt_tokens: None,
-        max_rps: 20.0,
+        // About what two users of 32-token answers ask for: strict priority reserves it first.
+        max_rps: 10.0,
         max_concurrency: users,
         slo_ttft_ms,
         second_address: true,
