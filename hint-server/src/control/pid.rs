@@ -52,7 +52,7 @@ impl Default for PidGains {
             ki: 0.5,
             kd: 0.3,
             kf: 0.5,
-            ki_up: 0.1,
+            ki_up: 0.3,
             probe_fraction: 0.25,
             slew_up: 0.25,
             probe_start: 0.05,

@@ -35,10 +35,10 @@ pub struct DemoArgs {
     /// Arms to compare (default: all five).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(ARMS))]
     pub arms: Vec<String>,
-    /// Repeats of every arm (interleaved). Default 3, with --quick 1.
+    /// Repeats of every arm (interleaved). Default 2, with --quick 1.
     #[arg(long)]
     pub repeats: Option<usize>,
-    /// Length of one run; the bandwidth step runs 1.5× as long. Default 16 s, with --quick 10 s.
+    /// Length of one run; the bandwidth step runs 1.5× as long. Default 20 s, with --quick 10 s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Warm-up dropped from every run's figures (the same for every arm).
@@ -166,10 +166,10 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     } else {
         a.arms.clone()
     };
-    let repeats = a.repeats.unwrap_or(if a.quick { 1 } else { 3 }).max(1);
+    let repeats = a.repeats.unwrap_or(if a.quick { 1 } else { 2 }).max(1);
     let duration = a
         .duration
-        .unwrap_or(Duration::from_secs(if a.quick { 10 } else { 16 }));
+        .unwrap_or(Duration::from_secs(if a.quick { 10 } else { 20 }));
     anyhow::ensure!(
         duration > a.warmup + Duration::from_secs(2),
         "--duration must exceed the warm-up ({:?}) by at least 2 s",
