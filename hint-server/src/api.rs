@@ -235,19 +235,13 @@ async fn stream_hint(
     authorize(&app, &headers, false)?;
     let first = current_hint(&app, &id).await?;
     let rx = BroadcastStream::new(app.hints.subscribe());
-    let mut last = (first.rate_limit_rps, first.max_concurrency, first.stale);
+    // Every issued hint, also an unchanged one: each renews the TTL the client holds it by, so a
+    // steady limit must keep arriving or the client would fall back to its safe floor.
     let updates = rx.filter_map(move |h| {
-        let out = match h {
-            Ok(h) if h.client_id == id => {
-                let key = (h.rate_limit_rps, h.max_concurrency, h.stale);
-                (key != last).then(|| {
-                    last = key;
-                    h
-                })
-            }
+        std::future::ready(match h {
+            Ok(h) if h.client_id == id => Some(h),
             _ => None,
-        };
-        std::future::ready(out)
+        })
     });
     let events = futures_util::stream::once(std::future::ready(first))
         .chain(updates)

@@ -305,7 +305,7 @@ async fn openapi_health_and_unknown_routes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_stream_sends_the_current_hint_then_changes() {
+async fn the_stream_sends_the_current_hint_then_every_new_one() {
     let redis = RedisServer::start_ephemeral().unwrap();
     let a = app(&redis, Some(TOKEN), None).await;
     let r = router(a.clone());
@@ -342,9 +342,19 @@ async fn the_stream_sends_the_current_hint_then_changes() {
         .await
         .unwrap();
     // (This test runs no pub/sub listener: deliver as the listener would.)
-    a.remember(h);
+    a.remember(h.clone());
     let second = next_event(&mut body).await;
     assert!(second.contains("\"rate_limit_rps\":17.0"), "{second}");
+    // The same limit issued again a period later still arrives: it renews the client's TTL (a
+    // stream that only sent changes left steady clients to fall back to their safe floor).
+    h.issued_at_unix_ms += 1000;
+    a.remember(h.clone());
+    let third = next_event(&mut body).await;
+    assert!(
+        third.contains("\"rate_limit_rps\":17.0")
+            && third.contains(&format!("\"issued_at_unix_ms\":{}", h.issued_at_unix_ms)),
+        "{third}"
+    );
 }
 
 async fn next_event(b: &mut Body) -> String {

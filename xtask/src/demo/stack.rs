@@ -33,7 +33,17 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
         use std::os::unix::process::CommandExt;
-        // Its own process group: Ctrl-C reaches only xtask, which stops children in order.
+        // Its own process group: Ctrl-C reaches only xtask, which stops children in order. And
+        // should xtask die without that (a second Ctrl-C, a kill), the kernel stops the child.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .process_group(0)
             .spawn()
