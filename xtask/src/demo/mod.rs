@@ -118,6 +118,9 @@ pub struct Tick {
     pub kbit: u64,
     pub hint_rps: Vec<(String, f64)>,
     pub observed_p95_ms: Option<f64>,
+    /// The batch (or only) client's hint: stale flag and the controller's reason.
+    pub stale: bool,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -244,6 +247,11 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let started = Instant::now();
     let result = (|| -> Result<()> {
         let mut stack = Stack::start(bins, &out, &say)?;
+        // The idle path's round trip, against which "drained" is judged.
+        std::thread::sleep(Duration::from_secs(2));
+        let idle: Vec<f64> = stack.probe.samples().iter().map(|s| s.1).collect();
+        let base_ms = stats::quantile(&idle, 0.5);
+        say(format!("idle round trip: {base_ms:.1} ms (probe median)"));
         for sc in &plan {
             if stopped() {
                 break;
@@ -280,9 +288,15 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                     let r = run_one(&stack, sc, arm, rep, capacity, a.setpoint_ms, &out, &bar)?;
                     say(report::one_line(&r));
                     runs.push(r);
-                    // Drain: let queues empty and connections close before the next arm.
+                    // Drain: the next arm starts on an empty queue, whatever this one left.
                     stack.set_rate(sc.rate_kbit, sc.buffer_ms)?;
-                    std::thread::sleep(Duration::from_secs(2));
+                    let waited = drain(&stack, base_ms);
+                    if waited > Duration::from_secs(6) {
+                        say(format!(
+                            "the bottleneck took {:.0} s to drain",
+                            waited.as_secs_f64()
+                        ));
+                    }
                     bar.inc(3);
                 }
             }
@@ -344,6 +358,28 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Waits until the probe's round trip is back near the idle one (the queue is gone) and then two
+/// more agent windows, so the next arm's controller starts from a clean picture; at most 20 s.
+fn drain(stack: &Stack, base_ms: f64) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) && !stopped() {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = stack.probe.started().elapsed().as_secs_f64();
+        let recent: Vec<f64> = stack
+            .probe
+            .samples()
+            .iter()
+            .filter(|s| s.0 > now - 1.0)
+            .map(|s| s.1)
+            .collect();
+        if !recent.is_empty() && stats::quantile(&recent, 0.99) <= base_ms + 5.0 {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    t0.elapsed()
 }
 
 /// What a finished demo may not leave: test-bed namespaces, management links, TokenFlow
@@ -547,6 +583,10 @@ fn run_one(
                     tick.hint_rps
                         .push((c.role.name().to_string(), h.rate_limit_rps));
                     tick.observed_p95_ms = tick.observed_p95_ms.or(h.observed_rtt_ms);
+                    if c.role == Role::Batch {
+                        tick.stale = h.stale;
+                        tick.reason = h.reason;
+                    }
                 }
             }
         }
