@@ -38,7 +38,8 @@ pub struct DemoArgs {
     /// Repeats of every arm (interleaved). Default 2, with --quick 1.
     #[arg(long)]
     pub repeats: Option<usize>,
-    /// Length of one run; the bandwidth step runs 1.5× as long. Default 20 s, with --quick 10 s.
+    /// Length of one run; the bandwidth step runs 1.5× as long. Default 20 s; with --quick 10 s
+    /// and 22 s for the step.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Warm-up dropped from every run's figures (the same for every arm).
@@ -178,9 +179,18 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         "--duration must exceed the warm-up ({:?}) by at least 2 s",
         a.warmup
     );
+    // The step scenario needs the controllers to have found the link before it narrows: its
+    // first third must outlast their ramp from a fresh start.
+    let step_duration = match (a.quick, a.duration) {
+        (true, None) => Duration::from_secs(22),
+        _ => duration.mul_f64(1.5),
+    };
     let plan: Vec<Scenario> = scenarios
         .iter()
-        .map(|n| scenario::scenario(n, duration, a.warmup, a.rate_kbit).context("unknown scenario"))
+        .map(|n| {
+            scenario::scenario(n, duration, step_duration, a.warmup, a.rate_kbit)
+                .context("unknown scenario")
+        })
         .collect::<Result<_>>()?;
 
     let profile = if a.debug_build { "debug" } else { "release" };

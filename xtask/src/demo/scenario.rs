@@ -109,10 +109,11 @@ fn interactive(users: u32, slo_ttft_ms: f64) -> ClientSpec {
     }
 }
 
-/// The scenario `name` with a run of `duration` (the bandwidth step runs 1.5× as long).
+/// The scenario `name` with runs of `duration` (the bandwidth step: `step_duration`).
 pub fn scenario(
     name: &str,
     duration: Duration,
+    step_duration: Duration,
     warmup: Duration,
     rate_kbit: u64,
 ) -> Option<Scenario> {
@@ -187,7 +188,7 @@ pub fn scenario(
             max_running: 16,
             max_waiting: 256,
             clients: vec![batch_uploads(32), interactive(2, 500.0)],
-            duration: duration.mul_f64(1.5),
+            duration: step_duration,
             warmup,
         },
         _ => return None,
