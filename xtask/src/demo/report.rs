@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use super::{
-    DemoArgs, Run,
+    DemoArgs, Run, WindowSample,
     scenario::{Role, Scenario},
     stats::{Estimate, bootstrap, over_repeats, quantile},
 };
@@ -31,8 +31,8 @@ pub struct RunFigures {
     pub interactive_rtt_p99_ms: f64,
     pub retransmits: f64,
     pub link_utilization: f64,
-    /// Control periods after the bottleneck fell until the node's p95 RTT was within 20 % of the
-    /// setpoint (None: never, or no step).
+    /// Control periods after the bottleneck fell until the node's p95 RTT was under 1.2 × the
+    /// setpoint for the rest of the narrowed segment (None: never; absent without a step).
     pub settle_periods: Option<f64>,
 }
 
@@ -119,11 +119,20 @@ pub fn figures(r: &Run, setpoint_ms: f64) -> RunFigures {
         f64::NAN
     };
     if let Some(&(t_down, _)) = r.steps.get(1) {
-        let after: Vec<_> = r.windows.iter().filter(|w| w.t > t_down).collect();
-        f.settle_periods = after
+        // The narrowed segment: periods from the step until the p95 is under 1.2 × setpoint and
+        // stays there to the segment's end (0: it never left; None: it never came back).
+        let t_up = r.steps.get(2).map_or(r.duration_s, |s| s.0);
+        let seg: Vec<_> = r
+            .windows
             .iter()
-            .position(|w| w.p95_ms <= 1.2 * setpoint_ms && w.p95_ms > 0.0)
-            .map(|k| (k + 1) as f64);
+            .filter(|w| w.t > t_down && w.t <= t_up)
+            .collect();
+        let over = |w: &&WindowSample| w.p95_ms > 1.2 * setpoint_ms;
+        f.settle_periods = match seg.iter().rposition(over) {
+            None => Some(0.0),
+            Some(k) if k + 1 < seg.len() => Some((k + 1) as f64),
+            Some(_) => None,
+        };
     }
     f
 }
