@@ -62,6 +62,13 @@ pub struct DemoArgs {
     /// Report folder (default results/<timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run nothing: render the report again from a finished demo's runs.jsonl (into its folder).
+    #[arg(long, value_name = "RUNS_JSONL")]
+    pub from_runs: Option<PathBuf>,
+}
+
+fn inf_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
 impl DemoArgs {
@@ -79,6 +86,7 @@ impl DemoArgs {
             debug_build: true,
             check: true,
             out: Some(root().join("target/demo-check")),
+            from_runs: None,
         }
     }
 }
@@ -103,17 +111,19 @@ impl Req {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ClientRun {
     pub role: Role,
     pub id: String,
+    /// Infinite for batch clients (JSON null).
+    #[serde(deserialize_with = "inf_if_null")]
     pub slo_ttft_ms: f64,
     pub offered: String,
     pub requests: Vec<Req>,
 }
 
 /// A sample of the run's time series (seconds since the run started).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Tick {
     pub t: f64,
     pub kbit: u64,
@@ -124,7 +134,7 @@ pub struct Tick {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct WindowSample {
     pub t: f64,
     pub p95_ms: f64,
@@ -134,7 +144,7 @@ pub struct WindowSample {
     pub interactive_hist: Vec<[u64; 3]>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Run {
     pub scenario: String,
     pub arm: String,
@@ -151,6 +161,9 @@ pub struct Run {
 }
 
 pub fn demo(a: &DemoArgs) -> Result<()> {
+    if let Some(f) = &a.from_runs {
+        return rerender(a, f);
+    }
     if !is_root() {
         bail!(
             "the demo builds network namespaces and loads eBPF programs: run `sudo cargo xtask demo`"
@@ -347,6 +360,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     );
     let rep = report::write(&runs, &plan, &arms, a, &out)?;
     if !a.quick && a.scenario.is_empty() && a.arms.is_empty() {
+        report::readme(&out, &rep)?;
         crate::report::write(&rep.figures, "sudo cargo xtask demo")?;
     }
     step(
@@ -366,6 +380,57 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             "demo",
             "checks passed: the loop works and nothing is left behind",
         );
+    }
+    Ok(())
+}
+
+/// `--from-runs`: the report of a finished demo, rendered again from its raw runs.
+fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let runs: Vec<Run> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).context("a run in runs.jsonl"))
+        .collect::<Result<_>>()?;
+    let out = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut names: Vec<String> = Vec::new();
+    let mut arms: Vec<String> = Vec::new();
+    for r in &runs {
+        if !names.contains(&r.scenario) {
+            names.push(r.scenario.clone());
+        }
+        if !arms.contains(&r.arm) {
+            arms.push(r.arm.clone());
+        }
+    }
+    let secs = |n: &str| {
+        runs.iter()
+            .find(|r| r.scenario == n)
+            .map_or(20.0, |r| r.duration_s)
+    };
+    let base = names
+        .iter()
+        .find(|n| *n != "bandwidth-step")
+        .map_or(20.0, |n| secs(n));
+    let plan: Vec<Scenario> = names
+        .iter()
+        .filter_map(|n| {
+            scenario::scenario(
+                n,
+                Duration::from_secs_f64(base),
+                Duration::from_secs_f64(secs("bandwidth-step")),
+                a.warmup,
+                a.rate_kbit,
+            )
+        })
+        .collect();
+    let rep = report::write(&runs, &plan, &arms, a, &out)?;
+    if plan.len() == NAMES.len()
+        && arms.len() == ARMS.len()
+        && runs.iter().all(|r| !r.clients.is_empty())
+    {
+        report::readme(&out, &rep)?;
+        crate::report::write(&rep.figures, "sudo cargo xtask demo")?;
     }
     Ok(())
 }

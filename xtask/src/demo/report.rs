@@ -282,6 +282,84 @@ pub struct Target {
 
 pub struct Report {
     pub figures: Vec<Figure>,
+    /// The README's block for this run: the lead picture, the table, the targets.
+    pub markdown: String,
+    pub pngs: Vec<String>,
+}
+
+const README_START: &str = "<!-- demo:start -->";
+const README_END: &str = "<!-- demo:end -->";
+
+/// Copies the plots it shows to docs/demo/ and puts the run's table into the README between the markers.
+pub fn readme(out: &Path, rep: &Report) -> Result<()> {
+    let docs = crate::util::root().join("docs/demo");
+    std::fs::create_dir_all(&docs)?;
+    // Only the plots the README shows; the rest stay in the run's folder.
+    for p in rep.pngs.iter().filter(|p| rep.markdown.contains(p.as_str())) {
+        std::fs::copy(out.join(p), docs.join(p)).with_context(|| format!("copying {p}"))?;
+    }
+    let path = crate::util::root().join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    if let (Some(a), Some(b)) = (text.find(README_START), text.find(README_END)) {
+        let new = format!(
+            "{}{README_START}\n{}{}",
+            &text[..a],
+            rep.markdown,
+            &text[b..]
+        );
+        std::fs::write(&path, new)?;
+        step(
+            "demo",
+            "README: the demo's table and plots (docs/demo/) updated",
+        );
+    }
+    Ok(())
+}
+
+fn markdown(out: &Path, sums: &[ArmSummary], targets: &[Target], a: &DemoArgs) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "Latest full run: `{}` ({} repeats per arm, {:.0} s warm-up dropped; 95 % bootstrap intervals).\n",
+        out.strip_prefix(crate::util::root())
+            .unwrap_or(out)
+            .display(),
+        sums.first().map_or(0, |s| s.repeats),
+        a.warmup.as_secs_f64()
+    );
+    m.push_str("![network-bound: probe RTT, hint rate and TTFT per arm](docs/demo/network-bound-timeseries.png)\n\n");
+    m.push_str(
+        "![network-bound: p99 vs throughput](docs/demo/network-bound-p99-vs-throughput.png)\n\n",
+    );
+    m.push_str("| scenario | arm | headline p99 ms [95 % CI] | throughput [95 % CI] | probe p99 ms | errors |\n|---|---|---:|---:|---:|---:|\n");
+    for s in sums {
+        let (pn, p, gn, g) = headline(s);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} ({}) | {} ({}) | {} | {} |",
+            s.scenario,
+            s.arm,
+            ci(p),
+            pn.trim_end_matches(" ms"),
+            ci(g),
+            gn,
+            ci(s.probe_p99_ms),
+            s.errors.values().sum::<usize>()
+        );
+    }
+    m.push_str("\nTargets (issue 5/6):\n\n");
+    for t in targets {
+        let _ = writeln!(
+            m,
+            "- **{}** {}: {} — {}",
+            if t.met { "met" } else { "missed" },
+            t.scenario,
+            t.target,
+            t.measured
+        );
+    }
+    m.push('\n');
+    m
 }
 
 fn e(m: &BTreeMap<String, Estimate>, role: &str) -> Estimate {
@@ -384,7 +462,7 @@ fn targets(sums: &[ArmSummary], setpoint: f64) -> Vec<Target> {
         push(
             "compute-bound",
             "pid: total tokens/s ≥ 90 % of off".into(),
-            format!("{:.0} %", 100.0 * g),
+            format!("{:.1} %", 100.0 * g),
             g >= 0.9,
         );
         let to: usize = pid.timeouts.values().sum();
@@ -549,6 +627,8 @@ pub fn write(
     );
     Ok(Report {
         figures: bench_figures(&sums, &targets),
+        markdown: markdown(out, &sums, &targets, a),
+        pngs: pngs.values().flatten().cloned().collect(),
     })
 }
 

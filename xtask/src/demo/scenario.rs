@@ -8,7 +8,7 @@ use serde::Serialize;
 /// The arms, in the order they are interleaved within each repeat.
 pub const ARMS: &[&str] = &["off", "pid", "sigmoid", "gradient2", "aimd"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Batch,
