@@ -295,7 +295,11 @@ pub fn readme(out: &Path, rep: &Report) -> Result<()> {
     let docs = crate::util::root().join("docs/demo");
     std::fs::create_dir_all(&docs)?;
     // Only the plots the README shows; the rest stay in the run's folder.
-    for p in rep.pngs.iter().filter(|p| rep.markdown.contains(p.as_str())) {
+    for p in rep
+        .pngs
+        .iter()
+        .filter(|p| rep.markdown.contains(p.as_str()))
+    {
         std::fs::copy(out.join(p), docs.join(p)).with_context(|| format!("copying {p}"))?;
     }
     let path = crate::util::root().join("README.md");
