@@ -209,16 +209,19 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let profile = if a.debug_build { "debug" } else { "release" };
     step("demo", format!("building the binaries ({profile})"));
     let mut b = cargo();
-    b.args([
-        "build",
-        "-p",
-        "tokenflow-agent",
-        "-p",
-        "tokenflow-hint-server",
-    ])
-    .args(["-p", "tokenflow-backend", "-p", "tokenflow-pacer"]);
-    if !a.debug_build {
-        b.arg("--release");
+    if a.debug_build {
+        // What `cargo xtask test` builds: nothing to rebuild after it.
+        b.args([
+            "build",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--all-targets",
+        ]);
+    } else {
+        b.args(["build", "--release", "-p", "tokenflow-agent"])
+            .args(["-p", "tokenflow-hint-server", "-p", "tokenflow-backend"])
+            .args(["-p", "tokenflow-pacer"]);
     }
     run(&mut b)?;
     for ns in cleanup_stale()? {
