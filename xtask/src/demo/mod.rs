@@ -74,20 +74,22 @@ fn inf_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> 
 impl DemoArgs {
     /// `--quick --debug-build --check`, as `cargo xtask test` runs it (report under target/).
     pub fn quick_check() -> Self {
-        Self {
-            quick: true,
-            scenario: Vec::new(),
-            arms: Vec::new(),
-            repeats: None,
-            duration: None,
-            warmup: Duration::from_secs(4),
-            rate_kbit: 20_000,
-            setpoint_ms: 50.0,
-            debug_build: true,
-            check: true,
-            out: Some(root().join("target/demo-check")),
-            from_runs: None,
+        // Through clap, so every other setting keeps the CLI's own defaults.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            demo: DemoArgs,
         }
+        let out = root().join("target/demo-check");
+        <Cli as clap::Parser>::parse_from([
+            "demo".as_ref(),
+            "--quick".as_ref(),
+            "--debug-build".as_ref(),
+            "--check".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])
+        .demo
     }
 }
 
@@ -312,7 +314,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                         rep + 1
                     ));
                     let r = run_one(&stack, sc, arm, rep, capacity, a.setpoint_ms, &out, &bar)?;
-                    say(report::one_line(&r));
+                    say(report::one_line(&r, a.setpoint_ms));
                     runs.push(r);
                     // Drain: the next arm starts on an empty queue, whatever this one left.
                     stack.set_rate(sc.rate_kbit, sc.buffer_ms)?;
@@ -371,7 +373,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         format!("report: {}", out.join("index.html").display()),
     );
     if a.check {
-        let mut problems = report::check(&runs, &arms, a.setpoint_ms);
+        let mut problems = report::check(&runs, &arms);
         problems.extend(leftovers.into_iter().map(|l| format!("left behind: {l}")));
         if !problems.is_empty() {
             for p in &problems {
@@ -506,7 +508,6 @@ fn measure_capacity(stack: &Stack, sc: &Scenario, out: &Path) -> Result<f64> {
         Duration::from_secs(8),
         None,
         &dir,
-        "off",
     )?;
     let status = p.child.wait()?;
     anyhow::ensure!(
@@ -531,7 +532,6 @@ fn spawn_pacer(
     duration: Duration,
     open_rate: Option<f64>,
     dir: &Path,
-    _arm: &str,
 ) -> Result<stack::Proc> {
     std::fs::create_dir_all(dir)?;
     let addr = if c.second_address {
@@ -623,7 +623,7 @@ fn run_one(
         };
         let dir = out.join("raw").join(&tag).join(c.role.name());
         pacers.push((
-            spawn_pacer(stack, c, &pacing, &id, sc.duration, open, &dir, arm)?,
+            spawn_pacer(stack, c, &pacing, &id, sc.duration, open, &dir)?,
             dir,
         ));
         clients.push((c.clone(), id, offered));
@@ -751,4 +751,18 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ci_check_is_the_quick_demo_with_the_cli_defaults() {
+        let a = DemoArgs::quick_check();
+        assert!(a.quick && a.check && a.debug_build);
+        assert_eq!(a.warmup, Duration::from_secs(4));
+        assert_eq!((a.rate_kbit, a.setpoint_ms), (20_000, 50.0));
+        assert!(a.out.is_some_and(|o| o.ends_with("target/demo-check")));
+    }
 }
