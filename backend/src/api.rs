@@ -146,6 +146,10 @@ pub struct GenerateRequest {
     pub n: Option<u32>,
     /// vLLM's extension: keep only the last k prompt tokens (long contexts on a short model).
     pub truncate_prompt_tokens: Option<u32>,
+    /// vLLM's extension: keep generating past the end-of-sequence token (fixed output lengths,
+    /// as benchmarks want).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
@@ -300,6 +304,7 @@ async fn generate(
         top_p: c.top_p,
         seed: c.seed.unwrap_or_else(|| fastrand::u64(..)),
         stop,
+        ignore_eos: c.ignore_eos,
         submitted,
         events: tx,
     };

@@ -40,6 +40,8 @@ pub struct Request {
     pub top_p: Option<f64>,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Generate `max_tokens` even when the model samples its end-of-sequence token.
+    pub ignore_eos: bool,
     pub submitted: Instant,
     pub events: UnboundedSender<Event>,
 }
@@ -280,7 +282,7 @@ impl Scheduler {
     /// Emits new text; returns the finish reason when the sequence is done.
     fn after_token(&self, s: &mut Seq) -> Option<&'static str> {
         let last = *s.generated.last()?;
-        let eos = last == self.model.eos;
+        let eos = last == self.model.eos && !s.req.ignore_eos;
         let ids = if eos {
             &s.generated[..s.generated.len() - 1]
         } else {
@@ -346,8 +348,8 @@ impl Scheduler {
         metrics::histogram!("vllm:e2e_request_latency_seconds", "model_name" => name.clone())
             .record(s.req.submitted.elapsed().as_secs_f64());
         metrics::counter!("vllm:request_success_total", "model_name" => name, "finished_reason" => reason).increment(1);
-        let completion_tokens =
-            s.generated.len() - usize::from(s.generated.last() == Some(&self.model.eos));
+        let ended_on_eos = !s.req.ignore_eos && s.generated.last() == Some(&self.model.eos);
+        let completion_tokens = s.generated.len() - usize::from(ended_on_eos);
         let _ = s.req.events.send(Event::Done(Finish {
             reason,
             prompt_tokens: s.req.prompt.len(),

@@ -313,3 +313,43 @@ async fn long_contexts_are_refused_unless_truncated_to_their_last_tokens() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert!(b.contains("truncate_prompt_tokens"), "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ignore_eos_generates_max_tokens_where_the_model_would_stop() {
+    let (r, _, _) = app(limits());
+    let m = model_name();
+    let complete = |seed: u64, ignore_eos: bool| {
+        let r = r.clone();
+        let m = m.clone();
+        async move {
+            let (s, _, b) = post(
+                &r,
+                "/v1/completions",
+                json!({"model": m, "prompt": "the queue", "max_tokens": 48, "temperature": 1.5,
+                       "seed": seed, "ignore_eos": ignore_eos}),
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            let v: Value = serde_json::from_str(&b).unwrap();
+            (
+                v["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                v["usage"]["completion_tokens"].as_u64().unwrap(),
+            )
+        }
+    };
+    // A seed whose sampling reaches the end-of-sequence token early (random weights, small vocab).
+    let mut early = None;
+    for seed in 0..400 {
+        let (reason, n) = complete(seed, false).await;
+        if reason == "stop" {
+            assert!(n < 48);
+            early = Some(seed);
+            break;
+        }
+    }
+    let seed = early.expect("no seed in 0..400 reached end-of-sequence");
+    assert_eq!(complete(seed, true).await, ("length".to_string(), 48));
+}

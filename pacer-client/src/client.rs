@@ -90,6 +90,8 @@ pub struct Call<'a> {
     pub max_tokens: u32,
     /// vLLM's `truncate_prompt_tokens`: the server keeps only the prompt's last k tokens.
     pub truncate_prompt_tokens: Option<u32>,
+    /// vLLM's `ignore_eos`: always generate `max_tokens` (output lengths the same in every arm).
+    pub ignore_eos: bool,
     pub timeout: Duration,
 }
 
@@ -123,6 +125,9 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
     });
     if let Some(k) = c.truncate_prompt_tokens {
         body["truncate_prompt_tokens"] = k.into();
+    }
+    if c.ignore_eos {
+        body["ignore_eos"] = true.into();
     }
     let r = match c
         .http

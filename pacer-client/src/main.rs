@@ -84,6 +84,10 @@ struct Args {
     /// long-context uploads still load the link in full while a short-context model serves them.
     #[arg(long, value_name = "K")]
     truncate_prompt_tokens: Option<u32>,
+    /// Ask the server to generate exactly --max-tokens, past its end-of-sequence token (vLLM's
+    /// `ignore_eos`, as its serving benchmark uses), so output lengths do not vary between runs.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Retries after 429 or a refused connection, per request.
     #[arg(long, default_value_t = 2)]
     retries: u32,
@@ -191,6 +195,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         duration: a.duration,
         max_tokens: a.max_tokens,
         truncate_prompt_tokens: a.truncate_prompt_tokens,
+        ignore_eos: a.ignore_eos,
         pacing,
         class: a.class.clone(),
         retries: a.retries,

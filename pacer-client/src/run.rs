@@ -42,6 +42,7 @@ pub struct RunConfig {
     pub duration: Duration,
     pub max_tokens: u32,
     pub truncate_prompt_tokens: Option<u32>,
+    pub ignore_eos: bool,
     pub pacing: Pacing,
     pub class: String,
     pub retries: u32,
@@ -177,6 +178,7 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
         prompt: &prompt,
         max_tokens: cfg.max_tokens,
         truncate_prompt_tokens: cfg.truncate_prompt_tokens,
+        ignore_eos: cfg.ignore_eos,
         timeout: cfg.timeout,
     };
     let (a, retries) = send_with_retries(&call, cfg.retries).await;

@@ -555,7 +555,7 @@ fn spawn_pacer(
         .args(["--class", c.role.name()])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
         .args(["--prompt-bytes", &c.prompt_bytes.to_string()])
-        .args(["--max-tokens", &c.max_tokens.to_string()])
+        .args(["--max-tokens", &c.max_tokens.to_string(), "--ignore-eos"])
         .args(["--slo-ttft-ms", &c.slo_ttft_ms.to_string()])
         .args(["--timeout", "20s", "--retries", "2", "--json", "--out"])
         .arg(dir)
