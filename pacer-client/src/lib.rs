@@ -4,6 +4,7 @@
 pub mod client;
 pub mod gate;
 pub mod hints;
+pub mod metrics;
 pub mod prompts;
 pub mod run;
 pub mod summary;

@@ -102,6 +102,10 @@ struct Args {
     /// Print the summary as JSON only.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics here while the run lasts (`tokenflow_pacer_*`: requests by
+    /// outcome, wait/TTFT/inter-token/end-to-end latency from submission, the limit obeyed).
+    #[arg(long, env = "TOKENFLOW_PACER_METRICS", value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -202,6 +206,10 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         timeout: a.timeout,
         concurrency: a.concurrency,
     };
+    if let Some(addr) = a.metrics_addr {
+        tokenflow_pacer::metrics::install(addr)?;
+    }
+    let export = a.metrics_addr.is_some();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let t0 = Instant::now();
     let running = run(cfg, prompts, tx).await?;
@@ -220,10 +228,19 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(r) => records.push(r),
+                Some(r) => {
+                    if export {
+                        tokenflow_pacer::metrics::record(&r);
+                    }
+                    records.push(r);
+                }
                 None => break,
             },
             _ = tick.tick() => {
+                if export {
+                    let in_flight = running.in_flight.iter().map(|n| n.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                    tokenflow_pacer::metrics::gate(running.gate.limit(), running.gate.waiting(), in_flight);
+                }
                 if let Some(b) = &bar {
                     b.set_position(t0.elapsed().as_secs().min(a.duration.as_secs()));
                     let s = summarize(&records, t0.elapsed().as_secs_f64(), a.slo_ttft_ms);

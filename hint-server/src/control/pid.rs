@@ -9,6 +9,10 @@
 //! - anti-windup by tracking: when the governor or the slew limit applies less than computed,
 //!   the integrator is set back to what was applied;
 //! - feed-forward from the forecast: a predicted rise cuts the rate before the queue builds;
+//! - startup: a new group doubles its rate every period until the p95 first reaches the setpoint
+//!   (as TCP's slow start does), then falls back to the last rate that showed no queue and
+//!   remembers the rate that did — so a group reaches the path's capacity in a few periods
+//!   instead of earning it at the slew limit from a tenth of the maximum;
 //! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
 //!   the rate probes upward multiplicatively at the slew limit;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only:
@@ -43,6 +47,9 @@ pub struct PidGains {
     pub severe_cut: f64,
     /// Rate cut at anomaly score 1.0 (fraction).
     pub anomaly_damping: f64,
+    /// Growth per period during startup (1.0 doubles); 0 starts a group in the normal loop.
+    #[serde(default)]
+    pub startup_growth: f64,
 }
 
 impl Default for PidGains {
@@ -59,6 +66,7 @@ impl Default for PidGains {
             severe: 3.0,
             severe_cut: 0.5,
             anomaly_damping: 0.3,
+            startup_growth: 1.0,
         }
     }
 }
@@ -79,6 +87,9 @@ pub struct Pid {
     /// ln of the last period's anomaly damping (≤ 0), kept out of the integrator.
     #[serde(default)]
     last_damp_ln: f64,
+    /// In startup: no p95 at the setpoint seen yet.
+    #[serde(default)]
+    startup: bool,
     max_rps: f64,
     min_ln: f64,
 }
@@ -100,6 +111,7 @@ impl Pid {
             congested_u: None,
             last_u: start,
             last_damp_ln: 0.0,
+            startup: g.startup_growth > 0.0,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -137,7 +149,29 @@ impl Controller for Pid {
 
         let mut reason;
         let terms;
-        if y < base + self.g.probe_fraction * (sp - base) {
+        let growth = (1.0 + self.g.startup_growth).ln();
+        let in_startup = self.startup;
+        if in_startup && y < sp {
+            // Slow start: below the setpoint, double (the slew limit does not apply yet). At the
+            // maximum the path has room for the whole group, and the loop takes over.
+            self.integral = (self.integral + growth).min(0.0);
+            self.startup = self.integral < 0.0;
+            terms = 0.0;
+            reason = format!("p95 {y:.1} ms below setpoint {sp:.0} ms: startup, doubling");
+        } else if in_startup {
+            // The first queue: this rate overloads the path and the one before it (a factor
+            // `1 + startup_growth` lower) did not. Fall back to that one; the capacity lies
+            // between the two, so the loop remembers their geometric mean as the rate that
+            // overloads and creeps rather than probes near it.
+            self.startup = false;
+            self.congested_u = Some((self.integral - growth / 2.0).exp());
+            self.integral -= growth;
+            self.probe_step = 0.0;
+            terms = 0.0;
+            reason = format!(
+                "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over, back to the last rate without a queue"
+            );
+        } else if y < base + self.g.probe_fraction * (sp - base) {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to
             // the slew limit — but near the rate at which a queue last appeared, creep (the
@@ -157,9 +191,10 @@ impl Controller for Pid {
             self.integral += (1.0 + step).ln() * dt.min(1.0);
             terms = 0.0;
             reason = format!("p95 {y:.1} ms, no queue (base {base:.1} ms): probing up");
-        } else if y > self.g.severe * sp && d >= 0.0 {
-            // The queue is at or near the buffer and not draining: the size of the overload is
-            // hidden by the full buffer, so cut geometrically until it drains.
+        } else if y > self.g.severe * sp && d < 0.005 {
+            // The queue is at or near the buffer and not draining (the p95 falls by less than
+            // 5 ms per second): the size of the overload is hidden by the full buffer, so cut
+            // geometrically until it drains.
             self.probe_step = 0.0;
             self.integral += self.g.severe_cut.ln() + self.g.ki * e * dt;
             terms = self.g.kp * e;
@@ -170,11 +205,12 @@ impl Controller for Pid {
         } else {
             if y > sp {
                 // Rising: this rate overloads the path. Falling: this rate drains it, so the
-                // capacity is just above — creep from here rather than probe.
+                // capacity is above it — but not above a rate remembered to overload it.
                 self.congested_u = Some(if d < 0.0 {
                     self.last_u
                 } else {
-                    self.last_u / 0.9
+                    self.congested_u
+                        .map_or(self.last_u / 0.9, |c| c.max(self.last_u / 0.9))
                 });
             }
             self.probe_step = 0.0;
@@ -196,7 +232,7 @@ impl Controller for Pid {
         self.integral = self.integral.clamp(self.min_ln, 0.0);
         self.last_terms = terms;
         let mut u = (self.integral + terms).exp();
-        if ff < -0.005 {
+        if terms != 0.0 && ff < -0.005 {
             reason.push_str(&format!(
                 "; forecast {:.1} ms: cutting early",
                 obs.predicted_p95_ms.unwrap_or(y)
@@ -213,7 +249,7 @@ impl Controller for Pid {
             ));
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
-        if u > ceiling {
+        if u > ceiling && !in_startup {
             u = ceiling;
             reason.push_str("; slew-limited");
         }

@@ -178,11 +178,12 @@ fn print_sim_figures() {
 #[test]
 #[ignore = "prints a simulated PID trace; run with --ignored --nocapture"]
 fn print_pid_trace() {
-    let plant = Plant::default();
-    for p in simulate(ControllerKind::Pid, &plant, limits(), 1)
-        .iter()
-        .step_by(2)
-    {
+    let plant = Plant {
+        capacity_steps: vec![(0.0, 20.0)],
+        duration_s: 40.0,
+        ..Plant::default()
+    };
+    for p in &simulate(ControllerKind::Pid, &plant, limits(), 1) {
         println!(
             "t {:5.0} cap {:5.1} rate {:5.1} p95 {:6.1}",
             p.t, p.capacity_rps, p.rate_rps, p.p95_ms
@@ -215,4 +216,95 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
         rates[29] >= rates[5] * 0.99,
         "the damping ratcheted the rate down: {rates:?}"
     );
+}
+
+#[test]
+fn a_new_pid_group_reaches_the_path_capacity_within_a_few_periods() {
+    // 20 Mbit/s throughout: 25 req/s of 100 KB. The group starts at a tenth of its maximum (5).
+    let plant = Plant {
+        capacity_steps: vec![(0.0, 20.0)],
+        duration_s: 40.0,
+        ..Plant::default()
+    };
+    for seed in 0..4 {
+        let run = simulate(ControllerKind::Pid, &plant, limits(), seed);
+        let reached = run
+            .iter()
+            .position(|p| p.delivered_rps >= 0.8 * p.capacity_rps)
+            .unwrap_or(usize::MAX);
+        assert!(
+            reached <= 5,
+            "seed {seed}: 80 % of capacity only after {reached} periods"
+        );
+        // Startup's overshoot is drained, and the loop then keeps the link busy.
+        let late = &run[15..];
+        let util = late
+            .iter()
+            .map(|p| (p.delivered_rps / p.capacity_rps).min(1.0))
+            .sum::<f64>()
+            / late.len() as f64;
+        let mut p95s: Vec<f64> = late.iter().map(|p| p.p95_ms).collect();
+        p95s.sort_by(f64::total_cmp);
+        let median = p95s[p95s.len() / 2];
+        assert!(util > 0.9, "seed {seed}: utilisation {util:.2}");
+        assert!(
+            median < 2.0 * 50.0,
+            "seed {seed}: median p95 {median:.0} ms: startup's overshoot not drained"
+        );
+    }
+}
+
+#[test]
+#[ignore = "tuning aid: mean simulated figures of PID variants; run with --ignored --nocapture"]
+fn print_pid_variants() {
+    use super::pid::{Pid, PidGains};
+    let variants = [
+        ("default", PidGains::default()),
+        (
+            "no startup",
+            PidGains {
+                startup_growth: 0.0,
+                ..PidGains::default()
+            },
+        ),
+    ];
+    let fixed = Plant {
+        capacity_steps: vec![(0.0, 20.0)],
+        duration_s: 40.0,
+        ..Plant::default()
+    };
+    for (name, g) in variants {
+        let (mut band, mut mape, mut util, mut start_util) = (0.0, 0.0, 0.0, 0.0);
+        let seeds = 8;
+        for seed in 0..seeds {
+            let plant = Plant::default();
+            let gov =
+                Governor::with_controller(AnyController::Pid(Pid::new(g, &limits())), limits());
+            let f = figures(
+                ControllerKind::Pid,
+                &plant,
+                50.0,
+                &simulate_with(gov, &plant, seed),
+            );
+            band += f.steady_in_band;
+            mape += f.steady_mape;
+            util += f.steady_utilisation;
+            let gov =
+                Governor::with_controller(AnyController::Pid(Pid::new(g, &limits())), limits());
+            let run = simulate_with(gov, &fixed, seed);
+            start_util += run[4..20]
+                .iter()
+                .map(|p| (p.delivered_rps / p.capacity_rps).min(1.0))
+                .sum::<f64>()
+                / 16.0;
+        }
+        let n = seeds as f64;
+        println!(
+            "{name}: band {:.2} mape {:.2} util {:.2} | utilisation in periods 4–20 from a fresh start {:.2}",
+            band / n,
+            mape / n,
+            util / n,
+            start_util / n
+        );
+    }
 }
