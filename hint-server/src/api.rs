@@ -545,7 +545,18 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .install()
         .with_context(|| {
             format!("serving metrics on {addr} (is the port in use? use --metrics-addr)")
-        })
+        })?;
+    // Counters of rare events exist from the start at 0 (Prometheus' advice: a series that
+    // appears only on the first error makes rate() and alerts miss it).
+    for name in [
+        "tokenflow_hint_redis_errors_total",
+        "tokenflow_hint_stale_decisions_total",
+        "tokenflow_hint_model_refits_total",
+        "tokenflow_hint_windows_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    Ok(())
 }
 
 /// Names this server exports, for the convention test and the dashboards.

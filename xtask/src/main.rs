@@ -4,6 +4,7 @@ mod bench;
 mod bench_hint;
 mod bench_llm;
 mod demo;
+mod deploy;
 mod record;
 mod report;
 mod setup;
@@ -28,6 +29,8 @@ enum Cmd {
     Setup,
     /// Run the main job on the network-namespace test bed (see `cargo xtask demo --help`).
     Demo(demo::DemoArgs),
+    /// Validate docker-compose.yml, the Kubernetes manifests and the Grafana boards.
+    CheckDeploy,
     /// Everything CI runs: fmt, build, clippy (host and eBPF), unit and privileged integration tests.
     Test,
     /// Measure the capture's cost and write benchmarks/results.json (see `cargo xtask bench --help`).
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Demo(a) => demo::demo(&a),
         Cmd::Test => test::test(),
+        Cmd::CheckDeploy => setup::setup().and_then(|()| deploy::check()),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::RecordTrace(a) => record::record(&a),
     };

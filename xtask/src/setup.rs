@@ -9,7 +9,8 @@ use crate::util::{is_root, output, run, step, succeeds};
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
 /// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline,
-/// protoc for the gRPC test server, a font for the demo's plots).
+/// protoc for the gRPC test server, a font for the demo's plots, docker-compose and a Python venv
+/// for validating the deployment files).
 pub const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,12 +23,20 @@ pub const PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "wrk",
     "fonts-dejavu-core",
+    "docker-compose",
+    "python3-venv",
 ];
+
+/// Kubernetes version the manifests are validated against.
+pub const KUBERNETES_VERSION: &str = "1.31.0";
+/// kubernetes-validate (PyPI: the Kubernetes OpenAPI schemas of every release, bundled), pinned.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 pub fn setup() -> Result<()> {
     packages()?;
     rust_components()?;
     bpf_linker()?;
+    python_tools()?;
     kernel_filesystems()?;
     step("setup", "ready");
     Ok(())
@@ -109,6 +118,32 @@ fn bpf_linker() -> Result<()> {
             "--features",
             "llvm-22",
         ]))
+}
+
+/// The virtual environment holding the Python validators (under target/, so a clean clone
+/// starts without it and `cargo clean` removes it).
+fn tools_venv() -> std::path::PathBuf {
+    crate::util::root().join("target/tools/venv")
+}
+
+/// kubernetes-validate, as installed by `setup`.
+pub fn kubernetes_validate() -> std::path::PathBuf {
+    tools_venv().join("bin/kubernetes-validate")
+}
+
+fn python_tools() -> Result<()> {
+    let venv = tools_venv();
+    if succeeds(Command::new(kubernetes_validate()).arg("--version")) {
+        step("setup", "kubernetes-validate: present");
+        return Ok(());
+    }
+    step(
+        "setup",
+        format!("kubernetes-validate: installing into {}", venv.display()),
+    );
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("creating a Python virtual environment (apt-get install python3-venv)")?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
 }
 
 fn kernel_filesystems() -> Result<()> {

@@ -68,6 +68,11 @@ pub fn test() -> Result<()> {
     run(cargo().args(["test", "-p", "xtask"]))?;
     step(
         "test",
+        "deployment files: docker-compose config, kubernetes-validate, Grafana boards",
+    );
+    crate::deploy::check()?;
+    step(
+        "test",
         "the quick A/B demo as an integration test: the loop works, every arm completes, nothing is left behind",
     );
     if crate::util::is_root() {
