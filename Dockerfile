@@ -26,6 +26,16 @@ RUN rustup toolchain install nightly --profile minimal --component rust-src \
  && LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22
 WORKDIR /src
 COPY . .
+# The dashboard's charting library (Apache ECharts) from the npm registry, pinned and checked, as
+# `cargo xtask setup` vendors it.
+ARG ECHARTS_VERSION=6.1.0
+ARG ECHARTS_SHA256=681aff88cc1038c3fa941a3a53d1b177a52250b05335efc607d6105ae13be481
+RUN curl -fsSL -o /tmp/echarts.tgz https://registry.npmjs.org/echarts/-/echarts-${ECHARTS_VERSION}.tgz \
+ && echo "${ECHARTS_SHA256}  /tmp/echarts.tgz" | sha256sum -c - \
+ && tar -xzf /tmp/echarts.tgz -C /tmp package/dist/echarts.min.js \
+ && mkdir -p hint-server/ui/vendor \
+ && cp /tmp/package/dist/echarts.min.js hint-server/ui/vendor/ \
+ && echo "${ECHARTS_VERSION}" > hint-server/ui/vendor/VERSION
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked \

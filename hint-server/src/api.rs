@@ -53,7 +53,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad(field: &str, message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
@@ -61,7 +61,7 @@ impl ApiError {
             field: Some(field.into()),
         }
     }
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
@@ -69,7 +69,7 @@ impl ApiError {
             field: None,
         }
     }
-    fn unavailable(e: anyhow::Error) -> Self {
+    pub(crate) fn unavailable(e: anyhow::Error) -> Self {
         metrics::counter!("tokenflow_hint_redis_errors_total").increment(1);
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -155,7 +155,7 @@ impl FromRequestParts<AppState> for ClientId {
     }
 }
 
-fn authorize(app: &App, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+pub(crate) fn authorize(app: &App, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
     if !write && !app.settings.auth_reads {
         return Ok(());
     }
@@ -525,6 +525,7 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .merge(crate::ui::routes())
         .fallback(fallback)
         .route_layer(middleware::from_fn(track))
         .with_state(app)

@@ -13,3 +13,4 @@ pub mod model;
 pub mod serve;
 pub mod store;
 pub mod trace;
+pub mod ui;

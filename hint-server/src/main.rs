@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Name of this replica in the Redis consumer group (default: host name and pid).
     #[arg(long, env = "TOKENFLOW_HINT_CONSUMER")]
     consumer: Option<String>,
+    /// Folder of `cargo xtask demo` reports the dashboard's A/B view opens (`/ui`).
+    #[arg(long, env = "TOKENFLOW_HINT_RESULTS", default_value = "results")]
+    results: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -161,6 +164,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         refit_every: a.refit_every,
         train_windows: a.train_windows,
         consumer,
+        results: Some(a.results),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {

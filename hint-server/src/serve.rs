@@ -39,6 +39,8 @@ pub struct Settings {
     pub refit_every: Duration,
     pub train_windows: usize,
     pub consumer: String,
+    /// Demo reports for the dashboard's A/B view.
+    pub results: Option<PathBuf>,
 }
 
 pub struct App {

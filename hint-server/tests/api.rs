@@ -3,7 +3,11 @@
 // Helpers outside `#[test]` functions panic on set-up failures: that is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -43,6 +47,15 @@ fn windows() -> Vec<(bool, String, TelemetryWindow)> {
 }
 
 async fn app(redis: &RedisServer, token: Option<&str>, models: Option<Arc<Models>>) -> Arc<App> {
+    app_with_results(redis, token, models, None).await
+}
+
+async fn app_with_results(
+    redis: &RedisServer,
+    token: Option<&str>,
+    models: Option<Arc<Models>>,
+    results: Option<PathBuf>,
+) -> Arc<App> {
     let settings = Settings {
         redis: redis.url(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -54,6 +67,7 @@ async fn app(redis: &RedisServer, token: Option<&str>, models: Option<Arc<Models
         refit_every: Duration::from_secs(3600),
         train_windows: 400,
         consumer: "test".into(),
+        results,
     };
     App::new(
         settings.clone(),
@@ -416,4 +430,63 @@ async fn append(con: &mut redis::aio::ConnectionManager, w: &TelemetryWindow) {
         )
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_and_its_report_endpoints() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let reports = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/ab-reports");
+    let r = router(app_with_results(&redis, None, None, Some(reports)).await);
+    let (s, v) = call(&r, "GET", "/ui", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        v.as_str()
+            .is_some_and(|h| h.contains("<title>TokenFlow dashboard</title>"))
+    );
+    let (s, v) = call(&r, "GET", "/ui/vendor/echarts.min.js", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    // Vendored by `cargo xtask setup` (the build says so when it is missing).
+    assert!(
+        v.as_str().is_some_and(|js| js.len() > 100_000),
+        "ECharts not vendored"
+    );
+
+    let (s, v) = call(&r, "GET", "/v1/ab/reports", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let name = v[0]["name"].as_str().unwrap().to_string();
+    assert_eq!(v[0]["arms"].as_array().unwrap().len(), 5, "{v}");
+    let (s, v) = call(&r, "GET", &format!("/v1/ab/reports/{name}"), None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let nb = &v["cdf"]["network-bound"];
+    assert_eq!(nb.as_object().unwrap().len(), 5, "arms with CDFs");
+    let q = nb["off"]["batch"]["ttft_ms"].as_array().unwrap();
+    assert_eq!(q.len(), 101);
+    assert!(
+        q.windows(2).all(|w| w[0].as_f64() <= w[1].as_f64()),
+        "quantiles ascend"
+    );
+
+    for (uri, status) in [
+        ("/v1/ab/reports/..", StatusCode::BAD_REQUEST),
+        ("/v1/ab/reports/..%2F..%2Fetc", StatusCode::BAD_REQUEST),
+        ("/v1/ab/reports/no-such-run", StatusCode::NOT_FOUND),
+    ] {
+        let (s, v) = call(&r, "GET", uri, None, None).await;
+        assert_eq!(s, status, "{uri}: {v}");
+        assert!(
+            v["error"]["code"].is_string(),
+            "{uri}: a JSON error, got {v}"
+        );
+    }
+    // Without a results folder the A/B endpoints say how to get one.
+    let bare = router(app(&redis, None, None).await);
+    let (s, v) = call(&bare, "GET", "/v1/ab/reports", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--results"),
+        "{v}"
+    );
 }

@@ -10,7 +10,7 @@ use crate::util::{is_root, output, run, step, succeeds};
 /// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
 /// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline,
 /// protoc for the gRPC test server, a font for the demo's plots, docker-compose and a Python venv
-/// for validating the deployment files).
+/// for validating the deployment files, Chromium and chromedriver for the dashboard's browser test).
 pub const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "docker-compose",
     "python3-venv",
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Kubernetes version the manifests are validated against.
@@ -37,6 +39,7 @@ pub fn setup() -> Result<()> {
     rust_components()?;
     bpf_linker()?;
     python_tools()?;
+    ui_vendor()?;
     kernel_filesystems()?;
     step("setup", "ready");
     Ok(())
@@ -144,6 +147,54 @@ fn python_tools() -> Result<()> {
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
         .context("creating a Python virtual environment (apt-get install python3-venv)")?;
     run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
+}
+
+/// Apache ECharts for the hint server's dashboard, from the npm registry: pinned version, tarball
+/// checked against its SHA-256 before anything is extracted.
+const ECHARTS_VERSION: &str = "6.1.0";
+const ECHARTS_SHA256: &str = "681aff88cc1038c3fa941a3a53d1b177a52250b05335efc607d6105ae13be481";
+
+fn ui_vendor() -> Result<()> {
+    let root = crate::util::root();
+    let dest = root.join("hint-server/ui/vendor/echarts.min.js");
+    let stamp = root.join("hint-server/ui/vendor/VERSION");
+    if dest.exists() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == ECHARTS_VERSION) {
+        step(
+            "setup",
+            format!("ECharts {ECHARTS_VERSION} (dashboard): vendored"),
+        );
+        return Ok(());
+    }
+    step(
+        "setup",
+        format!("ECharts {ECHARTS_VERSION} (dashboard): fetching from the npm registry"),
+    );
+    let tools = root.join("target/tools");
+    std::fs::create_dir_all(&tools)?;
+    let tgz = tools.join(format!("echarts-{ECHARTS_VERSION}.tgz"));
+    run(Command::new("curl")
+        .args(["-fsSL", "--retry", "3", "-o"])
+        .arg(&tgz)
+        .arg(format!(
+            "https://registry.npmjs.org/echarts/-/echarts-{ECHARTS_VERSION}.tgz"
+        )))
+    .context("downloading ECharts from registry.npmjs.org")?;
+    let sum = output(Command::new("sha256sum").arg(&tgz))?;
+    if sum.split_whitespace().next() != Some(ECHARTS_SHA256) {
+        let _ = std::fs::remove_file(&tgz);
+        bail!("echarts-{ECHARTS_VERSION}.tgz: SHA-256 {sum} is not the pinned {ECHARTS_SHA256}");
+    }
+    let dir = dest.parent().context("vendor folder")?;
+    std::fs::create_dir_all(dir)?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&tools)
+        .arg("package/dist/echarts.min.js"))?;
+    std::fs::copy(tools.join("package/dist/echarts.min.js"), &dest)?;
+    std::fs::write(&stamp, ECHARTS_VERSION)?;
+    Ok(())
 }
 
 fn kernel_filesystems() -> Result<()> {

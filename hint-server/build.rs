@@ -1,0 +1,18 @@
+//! Embeds the dashboard's charting library: Apache ECharts, vendored from the npm registry into
+//! `ui/vendor/` by `cargo xtask setup` (pinned version, checked hash). Without it the build still
+//! succeeds and `/ui` says how to get it, rather than failing every build of the hint server.
+use std::path::PathBuf;
+
+fn main() -> std::io::Result<()> {
+    let vendored = PathBuf::from("ui/vendor/echarts.min.js");
+    println!("cargo:rerun-if-changed=ui/vendor");
+    let out_dir = std::env::var("OUT_DIR").map_err(std::io::Error::other)?;
+    let out = PathBuf::from(out_dir).join("echarts.min.js");
+    let body = std::fs::read_to_string(&vendored).unwrap_or_else(|_| {
+        println!(
+            "cargo:warning=ECharts is not vendored (hint-server/ui/vendor/echarts.min.js): run `cargo xtask setup`; /ui will say so"
+        );
+        "window.echartsMissing = 'the charting library is not vendored: run `cargo xtask setup` and rebuild';".into()
+    });
+    std::fs::write(out, body)
+}
