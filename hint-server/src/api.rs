@@ -391,6 +391,7 @@ async fn put_client(
         .put_client(&id, &cfg)
         .await
         .map_err(ApiError::unavailable)?;
+    app.clients_changed();
     tracing::info!(client = %id, node = %cfg.node_id, controller = cfg.controller.as_str(), "client settings stored");
     Ok(Json(cfg))
 }
@@ -424,6 +425,7 @@ async fn delete_client(
         .delete_client(&id)
         .await
         .map_err(ApiError::unavailable)?;
+    app.clients_changed();
     app.cache
         .write()
         .unwrap_or_else(|p| p.into_inner())

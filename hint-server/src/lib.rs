@@ -11,6 +11,7 @@ pub mod iforest;
 pub mod metrics;
 pub mod model;
 pub mod serve;
+pub mod simulate;
 pub mod store;
 pub mod trace;
 pub mod ui;

@@ -47,6 +47,25 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// SIMULATOR for scale tests: write synthetic windows of many nodes to Redis as agents would
+    /// (node ids `sim-node-NNNNN`, GPU provider "simulated") and register one client per node.
+    SimulateNodes {
+        #[arg(
+            long,
+            env = "TOKENFLOW_REDIS",
+            default_value = "redis://127.0.0.1:6379"
+        )]
+        redis: String,
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Do not register a client per node.
+        #[arg(long)]
+        no_clients: bool,
+    },
     /// Time one decision per window of a trace (used by `cargo xtask bench`).
     #[command(hide = true)]
     BenchDecision {
@@ -115,6 +134,19 @@ fn main() -> ExitCode {
             use_labels,
             seed,
         } => train(&trace, &out, use_labels, seed),
+        Cmd::SimulateNodes {
+            redis,
+            nodes,
+            interval,
+            duration,
+            no_clients,
+        } => simulate_nodes(tokenflow_hint_server::simulate::SimSettings {
+            redis,
+            nodes,
+            interval,
+            duration,
+            clients: !no_clients,
+        }),
         Cmd::BenchDecision { trace } => {
             tokenflow_hint_server::bench::decision(&trace).map(|v| println!("{v}"))
         }
@@ -135,6 +167,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn simulate_nodes(s: tokenflow_hint_server::simulate::SimSettings) -> anyhow::Result<()> {
+    eprintln!(
+        "simulating {} nodes (SYNTHETIC windows, ids sim-node-*) every {:?} for {:?} into {}",
+        s.nodes, s.interval, s.duration, s.redis
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let written = rt.block_on(tokenflow_hint_server::simulate::run(&s, |seq, n| {
+        if seq % 10 == 0 {
+            eprintln!("  {seq} intervals, {n} windows each");
+        }
+    }))?;
+    eprintln!("wrote {written} synthetic windows");
+    Ok(())
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use redis::{
     AsyncCommands,
     streams::{StreamRangeReply, StreamReadOptions, StreamReadReply},
 };
-use tokenflow_schema::{Hint, TelemetryWindow, keys};
+use tokenflow_schema::{ClientConfig, Hint, TelemetryWindow, keys};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -52,7 +52,17 @@ pub struct App {
     /// The newest hint per client, as published on `tokenflow:hints` by any replica: reads are
     /// served from here while the hint is within its TTL, and from Redis otherwise.
     pub cache: std::sync::RwLock<std::collections::HashMap<String, Hint>>,
+    /// Every registered client, read from Redis at most every [`CLIENTS_TTL`]: one decision per
+    /// window must not read the whole client table (1,000 nodes → 1,000 reads of it per second).
+    /// Writes through this replica's API clear it; another replica's writes show within the TTL.
+    clients: std::sync::Mutex<Option<(Instant, Arc<Vec<(String, ClientConfig)>>)>>,
 }
+
+/// Nodes whose windows one replica decides on at the same time.
+const INGEST_PARALLEL: usize = 64;
+
+/// How long a replica decides with its copy of the client table.
+pub const CLIENTS_TTL: Duration = Duration::from_millis(500);
 
 impl App {
     pub fn new(settings: Settings, store: Store, models: Option<Arc<Models>>) -> Arc<Self> {
@@ -64,7 +74,30 @@ impl App {
             hints: tx,
             ingest_alive: AtomicBool::new(false),
             cache: Default::default(),
+            clients: Default::default(),
         })
+    }
+
+    /// The registered clients, from the copy if it is younger than [`CLIENTS_TTL`].
+    pub async fn clients(&self) -> Result<Arc<Vec<(String, ClientConfig)>>> {
+        if let Ok(c) = self.clients.lock()
+            && let Some((at, v)) = c.as_ref()
+            && at.elapsed() < CLIENTS_TTL
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.store.clients().await?);
+        if let Ok(mut c) = self.clients.lock() {
+            *c = Some((Instant::now(), v.clone()));
+        }
+        Ok(v)
+    }
+
+    /// Forgets the copy of the client table (after a write through this replica).
+    pub fn clients_changed(&self) {
+        if let Ok(mut c) = self.clients.lock() {
+            *c = None;
+        }
     }
 
     /// Remembers a published hint (newest wins) and passes it to the SSE streams.
@@ -205,26 +238,35 @@ async fn ingest(app: &App) -> Result<()> {
             .count(32);
         let reply: Option<StreamReadReply> = reader.xread_options(&streams, &ids, &opts).await?;
         let Some(reply) = reply else { continue };
-        for key in reply.keys {
-            for entry in key.ids {
-                let window: Option<TelemetryWindow> = entry
-                    .get::<String>(keys::WINDOW_FIELD)
-                    .and_then(|j| serde_json::from_str(&j).ok());
-                match window {
-                    Some(w) => process(app, &w).await?,
-                    None => {
-                        tracing::warn!(stream = %key.key, id = %entry.id, "skipping an entry that is not a window")
+        // Nodes side by side (up to INGEST_PARALLEL at once), each node's windows in order.
+        let jobs = reply.keys.into_iter().map(|key| {
+            let mut con = con.clone();
+            async move {
+                for entry in key.ids {
+                    let window: Option<TelemetryWindow> = entry
+                        .get::<String>(keys::WINDOW_FIELD)
+                        .and_then(|j| serde_json::from_str(&j).ok());
+                    match window {
+                        Some(w) => process(app, &w).await?,
+                        None => {
+                            tracing::warn!(stream = %key.key, id = %entry.id, "skipping an entry that is not a window")
+                        }
                     }
+                    let _: () = con.xack(&key.key, keys::HINT_GROUP, &[&entry.id]).await?;
                 }
-                let _: () = con.xack(&key.key, keys::HINT_GROUP, &[&entry.id]).await?;
+                anyhow::Ok(())
             }
+        });
+        let mut done = futures_util::stream::iter(jobs).buffer_unordered(INGEST_PARALLEL);
+        while let Some(r) = done.next().await {
+            r?;
         }
     }
 }
 
 /// One window: the node's state from Redis, the decision, state and hints back to Redis.
 pub async fn process(app: &App, w: &TelemetryWindow) -> Result<()> {
-    let clients = app.store.clients().await?;
+    let clients = app.clients().await?;
     let mut st = app.store.node_state(&w.node_id).await?;
     let models = app.models.load_full();
     let t0 = Instant::now();
@@ -269,7 +311,7 @@ async fn stale_loop(app: Arc<App>) {
 }
 
 async fn stale_pass(app: &App) -> Result<()> {
-    let clients = app.store.clients().await?;
+    let clients = app.clients().await?;
     let interval_ms = app.settings.interval.as_millis() as u64;
     let mut nodes: Vec<&str> = clients.iter().map(|(_, c)| c.node_id.as_str()).collect();
     nodes.sort();

@@ -29,7 +29,180 @@ pub fn measure() -> Result<Vec<Figure>> {
     let bin = root().join("target/release/tokenflow-hint-server");
     let mut figures = decision_cost(&bin, &root().join("hint-server/fixtures/trace.jsonl"))?;
     figures.extend(http_figures(&bin)?);
+    figures.extend(scale_figures(&bin)?);
     Ok(figures)
+}
+
+/// `INFO` fields of a Redis, as numbers.
+fn redis_info(con: &mut redis::Connection) -> Result<std::collections::HashMap<String, f64>> {
+    let text: String = redis::cmd("INFO").arg("all").query(con)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter_map(|(k, v)| v.trim().parse().ok().map(|v| (k.to_string(), v)))
+        .collect())
+}
+
+fn windows_decided(metrics: SocketAddr) -> f64 {
+    tokenflow_tests::scrape_metrics(metrics)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("tokenflow_hint_windows_total "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Two replicas (release) against one Redis fed by the node SIMULATOR: 1,000 nodes' synthetic
+/// windows per second, one client per node. Measured over 20 s after a 12 s start: GET latency of
+/// random clients' hints alternating between the replicas, the age of the hints served, the
+/// windows both replicas decide per second, and Redis' load (commands/s, CPU, memory).
+fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
+    const NODES: usize = 1000;
+    step(
+        "bench",
+        format!("scale: 2 hint-server replicas, {NODES} simulated nodes (synthetic windows)"),
+    );
+    let redis = RedisServer::start_ephemeral()?;
+    let mut children = Vec::new();
+    let mut replicas = Vec::new();
+    for name in ["replica-a", "replica-b"] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        children.push(
+            Command::new(bin)
+                .args([
+                    "serve",
+                    "--redis",
+                    &redis.url(),
+                    "--listen",
+                    &addr.to_string(),
+                ])
+                .args(["--metrics-addr", &metrics.to_string(), "--consumer", name])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .context("starting a hint-server replica")?,
+        );
+        replicas.push((addr, metrics));
+    }
+    children.push(
+        Command::new(bin)
+            .args([
+                "simulate-nodes",
+                "--redis",
+                &redis.url(),
+                "--nodes",
+                &NODES.to_string(),
+            ])
+            .args(["--duration", "40s"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the node simulator")?,
+    );
+    let result = (|| -> Result<Vec<Figure>> {
+        std::thread::sleep(Duration::from_secs(12));
+        let mut con = redis.client()?;
+        let before = redis_info(&mut con)?;
+        let decided0: f64 = replicas.iter().map(|r| windows_decided(r.1)).sum();
+        let t0 = Instant::now();
+        let (mut lat_us, mut age_ms, mut failed) = (Vec::new(), Vec::new(), 0usize);
+        let mut k = 0usize;
+        while t0.elapsed() < Duration::from_secs(20) {
+            let (addr, _) = replicas[k % 2];
+            let id = format!("sim-client-{:05}", fastrand::usize(..NODES));
+            let t = Instant::now();
+            match http(addr, "GET", &format!("/v1/hints/{id}"), None, None) {
+                Ok((200, body)) => {
+                    lat_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    if let Ok(h) = serde_json::from_str::<Hint>(&body) {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)?
+                            .as_millis() as u64;
+                        age_ms.push(now.saturating_sub(h.issued_at_unix_ms) as f64);
+                    }
+                }
+                _ => failed += 1,
+            }
+            k += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let after = redis_info(&mut con)?;
+        let decided1: f64 = replicas.iter().map(|r| windows_decided(r.1)).sum();
+        let delta =
+            |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+        let ops = delta("total_commands_processed") / secs;
+        let cpu = (delta("used_cpu_sys") + delta("used_cpu_user")) / secs;
+        let mem_mb = after.get("used_memory").copied().unwrap_or(0.0) / 1e6;
+        let decided = (decided1 - decided0) / secs;
+        anyhow::ensure!(!lat_us.is_empty(), "no hint was served ({failed} failures)");
+        let pct = |v: &mut Vec<f64>, q: f64| {
+            v.sort_by(f64::total_cmp);
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        };
+        let (p50, p99) = (pct(&mut lat_us, 0.5), pct(&mut lat_us, 0.99));
+        let age99 = if age_ms.is_empty() {
+            f64::NAN
+        } else {
+            pct(&mut age_ms, 0.99)
+        };
+        step(
+            "bench",
+            format!(
+                "scale: {decided:.0} windows decided/s by 2 replicas; GET p50 {p50:.0} µs, p99 {p99:.0} µs ({} requests, {failed} failed); hint age p99 {age99:.0} ms; Redis {ops:.0} commands/s, {:.0} % of a core, {mem_mb:.0} MB",
+                lat_us.len(),
+                cpu * 100.0
+            ),
+        );
+        Ok(vec![
+            Figure::new(
+                "hint.scale_windows_decided_per_s",
+                decided,
+                "windows/s",
+                "2 replicas (release, one consumer group) on 1,000 simulated nodes at 1 window/s each",
+            ),
+            Figure::new(
+                "hint.scale_get_p50_us",
+                p50,
+                "µs",
+                "GET /v1/hints of random clients, alternating replicas, sequential, while both ingest 1,000 nodes",
+            ),
+            Figure::new("hint.scale_get_p99_us", p99, "µs", "same, 99th percentile"),
+            Figure::new(
+                "hint.scale_hint_age_p99_ms",
+                age99,
+                "ms",
+                "age of the hints served (now − issued_at); a window per second per node",
+            ),
+            Figure::new(
+                "hint.scale_redis_commands_per_s",
+                ops,
+                "commands/s",
+                "Redis total_commands_processed rate (simulator + 2 replicas + reads)",
+            ),
+            Figure::new(
+                "hint.scale_redis_cpu_fraction",
+                cpu,
+                "cores",
+                "Redis used_cpu_sys + used_cpu_user per second",
+            ),
+            Figure::new(
+                "hint.scale_redis_memory_mb",
+                mem_mb,
+                "MB",
+                "Redis used_memory at the end (streams capped at ~600 windows per node)",
+            ),
+        ])
+    })();
+    for mut c in children {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
+    }
+    result
 }
 
 fn decision_cost(bin: &Path, fixture: &Path) -> Result<Vec<Figure>> {

@@ -50,6 +50,17 @@ pub struct PidGains {
     /// Growth per period during startup (1.0 doubles); 0 starts a group in the normal loop.
     #[serde(default)]
     pub startup_growth: f64,
+    /// After a queue above the setpoint, periods the rate stays under `hold_fraction` of the rate
+    /// that built it; then it creeps past that by at most `creep` per period.
+    #[serde(default)]
+    pub hold_periods: u32,
+    #[serde(default)]
+    pub hold_fraction: f64,
+    #[serde(default)]
+    pub creep: f64,
+    /// Weight of the newest anomaly score in the smoothed score that damps the rate (1 = none).
+    #[serde(default)]
+    pub anomaly_smoothing: f64,
 }
 
 impl Default for PidGains {
@@ -67,6 +78,10 @@ impl Default for PidGains {
             severe_cut: 0.5,
             anomaly_damping: 0.3,
             startup_growth: 1.0,
+            hold_periods: 5,
+            hold_fraction: 0.95,
+            creep: 0.06,
+            anomaly_smoothing: 0.2,
         }
     }
 }
@@ -84,12 +99,22 @@ pub struct Pid {
     /// Rate (fraction of max) at which a queue above the setpoint was last seen.
     congested_u: Option<f64>,
     last_u: f64,
+    /// The rate applied the period before `last_u`: a window's queue was built by the rates of
+    /// the last two periods, not only by the newest.
+    #[serde(default)]
+    prev_u: f64,
     /// ln of the last period's anomaly damping (≤ 0), kept out of the integrator.
     #[serde(default)]
     last_damp_ln: f64,
     /// In startup: no p95 at the setpoint seen yet.
     #[serde(default)]
     startup: bool,
+    /// Periods left holding under the rate that last built a queue.
+    #[serde(default)]
+    hold: u32,
+    /// Smoothed anomaly score (`None` before the first).
+    #[serde(default)]
+    anomaly_ewma: Option<f64>,
     max_rps: f64,
     min_ln: f64,
 }
@@ -110,8 +135,11 @@ impl Pid {
             probe_step: 0.0,
             congested_u: None,
             last_u: start,
+            prev_u: start,
             last_damp_ln: 0.0,
             startup: g.startup_growth > 0.0,
+            hold: 0,
+            anomaly_ewma: None,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -207,7 +235,7 @@ impl Controller for Pid {
                 // Rising: this rate overloads the path. Falling: this rate drains it, so the
                 // capacity is above it — but not above a rate remembered to overload it.
                 self.congested_u = Some(if d < 0.0 {
-                    self.last_u
+                    self.last_u.max(self.prev_u)
                 } else {
                     self.congested_u
                         .map_or(self.last_u / 0.9, |c| c.max(self.last_u / 0.9))
@@ -238,15 +266,51 @@ impl Controller for Pid {
                 obs.predicted_p95_ms.unwrap_or(y)
             ));
         }
-        let damp = self.g.anomaly_damping * ((obs.anomaly - 0.5) * 2.0).clamp(0.0, 1.0);
+        // The score is smoothed first: a score that jumps between periods would otherwise move
+        // the rate by the damping's whole range from one period to the next.
+        let a = if self.g.anomaly_smoothing > 0.0 {
+            self.g.anomaly_smoothing.min(1.0)
+        } else {
+            1.0
+        };
+        let anomaly = self
+            .anomaly_ewma
+            .map_or(obs.anomaly, |prev| a * obs.anomaly + (1.0 - a) * prev);
+        self.anomaly_ewma = Some(anomaly);
+        let damp = self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0);
         self.last_damp_ln = (1.0 - damp).max(1e-6).ln();
         if damp > 0.0 {
             u *= 1.0 - damp;
             reason.push_str(&format!(
-                "; anomaly {:.2}: damped {:.0} %",
-                obs.anomaly,
+                "; anomaly {anomaly:.2} (smoothed): damped {:.0} %",
                 damp * 100.0
             ));
+        }
+        // Near the rate that last built a queue, go slowly: hold under it for a while, then creep.
+        self.hold = if y > sp {
+            self.g.hold_periods
+        } else {
+            self.hold.saturating_sub(1)
+        };
+        if !in_startup
+            && y <= sp
+            && self.g.hold_fraction > 0.0
+            && let Some(c) = self.congested_u
+        {
+            let under = self.g.hold_fraction * c;
+            let cap = if self.hold > 0 {
+                under
+            } else {
+                (self.last_u * (1.0 + self.g.creep).powf(dt.min(1.0))).max(under)
+            };
+            if u > cap {
+                u = cap.max(self.last_u.min(u));
+                reason.push_str(if self.hold > 0 {
+                    "; held under the rate that last built a queue"
+                } else {
+                    "; creeping past the rate that last built a queue"
+                });
+            }
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
         if u > ceiling && !in_startup {
@@ -260,6 +324,7 @@ impl Controller for Pid {
         // Tracking anti-windup: hold the integrator at what was applied, minus the transient
         // terms, so a clamp or the slew limit never lets it run away.
         let u = (rate_rps / self.max_rps).max(1e-6);
+        self.prev_u = self.last_u;
         self.last_u = u;
         // What this controller asked for, damping included: only a cut by someone else (the
         // slew limit, the governor's bounds, the share) is tracked back into the integrator.

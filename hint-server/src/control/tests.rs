@@ -267,6 +267,46 @@ fn print_pid_variants() {
                 ..PidGains::default()
             },
         ),
+        (
+            "no hold",
+            PidGains {
+                hold_fraction: 0.0,
+                ..PidGains::default()
+            },
+        ),
+        (
+            "hold 0.9, 10 periods, creep 4 %",
+            PidGains {
+                creep: 0.04,
+                ..PidGains::default()
+            },
+        ),
+        (
+            "hold 0.95, 5 periods, creep 6 %",
+            PidGains {
+                hold_fraction: 0.95,
+                hold_periods: 5,
+                creep: 0.06,
+                ..PidGains::default()
+            },
+        ),
+        (
+            "hold 0.9, 5 periods, creep 4 %",
+            PidGains {
+                hold_periods: 5,
+                creep: 0.04,
+                ..PidGains::default()
+            },
+        ),
+        (
+            "hold 0.95, 5 periods, creep 4 %",
+            PidGains {
+                hold_fraction: 0.95,
+                hold_periods: 5,
+                creep: 0.04,
+                ..PidGains::default()
+            },
+        ),
     ];
     let fixed = Plant {
         capacity_steps: vec![(0.0, 20.0)],

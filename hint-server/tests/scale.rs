@@ -1,0 +1,98 @@
+//! Past one node: two hint-server replicas share one Redis fed by the node SIMULATOR (1,000 nodes'
+//! synthetic windows per second, one client per node). Both replicas take part through the
+//! consumer group, every client's hint stays fresh, and the two replicas serve the same hint for
+//! the same client.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokenflow_hint_server::simulate::{self, SimSettings};
+use tokenflow_schema::Hint;
+use tokenflow_tests::{hint_server::HintServer, redis_server::RedisServer, scrape_metrics};
+
+const NODES: usize = 1000;
+
+fn hint(s: &HintServer, client: &str) -> Result<Hint> {
+    let (code, body) = s.request("GET", &format!("/v1/hints/{client}"), None, None)?;
+    anyhow::ensure!(code == 200, "GET /v1/hints/{client}: {code} {body}");
+    serde_json::from_str(&body).context("hint JSON")
+}
+
+fn windows_total(s: &HintServer) -> Result<f64> {
+    let text = scrape_metrics(s.metrics)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("tokenflow_hint_windows_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn same(a: &Hint, b: &Hint) -> bool {
+    a.issued_at_unix_ms == b.issued_at_unix_ms
+        && a.rate_limit_rps == b.rate_limit_rps
+        && a.max_concurrency == b.max_concurrency
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_serve_consistent_hints_for_a_thousand_simulated_nodes() -> Result<()> {
+    let redis = RedisServer::start_ephemeral()?;
+    let a = HintServer::start(&redis.url(), "t", &["--consumer", "replica-a"])?;
+    let b = HintServer::start(&redis.url(), "t", &["--consumer", "replica-b"])?;
+    let settings = SimSettings {
+        redis: redis.url(),
+        nodes: NODES,
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(20),
+        clients: true,
+    };
+    let sim = tokio::spawn(async move { simulate::run(&settings, |_, _| {}).await });
+    // Let every node be discovered (the replicas look for new nodes every 2 s) and decided on.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let (a_ref, b_ref) = (&a, &b);
+    let checked = tokio::task::block_in_place(|| -> Result<(usize, usize, usize)> {
+        let (mut consistent, mut fresh, mut sampled) = (0, 0, 0);
+        let t0 = Instant::now();
+        for i in (0..NODES).step_by(5) {
+            let id = simulate::client_id(i);
+            let first = hint(a_ref, &id)?;
+            let other = hint(b_ref, &id)?;
+            let again = hint(a_ref, &id)?;
+            sampled += 1;
+            // A new hint may be issued between two reads: the other replica must match one of them.
+            if same(&other, &first) || same(&other, &again) {
+                consistent += 1;
+            } else {
+                eprintln!("{id}: replica a {first:?} / {again:?}, replica b {other:?}");
+            }
+            let age =
+                tokenflow_hint_server::serve::unix_ms().saturating_sub(again.issued_at_unix_ms);
+            if !again.stale && age < 3_000 {
+                fresh += 1;
+            }
+        }
+        eprintln!("sampled {sampled} clients in {:?}", t0.elapsed());
+        Ok((consistent, fresh, sampled))
+    })?;
+    let (wa, wb) = (windows_total(&a)?, windows_total(&b)?);
+    let written = sim.await??;
+    let (consistent, fresh, sampled) = checked;
+    eprintln!(
+        "{written} windows written; replica a decided {wa}, replica b {wb}; {consistent}/{sampled} consistent, {fresh}/{sampled} fresh"
+    );
+    anyhow::ensure!(
+        consistent == sampled,
+        "replicas disagree on {} of {sampled} clients",
+        sampled - consistent
+    );
+    anyhow::ensure!(
+        fresh as f64 >= 0.98 * sampled as f64,
+        "only {fresh} of {sampled} hints fresh (< 3 s old)"
+    );
+    // Both replicas share the work through the consumer group.
+    anyhow::ensure!(
+        wa > 0.2 * (wa + wb) && wb > 0.2 * (wa + wb),
+        "work split {wa} / {wb}"
+    );
+    Ok(())
+}
