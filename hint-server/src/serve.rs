@@ -55,8 +55,11 @@ pub struct App {
     /// Every registered client, read from Redis at most every [`CLIENTS_TTL`]: one decision per
     /// window must not read the whole client table (1,000 nodes → 1,000 reads of it per second).
     /// Writes through this replica's API clear it; another replica's writes show within the TTL.
-    clients: std::sync::Mutex<Option<(Instant, Arc<Vec<(String, ClientConfig)>>)>>,
+    clients: std::sync::Mutex<Option<(Instant, ClientTable)>>,
 }
+
+/// Every registered client with its settings.
+pub type ClientTable = Arc<Vec<(String, ClientConfig)>>;
 
 /// Nodes whose windows one replica decides on at the same time.
 const INGEST_PARALLEL: usize = 64;
@@ -79,7 +82,7 @@ impl App {
     }
 
     /// The registered clients, from the copy if it is younger than [`CLIENTS_TTL`].
-    pub async fn clients(&self) -> Result<Arc<Vec<(String, ClientConfig)>>> {
+    pub async fn clients(&self) -> Result<ClientTable> {
         if let Ok(c) = self.clients.lock()
             && let Some((at, v)) = c.as_ref()
             && at.elapsed() < CLIENTS_TTL

@@ -44,7 +44,7 @@ pub fn p95_us(i: usize, t_ms: u64) -> u64 {
     let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
     let base = 8_000 + h % 12_000;
     let slot = t_ms / 10_000 + i as u64;
-    if slot % 6 == 0 {
+    if slot.is_multiple_of(6) {
         150_000 + h % 100_000
     } else {
         base

@@ -81,6 +81,8 @@ pub trait Controller: Send + Sync {
 /// continued by whichever hint-server replica receives the node's next window.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+// One value per controller group of a node: a few hundred bytes each, not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyController {
     Pid(Pid),
     Sigmoid(Sigmoid),
