@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use redis::aio::ConnectionManager;
 use tokenflow_schema::{
-    ClientClass, ClientConfig, ControllerKind, GpuWindow, NodeSummary, TelemetryWindow, keys,
+    ClientClass, ClientConfig, ClientConfigInput, GpuWindow, NodeSummary, TelemetryWindow, keys,
 };
 
 use crate::serve::unix_ms;
@@ -92,21 +92,18 @@ pub async fn run(s: &SimSettings, progress: impl Fn(u64, usize)) -> Result<u64> 
     for i in 0..s.nodes {
         p.sadd(keys::NODES, node_id(i)).ignore();
         if s.clients {
-            let c = ClientConfig {
-                node_id: node_id(i),
-                controller: ControllerKind::Pid,
-                class: if i % 4 == 0 {
+            // The defaults a client registered through the API gets; every fourth one is batch.
+            let input = ClientConfigInput {
+                node_id: Some(node_id(i)),
+                class: Some(if i % 4 == 0 {
                     ClientClass::Batch
                 } else {
                     ClientClass::Interactive
-                },
-                weight: 1.0,
-                setpoint_ms: 50.0,
-                min_rps: 0.5,
-                max_rps: 50.0,
-                max_concurrency: 64,
-                tokens_per_request: 128.0,
+                }),
+                ..Default::default()
             };
+            let c = ClientConfig::merge(None, &input)
+                .map_err(|(f, m)| anyhow::anyhow!("simulated client: {f}: {m}"))?;
             p.hset(keys::CLIENTS, client_id(i), serde_json::to_string(&c)?)
                 .ignore();
         }

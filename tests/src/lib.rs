@@ -30,6 +30,16 @@ pub fn privileged(test: &str) -> Option<Privileged> {
     Some(Privileged(guard))
 }
 
+/// A child process killed (and reaped) when dropped, so a failing test leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The text of a Prometheus endpoint (`GET /metrics`), headers included.
 pub fn scrape_metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     use std::io::{Read, Write};

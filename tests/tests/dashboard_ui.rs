@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 use tokenflow_tests::{
+    ChildGuard,
     agent::Agent,
     hint_server::HintServer,
     privileged,
@@ -23,15 +24,6 @@ use tokenflow_tests::{
 };
 
 const TOKEN: &str = "ui-token";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts")
@@ -134,7 +126,7 @@ async fn run() -> Result<()> {
     );
 
     let port = free_port()?;
-    let _driver = Proc(
+    let _driver = ChildGuard(
         Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tokenflow_tests::{
+    ChildGuard,
     agent::{Agent, sibling_binary},
     hint_server::{HintServer, http},
     privileged,
@@ -23,16 +24,6 @@ use tokenflow_tests::{
 };
 
 const TOKEN: &str = "dash-token";
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Metric names in a Prometheus text exposition, with histogram/summary suffixes stripped.
 fn exposed(text: &str) -> BTreeSet<String> {
@@ -258,7 +249,7 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
         .status()?;
     anyhow::ensure!(st.success(), "init-model failed");
     let backend: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let _backend = Proc(
+    let _backend = ChildGuard(
         Command::new(&backend_bin)
             .arg("serve")
             .arg("--model")
@@ -302,7 +293,7 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
             .spawn()?)
     };
     let hints_url = format!("hints:http://{}", hints.addr);
-    let mut paced = Proc(pacer(&[
+    let mut paced = ChildGuard(pacer(&[
         "--users",
         "4",
         "--duration",
@@ -320,7 +311,7 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
         "--metrics-addr",
         &pacer_metrics.to_string(),
     ])?);
-    let _burst = Proc(pacer(&[
+    let _burst = ChildGuard(pacer(&[
         "--users",
         "24",
         "--duration",
