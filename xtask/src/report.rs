@@ -93,8 +93,10 @@ fn fmt(v: f64) -> String {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
+    // The machine's online CPUs, not this thread's affinity (the benchmarks pin threads).
+    let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
         .unwrap_or(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} CPUs, Linux {}", kernel.trim())
