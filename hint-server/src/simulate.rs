@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use redis::aio::ConnectionManager;
 use tokenflow_schema::{
-    ClientClass, ClientConfig, ClientConfigInput, GpuWindow, NodeSummary, TelemetryWindow, keys,
+    ClientClass, ClientConfig, ClientConfigInput, NodeSummary, TelemetryWindow, keys,
 };
 
 use crate::serve::unix_ms;
@@ -56,7 +56,7 @@ pub fn window(i: usize, seq: u64, end_ms: u64, interval_ms: u64) -> TelemetryWin
     let p95 = p95_us(i, end_ms);
     let rtt = serde_json::json!({"samples": 200, "p50_us": p95 * 7 / 10, "p95_us": p95,
         "p99_us": p95 * 11 / 10, "max_us": p95 * 12 / 10, "mean_us": p95 * 7 / 10});
-    let mut w: TelemetryWindow = serde_json::from_value(serde_json::json!({
+    let w: TelemetryWindow = serde_json::from_value(serde_json::json!({
         "schema_version": tokenflow_schema::SCHEMA_VERSION, "node_id": node_id(i), "seq": seq,
         "start_unix_ms": end_ms.saturating_sub(interval_ms), "end_unix_ms": end_ms,
         "flows": [], "remotes": [],
@@ -71,13 +71,6 @@ pub fn window(i: usize, seq: u64, end_ms: u64, interval_ms: u64) -> TelemetryWin
         "request_latency": [], "uprobes": [], "backlog": {"listeners": [], "ports": []}
     }))
     .unwrap_or_else(|e| unreachable!("the synthetic window matches the schema: {e}"));
-    w.gpu = GpuWindow {
-        available: false,
-        reason: Some("simulated node (synthetic windows)".into()),
-        provider: "simulated".into(),
-        driver_version: None,
-        devices: Vec::new(),
-    };
     w
 }
 

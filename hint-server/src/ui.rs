@@ -171,9 +171,9 @@ async fn live_frame(app: &App, node: &str, last_end: u64) -> anyhow::Result<Opti
     }
     let st = app.store.node_state(node).await?;
     let mut hints = Vec::new();
-    for (id, c) in app.store.clients().await? {
+    for (id, c) in app.clients().await?.iter() {
         if c.node_id == node
-            && let Some(h) = app.store.hint(&id).await?
+            && let Some(h) = app.store.hint(id).await?
         {
             hints.push(h);
         }
