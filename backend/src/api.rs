@@ -559,6 +559,14 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    // Counters of rare events exist from the start at 0, so rate() and alerts see them before
+    // the first overload or disconnect.
+    for name in [
+        "tokenflow_backend_rejected_total",
+        "tokenflow_backend_cancelled_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
     Ok(handle)
 }
 
