@@ -86,6 +86,9 @@ impl Default for PidGains {
     }
 }
 
+/// Periods after startup during which its overshoot's queue drains without further cuts.
+const STARTUP_DRAIN_PERIODS: u32 = 2;
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
     g: PidGains,
@@ -112,6 +115,9 @@ pub struct Pid {
     /// Periods left holding under the rate that last built a queue.
     #[serde(default)]
     hold: u32,
+    /// Periods left in which startup's own queue drains without further cuts.
+    #[serde(default)]
+    drain: u32,
     /// Smoothed anomaly score (`None` before the first).
     #[serde(default)]
     anomaly_ewma: Option<f64>,
@@ -139,6 +145,7 @@ impl Pid {
             last_damp_ln: 0.0,
             startup: g.startup_growth > 0.0,
             hold: 0,
+            drain: 0,
             anomaly_ewma: None,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
@@ -195,10 +202,18 @@ impl Controller for Pid {
             self.congested_u = Some((self.integral - growth / 2.0).exp());
             self.integral -= growth;
             self.probe_step = 0.0;
+            self.drain = STARTUP_DRAIN_PERIODS;
             terms = 0.0;
             reason = format!(
                 "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over, back to the last rate without a queue"
             );
+        } else if self.drain > 0 && y > sp {
+            // The queue startup's last doubling built drains at the rate it fell back to, which
+            // showed no queue: cutting further would only empty the link.
+            self.drain -= 1;
+            terms = 0.0;
+            reason =
+                format!("p95 {y:.1} ms: draining startup's queue at the last rate without one");
         } else if y < base + self.g.probe_fraction * (sp - base) {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to
