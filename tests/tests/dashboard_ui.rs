@@ -258,7 +258,8 @@ async fn drive(c: &Client, hint: SocketAddr, redis: &RedisServer, started: u64) 
         .click()
         .await?;
     let from = started / 1000 * 1000;
-    let to = unix_ms() / 1000 * 1000;
+    // A second back, so that every window ending in the range is in Redis before the page asks.
+    let to = (unix_ms() - 1000) / 1000 * 1000;
     c.execute(&set_time_js("hist-from", from), vec![]).await?;
     c.execute(&set_time_js("hist-to", to), vec![]).await?;
     c.find(Locator::Id("hist-load")).await?.click().await?;

@@ -272,6 +272,10 @@ impl Controller for Pid {
                 e * 1000.0
             );
         }
+        if y <= sp {
+            // Startup's queue has drained: a later queue is this loop's to cut.
+            self.drain = 0;
+        }
         self.integral = self.integral.clamp(self.min_ln, 0.0);
         self.last_terms = terms;
         let mut u = (self.integral + terms).exp();

@@ -348,3 +348,39 @@ fn print_pid_variants() {
         );
     }
 }
+
+#[test]
+fn startups_drain_grace_ends_with_its_queue() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let mut step = |k: usize, p95: f64| {
+        let obs = Observation {
+            now: k as f64,
+            p95_rtt_ms: Some(p95),
+            predicted_p95_ms: Some(p95),
+            anomaly: 0.0,
+            inflight: None,
+            stale: false,
+        };
+        let (rate, _) = pid.update(&obs, &l);
+        pid.applied(rate);
+        rate
+    };
+    // Startup doubles, then its queue appears and drains without a further cut.
+    step(0, 20.0);
+    step(1, 20.0);
+    let fallback = step(2, 120.0);
+    assert!(
+        step(3, 110.0) >= fallback * 0.999,
+        "cut while startup's queue drained"
+    );
+    // The queue is gone; a new one later is cut, not excused as startup's.
+    step(4, 20.0);
+    let before = step(5, 25.0);
+    let after = step(6, 200.0);
+    assert!(
+        after < before * 0.9,
+        "a queue after the drain was not cut: {before} → {after}"
+    );
+}
