@@ -51,19 +51,28 @@ async fn two_replicas_serve_consistent_hints_for_a_thousand_simulated_nodes() ->
 
     let (a_ref, b_ref) = (&a, &b);
     let checked = tokio::task::block_in_place(|| -> Result<(usize, usize, usize)> {
-        let (mut consistent, mut fresh, mut sampled) = (0, 0, 0);
+        let (mut consistent, mut fresh, mut sampled, mut lagged) = (0, 0, 0, 0);
         let t0 = Instant::now();
         for i in (0..NODES).step_by(5) {
             let id = simulate::client_id(i);
-            let first = hint(a_ref, &id)?;
-            let other = hint(b_ref, &id)?;
-            let again = hint(a_ref, &id)?;
             sampled += 1;
-            // A new hint may be issued between two reads: the other replica must match one of them.
-            if same(&other, &first) || same(&other, &again) {
-                consistent += 1;
-            } else {
-                eprintln!("{id}: replica a {first:?} / {again:?}, replica b {other:?}");
+            // A replica hears the other's hints on a Redis channel, so right after a hint is issued
+            // the other may still serve the previous one. Consistent: within 300 ms both serve the
+            // same hint (a new one may be issued between two reads, so b may match either a read).
+            let mut again = hint(a_ref, &id)?;
+            for attempt in 0..3 {
+                let first = hint(a_ref, &id)?;
+                let other = hint(b_ref, &id)?;
+                again = hint(a_ref, &id)?;
+                if same(&other, &first) || same(&other, &again) {
+                    consistent += 1;
+                    lagged += usize::from(attempt > 0);
+                    break;
+                }
+                if attempt == 2 {
+                    eprintln!("{id}: replica a {first:?} / {again:?}, replica b {other:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
             let age =
                 tokenflow_hint_server::serve::unix_ms().saturating_sub(again.issued_at_unix_ms);
@@ -71,7 +80,10 @@ async fn two_replicas_serve_consistent_hints_for_a_thousand_simulated_nodes() ->
                 fresh += 1;
             }
         }
-        eprintln!("sampled {sampled} clients in {:?}", t0.elapsed());
+        eprintln!(
+            "sampled {sampled} clients in {:?}; {lagged} agreed only after a re-read",
+            t0.elapsed()
+        );
         Ok((consistent, fresh, sampled))
     })?;
     let (wa, wb) = (windows_total(&a)?, windows_total(&b)?);
