@@ -9,25 +9,26 @@ use crate::{
     util::{cargo, root, run, step},
 };
 
+/// Free disk a clean `cargo xtask test` needs under `target/` (measured on a clean clone: see
+/// the README's "Tests" section); below it the build fails late with "No space left on device".
+const DISK_NEEDED_GIB: f64 = 8.0;
+
 pub fn test() -> Result<()> {
     setup()?;
+    check_disk()?;
     step("test", "cargo fmt --check");
-    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(full_cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(
         "test",
-        "cargo build (host crates; the agent's build.rs compiles the eBPF programs)",
+        "cargo build --bins (the tests start them; the agent's build.rs compiles the eBPF programs)",
     );
     // xtask apart: its plotters has the ab_glyph font feature, and built together with the hint
     // server that feature would make the hint server's SVG plots need a registered font.
-    run(cargo().args([
-        "build",
-        "--workspace",
-        "--exclude",
-        "xtask",
-        "--all-targets",
-    ]))?;
+    // Only the binaries: `cargo test` builds the test targets, clippy checks every target, and
+    // an `--all-targets` build here linked a second copy of each test binary.
+    run(full_cargo().args(["build", "--workspace", "--exclude", "xtask", "--bins"]))?;
     step("test", "cargo clippy --workspace --all-targets -D warnings");
-    run(cargo().args([
+    run(full_cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",
@@ -54,7 +55,7 @@ pub fn test() -> Result<()> {
         "test",
         "cargo test (privileged tests run as root; under CI=true they may not skip)",
     );
-    run(cargo().args([
+    run(full_cargo().args([
         "test",
         "--workspace",
         "--exclude",
@@ -65,7 +66,7 @@ pub fn test() -> Result<()> {
         "test",
         "cargo test -p xtask (on its own, see the build step)",
     );
-    run(cargo().args(["test", "-p", "xtask"]))?;
+    run(full_cargo().args(["test", "-p", "xtask"]))?;
     step(
         "test",
         "deployment files: docker-compose config, kubernetes-validate, Grafana boards",
@@ -86,5 +87,31 @@ pub fn test() -> Result<()> {
         );
     }
     step("test", "all checks passed");
+    Ok(())
+}
+
+/// `cargo` for a full check, not an edit loop: incremental caches would add gigabytes on a clean
+/// clone for no gain (`cargo test -p …` while editing keeps them).
+fn full_cargo() -> Command {
+    let mut c = cargo();
+    c.env("CARGO_INCREMENTAL", "0");
+    c
+}
+
+/// Fails early, saying how much is free, when a clean build would run out of disk.
+fn check_disk() -> Result<()> {
+    let target = root().join("target");
+    let at = if target.exists() { target } else { root() };
+    let st = nix::sys::statvfs::statvfs(&at)?;
+    let free_gib = (st.blocks_available() as f64 * st.fragment_size() as f64) / (1u64 << 30) as f64;
+    let built = at.join("debug").exists();
+    if free_gib < DISK_NEEDED_GIB && !built {
+        anyhow::bail!(
+            "only {free_gib:.1} GiB free on {}; a clean test build needs about {DISK_NEEDED_GIB} GiB \
+             (free some space, or point CARGO_TARGET_DIR at a larger disk)",
+            at.display()
+        );
+    }
+    step("test", format!("{free_gib:.1} GiB free for target/"));
     Ok(())
 }
