@@ -61,6 +61,11 @@ pub struct PidGains {
     /// Weight of the newest anomaly score in the smoothed score that damps the rate (1 = none).
     #[serde(default)]
     pub anomaly_smoothing: f64,
+    /// A queue counts as built by the rate (remembered, and held under) only with the p95 above
+    /// the setpoint by this share of it: the agent's histogram buckets are 1/8 of an octave
+    /// wide, so one reading of 51.2 ms is noise around a 50 ms setpoint, not an overload.
+    #[serde(default)]
+    pub overload_margin: f64,
 }
 
 impl Default for PidGains {
@@ -82,6 +87,7 @@ impl Default for PidGains {
             hold_fraction: 0.95,
             creep: 0.06,
             anomaly_smoothing: 0.2,
+            overload_margin: 0.2,
         }
     }
 }
@@ -184,6 +190,7 @@ impl Controller for Pid {
 
         let mut reason;
         let terms;
+        let overloaded = sp * (1.0 + self.g.overload_margin.max(0.0));
         let growth = (1.0 + self.g.startup_growth).ln();
         let in_startup = self.startup;
         if in_startup && y < sp {
@@ -246,7 +253,7 @@ impl Controller for Pid {
                 self.g.severe, self.g.severe_cut
             );
         } else {
-            if y > sp {
+            if y > overloaded {
                 // Rising: this rate overloads the path. Falling: this rate drains it, so the
                 // capacity is above it — but not above a rate remembered to overload it.
                 self.congested_u = Some(if d < 0.0 {
@@ -306,7 +313,7 @@ impl Controller for Pid {
             ));
         }
         // Near the rate that last built a queue, go slowly: hold under it for a while, then creep.
-        self.hold = if y > sp {
+        self.hold = if y > overloaded {
             self.g.hold_periods
         } else {
             self.hold.saturating_sub(1)

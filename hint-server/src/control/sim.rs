@@ -7,6 +7,11 @@
 //! period's samples and a naive forecast (the last value plus its last rise) standing in for the
 //! GBDT — this is a simulation, named as such; the real forecaster is evaluated on recorded
 //! test-bed traces.
+//!
+//! With `burst_fraction` > 0 that share of each request arrives at once, at the pacer's evenly spaced
+//! instants, as TCP's first flights of a long upload do: the p95 then sits well above the base
+//! RTT at moderate load and rises little until the link is full — the knee the test bed shows
+//! (p95 ≈ 40 ms at 40 % of 20 Mbit/s, base 14 ms). [`Plant::test_bed`] is that plant.
 
 use super::{Governor, Limits, Observation};
 use tokenflow_schema::ControllerKind;
@@ -24,6 +29,15 @@ pub struct Plant {
     /// Step of the cross traffic's random walk per 10 ms (share of capacity): 0.002 moves the
     /// capacity left to the client by about ±1 % per second; 0 is a quiet link.
     pub cross_walk: f64,
+    /// Share of each request that enters the queue at once when it arrives (0: a fluid flow).
+    pub burst_fraction: f64,
+    /// Periods between a decision and the window that first shows its effect (0: the next one).
+    /// On the test bed a window closes, the hint server decides, and the pacer's next poll
+    /// applies the rate half a period later on average: about one period.
+    pub delay_periods: usize,
+    /// Report the p95 as the agent does: the midpoint of its histogram bucket (buckets 1/8 of an
+    /// octave wide, so a p95 of 48 ms reads 47.1 and one of 50 reads 51.2).
+    pub agent_buckets: bool,
 }
 
 impl Default for Plant {
@@ -37,11 +51,28 @@ impl Default for Plant {
             duration_s: 160.0,
             period_s: 1.0,
             cross_walk: 0.002,
+            burst_fraction: 0.0,
+            delay_periods: 0,
+            agent_buckets: false,
         }
     }
 }
 
 impl Plant {
+    /// The network-bound test bed at 20 Mbit/s: 14 ms base RTT, 70 % of each 100 KB upload in
+    /// one burst (p95 ≈ 40 ms from 40 % to 90 % load, as measured there), p95 read from the agent's
+    /// histogram buckets.
+    pub fn test_bed() -> Self {
+        Self {
+            base_rtt_ms: 14.0,
+            burst_fraction: 0.9,
+            agent_buckets: true,
+            capacity_steps: vec![(0.0, 20.0)],
+            duration_s: 40.0,
+            ..Self::default()
+        }
+    }
+
     pub fn capacity_mbit(&self, t: f64) -> f64 {
         self.capacity_steps
             .iter()
@@ -72,6 +103,8 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
     let dt = 0.01;
     let steps_per_period = (plant.period_s / dt).round() as usize;
     let (mut q, mut cross, mut rate) = (0.0f64, 0.05f64, gov.last_rps());
+    let mut credit = 0.0f64;
+    let mut pending = std::collections::VecDeque::new();
     let (mut prev_p95, mut out) = (None::<f64>, Vec::new());
     let mut t = 0.0;
     while t < plant.duration_s {
@@ -81,7 +114,14 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
         for _ in 0..steps_per_period {
             cross = (cross + (rng.f64() - 0.5) * plant.cross_walk).clamp(0.0, 0.1);
             let cap = nominal * (1.0 - cross);
-            q += rate * plant.request_bytes * dt;
+            let f = plant.burst_fraction.clamp(0.0, 1.0);
+            q += (1.0 - f) * rate * plant.request_bytes * dt;
+            // The pacer spaces requests evenly: a burst each time a whole request's credit is in.
+            credit += rate * dt;
+            if f > 0.0 && credit >= 1.0 {
+                credit -= 1.0;
+                q += f * plant.request_bytes;
+            }
             let out_bytes = (cap * dt).min(q);
             q -= out_bytes;
             delivered += out_bytes;
@@ -94,7 +134,12 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             t += dt;
         }
         samples.sort_by(f64::total_cmp);
-        let p95 = samples[((samples.len() as f64 * 0.95) as usize).min(samples.len() - 1)];
+        let mut p95 = samples[((samples.len() as f64 * 0.95) as usize).min(samples.len() - 1)];
+        if plant.agent_buckets {
+            let us = (p95 * 1000.0).clamp(0.0, u32::MAX as f64) as u32;
+            let (lo, hi) = agent_common::hist::bucket_bounds(agent_common::hist::bucket_index(us));
+            p95 = (lo + (hi - lo) / 2) as f64 / 1000.0;
+        }
         let forecast = prev_p95.map_or(p95, |p| p95 + (p95 - p).max(0.0));
         prev_p95 = Some(p95);
         out.push(Period {
@@ -113,7 +158,10 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             inflight: None,
             stale: false,
         });
-        rate = d.rate_rps;
+        pending.push_back(d.rate_rps);
+        if pending.len() > plant.delay_periods {
+            rate = pending.pop_front().unwrap_or(rate);
+        }
     }
     out
 }

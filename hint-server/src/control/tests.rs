@@ -178,16 +178,27 @@ fn print_sim_figures() {
 #[test]
 #[ignore = "prints a simulated PID trace; run with --ignored --nocapture"]
 fn print_pid_trace() {
-    let plant = Plant {
+    let fluid = Plant {
         capacity_steps: vec![(0.0, 20.0)],
         duration_s: 40.0,
         ..Plant::default()
     };
-    for p in &simulate(ControllerKind::Pid, &plant, limits(), 1) {
-        println!(
-            "t {:5.0} cap {:5.1} rate {:5.1} p95 {:6.1}",
-            p.t, p.capacity_rps, p.rate_rps, p.p95_ms
-        );
+    let mbit: f64 = std::env::var("PLANT_MBIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20.0);
+    let bed = Plant {
+        capacity_steps: vec![(0.0, mbit)],
+        ..Plant::test_bed()
+    };
+    for (name, plant) in [("fluid", fluid), ("bursty test bed", bed)] {
+        println!("{name} plant:");
+        for p in &simulate(ControllerKind::Pid, &plant, limits(), 1) {
+            println!(
+                "t {:5.0} cap {:5.1} rate {:5.1} delivered {:5.1} p95 {:6.1}",
+                p.t, p.capacity_rps, p.rate_rps, p.delivered_rps, p.p95_ms
+            );
+        }
     }
 }
 
@@ -268,6 +279,13 @@ fn print_pid_variants() {
             },
         ),
         (
+            "no overload margin",
+            PidGains {
+                overload_margin: 0.0,
+                ..PidGains::default()
+            },
+        ),
+        (
             "no hold",
             PidGains {
                 hold_fraction: 0.0,
@@ -313,8 +331,10 @@ fn print_pid_variants() {
         duration_s: 40.0,
         ..Plant::default()
     };
+    let bed = Plant::test_bed();
     for (name, g) in variants {
         let (mut band, mut mape, mut util, mut start_util) = (0.0, 0.0, 0.0, 0.0);
+        let (mut bed_util, mut bed_p95) = ([0.0; 4], 0.0);
         let seeds = 8;
         for seed in 0..seeds {
             let plant = Plant::default();
@@ -337,14 +357,33 @@ fn print_pid_variants() {
                 .map(|p| (p.delivered_rps / p.capacity_rps).min(1.0))
                 .sum::<f64>()
                 / 16.0;
+            let gov =
+                Governor::with_controller(AnyController::Pid(Pid::new(g, &limits())), limits());
+            // Where the capacity falls on startup's doubling grid matters: vary it.
+            let bed = Plant {
+                capacity_steps: vec![(0.0, [14.0, 20.0, 26.0, 31.0][seed as usize % 4])],
+                ..bed.clone()
+            };
+            let run = simulate_with(gov, &bed, seed);
+            bed_util[seed as usize % 4] += run[4..20]
+                .iter()
+                .map(|p| (p.delivered_rps / p.capacity_rps).min(1.0))
+                .sum::<f64>()
+                / 16.0;
+            let mut p95s: Vec<f64> = run[4..20].iter().map(|p| p.p95_ms).collect();
+            p95s.sort_by(f64::total_cmp);
+            bed_p95 += p95s[p95s.len() * 9 / 10];
         }
         let n = seeds as f64;
         println!(
-            "{name}: band {:.2} mape {:.2} util {:.2} | utilisation in periods 4–20 from a fresh start {:.2}",
+            "{name}: band {:.2} mape {:.2} util {:.2} | fresh start, periods 4–20: utilisation {:.2}; \
+             bursty test-bed plant at 14/20/26/31 Mbit/s: utilisation {:?}, p90 of p95 {:.0} ms",
             band / n,
             mape / n,
             util / n,
-            start_util / n
+            start_util / n,
+            bed_util.map(|u| (u / n * 4.0 * 100.0).round() / 100.0),
+            bed_p95 / n
         );
     }
 }
@@ -382,5 +421,54 @@ fn startups_drain_grace_ends_with_its_queue() {
     assert!(
         after < before * 0.9,
         "a queue after the drain was not cut: {before} → {after}"
+    );
+}
+
+#[test]
+fn one_reading_a_bucket_over_the_setpoint_is_not_an_overload() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    let run = |g: PidGains| {
+        let mut pid = Pid::new(
+            PidGains {
+                startup_growth: 0.0,
+                ..g
+            },
+            &l,
+        );
+        let mut rate = 0.0;
+        // 43.0 ms, then one 51.2 ms reading (the next bucket of the agent's histogram past
+        // 50 ms), then 43.0 ms again for 6 periods.
+        let series = [43.0, 43.0, 43.0, 51.2, 43.0, 43.0, 43.0, 43.0, 43.0, 43.0];
+        let mut at_blip = 0.0;
+        for (k, p95) in series.into_iter().enumerate() {
+            let obs = Observation {
+                now: k as f64,
+                p95_rtt_ms: Some(p95),
+                predicted_p95_ms: Some(p95),
+                anomaly: 0.0,
+                inflight: None,
+                stale: false,
+            };
+            rate = pid.update(&obs, &l).0;
+            pid.applied(rate);
+            if k == 3 {
+                at_blip = rate;
+            }
+        }
+        rate / at_blip
+    };
+    let with_margin = run(PidGains::default());
+    let without = run(PidGains {
+        overload_margin: 0.0,
+        ..PidGains::default()
+    });
+    assert!(
+        with_margin > 1.15,
+        "rate grew only ×{with_margin:.2} in the 6 periods after the blip"
+    );
+    assert!(
+        without < with_margin,
+        "the margin made no difference (×{without:.2} vs ×{with_margin:.2})"
     );
 }
