@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
+use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -83,7 +84,7 @@ pub fn parse_chunk(data: &str) -> Chunk {
 }
 
 pub struct Call<'a> {
-    pub http: &'a reqwest::Client,
+    pub http: &'a crate::socket::HttpClient,
     pub target: &'a str,
     pub model: &'a str,
     pub prompt: &'a str,
@@ -129,17 +130,28 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
     if c.ignore_eos {
         body["ignore_eos"] = true.into();
     }
-    let r = match c
-        .http
-        .post(format!("{}/v1/chat/completions", c.target))
-        .json(&body)
-        .timeout(c.timeout)
-        .send()
-        .await
-    {
+    // One deadline for the whole attempt: connecting, the response head and the stream.
+    let deadline = tokio::time::Instant::now() + c.timeout;
+    let timed_out = || format!("timed out after {:.1} s", c.timeout.as_secs_f64());
+    let req = match http::Request::post(format!("{}/v1/chat/completions", c.target))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        ))) {
         Ok(r) => r,
         Err(e) => {
-            a.error = Some(format!("{e}"));
+            a.error = Some(format!("bad request: {e}"));
+            return a;
+        }
+    };
+    let r = match tokio::time::timeout_at(deadline, c.http.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            a.error = Some(format!("{e}: {}", source_chain(&e)));
+            return a;
+        }
+        Err(_) => {
+            a.error = Some(timed_out());
             return a;
         }
     };
@@ -151,22 +163,24 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<f64>().ok())
             .map(Duration::from_secs_f64);
-        a.error = Some(
-            r.text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect(),
-        );
+        let text = match tokio::time::timeout_at(deadline, r.into_body().collect()).await {
+            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            _ => String::new(),
+        };
+        a.error = Some(text.chars().take(300).collect());
         return a;
     }
-    let mut events = r.bytes_stream().eventsource();
-    while let Some(ev) = events.next().await {
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => {
+    let mut events = r.into_body().into_data_stream().eventsource();
+    loop {
+        let ev = match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Ok(ev))) => ev,
+            Ok(Some(Err(e))) => {
                 a.error = Some(format!("stream: {e}"));
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                a.error = Some(timed_out());
                 break;
             }
         };
@@ -189,6 +203,18 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
         a.tokens_out = a.token_times.len() as u64;
     }
     a
+}
+
+/// The causes under an error, joined: hyper's own message ("client error (Connect)") names
+/// only the stage.
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
 }
 
 /// Inter-token gaps, milliseconds.

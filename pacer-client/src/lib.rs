@@ -7,4 +7,5 @@ pub mod hints;
 pub mod metrics;
 pub mod prompts;
 pub mod run;
+pub mod socket;
 pub mod summary;

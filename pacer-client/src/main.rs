@@ -55,6 +55,11 @@ struct Args {
     /// Concurrency cap for fixed pacing.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Leave the sockets' kernel pacing alone. By default, when pacing is on, each connection's
+    /// SO_MAX_PACING_RATE follows the allowed rate (requests/s × mean request bytes × 1.2), so a
+    /// long prompt leaves as a paced stream instead of a line-rate burst into the bottleneck.
+    #[arg(long)]
+    no_socket_pacing: bool,
     /// This client's id at the hint server.
     #[arg(long, default_value = "pacer")]
     client_id: String,
@@ -205,6 +210,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         retries: a.retries,
         timeout: a.timeout,
         concurrency: a.concurrency,
+        socket_pacing: !a.no_socket_pacing,
     };
     if let Some(addr) = a.metrics_addr {
         tokenflow_pacer::metrics::install(addr)?;

@@ -91,6 +91,11 @@ impl Prompts {
         Ok(Self { list })
     }
 
+    /// Mean prompt size, bytes.
+    pub fn mean_bytes(&self) -> f64 {
+        self.list.iter().map(String::len).sum::<usize>() as f64 / self.list.len().max(1) as f64
+    }
+
     pub fn pick(&self) -> String {
         self.list[fastrand::usize(..self.list.len())].clone()
     }

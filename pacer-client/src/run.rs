@@ -17,6 +17,7 @@ use crate::{
     gate::{Gate, Limit},
     hints::{HintSource, Latest, follow},
     prompts::Prompts,
+    socket::{HttpClient, SocketPacing, http_client},
 };
 
 #[derive(Clone, Debug)]
@@ -49,10 +50,32 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Concurrency cap for `fixed` pacing.
     pub concurrency: usize,
+    /// Cap each connection's send rate (`SO_MAX_PACING_RATE`) at the paced request rate times
+    /// the mean request's wire size times [`SOCKET_PACING_HEADROOM`]. Off when pacing is off.
+    pub socket_pacing: bool,
+}
+
+/// Each socket may send this much faster than the request rate's byte equivalent: a request's
+/// upload then takes a little less than the gap to the next, so uploads barely overlap and the
+/// client's bytes reach the bottleneck as a stream near its allowed rate instead of line-rate
+/// bursts.
+pub const SOCKET_PACING_HEADROOM: f64 = 1.2;
+
+/// Bytes on the wire for a prompt of `prompt_bytes`: the JSON body's other fields and the HTTP
+/// head (~400 bytes), then TCP/IP headers (~4 % at a 1448-byte MSS).
+pub fn wire_bytes(prompt_bytes: f64) -> f64 {
+    (prompt_bytes + 400.0) * 1.04
+}
+
+/// The per-socket byte rate for a request rate (`None`: no cap).
+pub fn socket_rate(rate_rps: f64, prompt_bytes: f64) -> Option<u64> {
+    (rate_rps.is_finite() && rate_rps > 0.0)
+        .then(|| (rate_rps * wire_bytes(prompt_bytes) * SOCKET_PACING_HEADROOM).ceil() as u64)
 }
 
 pub struct Running {
     pub gate: Arc<Gate>,
+    pub sockets: Arc<SocketPacing>,
     pub latest: Arc<Mutex<Latest>>,
     pub in_flight: Arc<Vec<AtomicUsize>>,
 }
@@ -77,10 +100,19 @@ pub async fn run(
     if let Pacing::Hints(src) = &cfg.pacing {
         tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
     }
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        .build()?;
+    let sockets = SocketPacing::new();
+    let http = http_client(sockets.clone());
+    if cfg.socket_pacing && !matches!(cfg.pacing, Pacing::Off) {
+        // Follows the gate, whoever set it (hint, watchdog's floor, fixed rate).
+        let (gate, sockets, bytes) = (gate.clone(), sockets.clone(), prompts.mean_bytes());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                sockets.set_rate(socket_rate(gate.limit().rate, bytes));
+            }
+        });
+    }
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let in_flight: Arc<Vec<AtomicUsize>> =
@@ -123,6 +155,7 @@ pub async fn run(
     }
     Ok(Running {
         gate,
+        sockets,
         latest,
         in_flight,
     })
@@ -132,7 +165,7 @@ pub async fn run(
 struct Ctx {
     cfg: RunConfig,
     gate: Arc<Gate>,
-    http: reqwest::Client,
+    http: HttpClient,
     prompts: Arc<Prompts>,
     records: mpsc::UnboundedSender<Record>,
     in_flight: Arc<Vec<AtomicUsize>>,

@@ -192,6 +192,7 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
         retries: 1,
         timeout: Duration::from_secs(30),
         concurrency: 64,
+        socket_pacing: true,
     };
     let running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
@@ -247,6 +248,7 @@ async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
         retries: 0,
         timeout: Duration::from_millis(500),
         concurrency: 8,
+        socket_pacing: true,
     };
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
