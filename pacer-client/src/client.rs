@@ -232,18 +232,3 @@ pub fn ms(d: Duration) -> f64 {
 pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
-
-/// Sends with retries on 429 (after Retry-After) and on refused connections, within `budget`.
-pub async fn send_with_retries(c: &Call<'_>, budget: u32) -> (Attempt, u32) {
-    let mut retries = 0;
-    loop {
-        let a = attempt(c).await;
-        let retryable =
-            a.status == 429 || a.status == 503 || (a.status == 0 && a.first_token.is_none());
-        if !retryable || retries >= budget {
-            return (a, retries);
-        }
-        retries += 1;
-        tokio::time::sleep(jitter(a.retry_after.unwrap_or(Duration::from_millis(200)))).await;
-    }
-}

@@ -6,6 +6,7 @@ pub mod gate;
 pub mod hints;
 pub mod metrics;
 pub mod prompts;
+pub mod route;
 pub mod run;
 pub mod socket;
 pub mod summary;

@@ -36,7 +36,10 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct Args {
-    /// Server base URL (repeat for several backends; requests go to the least loaded).
+    /// Server base URL. Repeat for several backends (a node each, as vLLM replicas): each
+    /// request goes to the healthy one with the fewest tokens in flight, health-checked every
+    /// second, and a request whose backend fails before its first token (refused, timed out,
+    /// 5xx) moves to another one, once.
     #[arg(long, required = true)]
     target: Vec<String>,
     #[arg(long)]
@@ -244,7 +247,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
             },
             _ = tick.tick() => {
                 if export {
-                    let in_flight = running.in_flight.iter().map(|n| n.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                    let in_flight = running.in_flight();
                     tokenflow_pacer::metrics::gate(running.gate.limit(), running.gate.waiting(), in_flight);
                 }
                 if let Some(b) = &bar {

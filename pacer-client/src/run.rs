@@ -2,10 +2,7 @@
 //! pacing gate before it is sent, and is timed from the moment the user submitted it.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -13,10 +10,11 @@ use anyhow::Result;
 use tokio::sync::mpsc;
 
 use crate::{
-    client::{Call, Record, itl, ms, send_with_retries},
+    client::{Attempt, Call, Record, attempt, itl, jitter, ms},
     gate::{Gate, Limit},
     hints::{HintSource, Latest, follow},
     prompts::Prompts,
+    route::{self, Target, health_checks},
     socket::{HttpClient, SocketPacing, http_client},
 };
 
@@ -77,7 +75,17 @@ pub struct Running {
     pub gate: Arc<Gate>,
     pub sockets: Arc<SocketPacing>,
     pub latest: Arc<Mutex<Latest>>,
-    pub in_flight: Arc<Vec<AtomicUsize>>,
+    pub targets: Arc<Vec<Target>>,
+}
+
+impl Running {
+    /// Requests in flight on every target.
+    pub fn in_flight(&self) -> usize {
+        self.targets
+            .iter()
+            .map(|t| t.requests.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 pub async fn run(
@@ -115,15 +123,17 @@ pub async fn run(
     }
     let start = Instant::now();
     let deadline = start + cfg.duration;
-    let in_flight: Arc<Vec<AtomicUsize>> =
-        Arc::new(cfg.targets.iter().map(|_| AtomicUsize::new(0)).collect());
+    let targets: Arc<Vec<Target>> = Arc::new(cfg.targets.iter().map(|u| Target::new(u)).collect());
+    if targets.len() > 1 {
+        tokio::spawn(health_checks(targets.clone()));
+    }
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         gate: gate.clone(),
         http,
         prompts,
         records,
-        in_flight: in_flight.clone(),
+        targets: targets.clone(),
         start,
     });
     match cfg.load {
@@ -157,7 +167,7 @@ pub async fn run(
         gate,
         sockets,
         latest,
-        in_flight,
+        targets,
     })
 }
 
@@ -168,7 +178,7 @@ struct Ctx {
     http: HttpClient,
     prompts: Arc<Prompts>,
     records: mpsc::UnboundedSender<Record>,
-    in_flight: Arc<Vec<AtomicUsize>>,
+    targets: Arc<Vec<Target>>,
     start: Instant,
 }
 
@@ -199,29 +209,14 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
         return;
     };
     let sent = Instant::now();
-    let t = (0..cfg.targets.len())
-        .min_by_key(|&i| ctx.in_flight[i].load(Ordering::Relaxed))
-        .unwrap_or(0);
-    ctx.in_flight[t].fetch_add(1, Ordering::Relaxed);
     let prompt = ctx.prompts.pick();
-    let call = Call {
-        http: &ctx.http,
-        target: &cfg.targets[t],
-        model: &cfg.model,
-        prompt: &prompt,
-        max_tokens: cfg.max_tokens,
-        truncate_prompt_tokens: cfg.truncate_prompt_tokens,
-        ignore_eos: cfg.ignore_eos,
-        timeout: cfg.timeout,
-    };
-    let (a, retries) = send_with_retries(&call, cfg.retries).await;
-    ctx.in_flight[t].fetch_sub(1, Ordering::Relaxed);
+    let (a, retries, t) = send(ctx, &prompt).await;
     drop(permit);
     let end = Instant::now();
     let _ = ctx.records.send(Record {
         user,
         class: cfg.class.clone(),
-        target: cfg.targets[t].clone(),
+        target: ctx.targets[t].url.clone(),
         submitted_ms: ms(submitted - ctx.start),
         wait_ms: ms(sent - submitted),
         ttft_ms: a.first_token.map(|f| ms(f - submitted)),
@@ -234,4 +229,53 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
         error: a.error,
         retries,
     });
+}
+
+/// Sends `prompt` to the least loaded healthy target. A failure before the first token (refused
+/// connection, timeout, 5xx) marks a dead target down and moves the request to another target,
+/// once; 429/503 and connection failures are retried after `Retry-After` (or ~200 ms, jittered),
+/// all inside the run's retry budget. Returns the last attempt, the retries and its target.
+async fn send(ctx: &Ctx, prompt: &str) -> (Attempt, u32, usize) {
+    let cfg = &ctx.cfg;
+    let cost = route::cost(prompt.len(), cfg.max_tokens);
+    let mut t = route::pick(&ctx.targets, None).unwrap_or(0);
+    let (mut retries, mut moved) = (0, false);
+    loop {
+        let a = {
+            let _load = route::Load::add(&ctx.targets[t], cost);
+            attempt(&Call {
+                http: &ctx.http,
+                target: &ctx.targets[t].url,
+                model: &cfg.model,
+                prompt,
+                max_tokens: cfg.max_tokens,
+                truncate_prompt_tokens: cfg.truncate_prompt_tokens,
+                ignore_eos: cfg.ignore_eos,
+                timeout: cfg.timeout,
+            })
+            .await
+        };
+        let server_failed = a.first_token.is_none() && (a.status == 0 || a.status >= 500);
+        if a.first_token.is_none() && a.status == 0 {
+            ctx.targets[t].set_healthy(false);
+        }
+        if retries >= cfg.retries {
+            return (a, retries, t);
+        }
+        if server_failed
+            && !moved
+            && let Some(other) = route::pick(&ctx.targets, Some(t))
+        {
+            moved = true;
+            retries += 1;
+            t = other;
+            continue;
+        }
+        if !(a.status == 429 || a.status == 503 || (server_failed && a.status == 0)) {
+            return (a, retries, t);
+        }
+        retries += 1;
+        tokio::time::sleep(jitter(a.retry_after.unwrap_or(Duration::from_millis(200)))).await;
+        t = route::pick(&ctx.targets, None).unwrap_or(t);
+    }
 }

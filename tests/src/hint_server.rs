@@ -112,3 +112,15 @@ pub fn http(
         .unwrap_or_default();
     Ok((code, body))
 }
+
+/// Waits until `GET path` answers 200.
+pub fn wait_http(addr: SocketAddr, path: &str, within: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if http(addr, "GET", path, None, None).is_ok_and(|(c, _)| c == 200) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{addr}{path} did not answer within {within:?}")
+}

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use tokenflow_tests::{
     ChildGuard,
     agent::{Agent, sibling_binary},
-    hint_server::{HintServer, http},
+    hint_server::{HintServer, http, wait_http},
     privileged,
     redis_server::{RedisServer, free_port},
     scrape_metrics,
@@ -183,17 +183,6 @@ fn fake_gpu_names() -> Result<BTreeSet<String>> {
         .into_iter()
         .filter(|n| n.starts_with("DCGM_"))
         .collect())
-}
-
-fn wait_http(addr: SocketAddr, path: &str, within: Duration) -> Result<()> {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if http(addr, "GET", path, None, None).is_ok_and(|(c, _)| c == 200) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("{addr}{path} did not answer within {within:?}")
 }
 
 #[test]
