@@ -10,10 +10,10 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokenflow_tests::{
     ChildGuard,
     agent::{Agent, sibling_binary},
