@@ -124,6 +124,11 @@ pub struct Pid {
     /// Periods left in which startup's own queue drains without further cuts.
     #[serde(default)]
     drain: u32,
+    /// The next creep step past the remembered overload rate (0: `creep`); it doubles with each
+    /// period that stays clearly under the setpoint, so a stale memory (the path widened) is left
+    /// behind in a few periods, as BIC-TCP's max probing does.
+    #[serde(default)]
+    creep_step: f64,
     /// Smoothed anomaly score (`None` before the first).
     #[serde(default)]
     anomaly_ewma: Option<f64>,
@@ -152,6 +157,7 @@ impl Pid {
             startup: g.startup_growth > 0.0,
             hold: 0,
             drain: 0,
+            creep_step: 0.0,
             anomaly_ewma: None,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
@@ -313,6 +319,9 @@ impl Controller for Pid {
             ));
         }
         // Near the rate that last built a queue, go slowly: hold under it for a while, then creep.
+        if y > overloaded {
+            self.creep_step = 0.0;
+        }
         self.hold = if y > overloaded {
             self.g.hold_periods
         } else {
@@ -324,11 +333,23 @@ impl Controller for Pid {
             && let Some(c) = self.congested_u
         {
             let under = self.g.hold_fraction * c;
+            let step = if self.creep_step > 0.0 {
+                self.creep_step
+            } else {
+                self.g.creep
+            };
             let cap = if self.hold > 0 {
                 under
             } else {
-                (self.last_u * (1.0 + self.g.creep).powf(dt.min(1.0))).max(under)
+                (self.last_u * (1.0 + step).powf(dt.min(1.0))).max(under)
             };
+            if self.hold == 0 && u > cap {
+                self.creep_step = if y < sp * 0.9 {
+                    (step * 2.0).min(self.g.slew_up.max(self.g.creep))
+                } else {
+                    step
+                };
+            }
             if u > cap {
                 u = cap.max(self.last_u.min(u));
                 reason.push_str(if self.hold > 0 {

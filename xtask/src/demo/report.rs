@@ -1187,35 +1187,32 @@ pub fn check(runs: &[Run], arms: &[String]) -> Vec<String> {
             p.push(format!("arm {arm} produced no run"));
         }
     }
-    // The hint falls after the bottleneck narrows and recovers after it widens (pid, step scenario).
+    // The hint falls after the bottleneck narrows and recovers after it widens (pid, step
+    // scenario). Judged on the group's allowed rate, the sum of its clients' hints: under strict
+    // priority the batch share may rightly stay at its floor while the interactive client's
+    // share refills first.
     for r in runs.iter().filter(|r| r.arm == "pid" && r.steps.len() >= 3) {
         let (down, up) = (r.steps[1].0, r.steps[2].0);
         let rate = |from: f64, to: f64| -> Vec<f64> {
             r.ticks
                 .iter()
-                .filter(|t| t.t >= from && t.t < to)
-                .filter_map(|t| {
-                    t.hint_rps
-                        .iter()
-                        .find(|(role, _)| role == "batch")
-                        .map(|(_, v)| *v)
-                })
+                .filter(|t| t.t >= from && t.t < to && !t.hint_rps.is_empty())
+                .map(|t| t.hint_rps.iter().map(|(_, v)| *v).sum())
                 .collect()
         };
         let before = quantile(&rate(down - 2.0, down), 0.5);
         let during = rate(down, up);
         let low = during.iter().copied().fold(f64::INFINITY, f64::min);
         if low.is_nan() || before.is_nan() || low >= 0.75 * before {
-            p.push(format!("pid: the batch hint did not fall after the bottleneck narrowed ({before:.1} → min {low:.1} req/s)"));
+            p.push(format!("pid: the group's hint did not fall after the bottleneck narrowed ({before:.1} → min {low:.1} req/s)"));
         }
         let fell_by = r
             .ticks
             .iter()
             .find(|t| {
                 t.t >= down
-                    && t.hint_rps
-                        .iter()
-                        .any(|(role, v)| role == "batch" && *v < 0.75 * before)
+                    && !t.hint_rps.is_empty()
+                    && t.hint_rps.iter().map(|(_, v)| *v).sum::<f64>() < 0.75 * before
             })
             .map(|t| t.t - down);
         if fell_by.is_none_or(|d| d > 6.0) {
@@ -1226,7 +1223,7 @@ pub fn check(runs: &[Run], arms: &[String]) -> Vec<String> {
         let after = rate(up, r.duration_s + 1.0);
         let high = after.iter().copied().fold(0.0, f64::max);
         if high <= 1.3 * low {
-            p.push(format!("pid: the batch hint did not recover after the bottleneck widened (min {low:.1}, after {high:.1} req/s)"));
+            p.push(format!("pid: the group's hint did not recover after the bottleneck widened (min {low:.1}, after {high:.1} req/s)"));
         }
     }
     // The pacer follows the hint: per second, requests sent ≤ the hinted rate (+ one burst).
