@@ -4,6 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod openai;
+
 /// Version of the telemetry window format.
 pub const SCHEMA_VERSION: u32 = 1;
 
