@@ -281,3 +281,60 @@ async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
         assert!(r.wait_ms >= 900.0 && r.ttft_ms.is_none(), "{r:?}");
     }
 }
+
+/// The recorded vLLM-format streams (tests/fixtures/vllm), served over HTTP and read by the
+/// pacer's real request path: SSE framing, chunk parsing, usage, errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_vllm_streams_from_recorded_fixtures() {
+    use tokenflow_pacer::{
+        client::{Call, attempt},
+        socket::{SocketPacing, http_client},
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vllm");
+    // (file, content chunks, prompt tokens, completion tokens, error containing)
+    let cases = [
+        ("chat_stream.sse", 7, 21, 7, None),
+        ("chat_stream_crlf.sse", 7, 21, 7, None),
+        ("completions_stream.sse", 4, 5, 4, None),
+        ("error_midstream.sse", 1, 0, 1, Some("engine is dead")),
+        ("error_legacy.sse", 1, 0, 1, Some("maximum context length")),
+    ];
+    let http = http_client(SocketPacing::new());
+    for (file, chunks, prompt, completion, error) in cases {
+        let body = std::fs::read(dir.join(file)).unwrap();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let body = body.clone();
+                async move { ([("content-type", "text/event-stream")], body) }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(l, app).await });
+        let target = format!("http://{addr}");
+        let a = attempt(&Call {
+            http: &http,
+            target: &target,
+            model: "meta-llama/Llama-3.1-8B-Instruct",
+            prompt: "hello",
+            max_tokens: 8,
+            truncate_prompt_tokens: None,
+            ignore_eos: false,
+            timeout: Duration::from_secs(5),
+        })
+        .await;
+        server.abort();
+        assert_eq!(a.status, 200, "{file}");
+        assert_eq!(a.token_times.len(), chunks, "{file}: content chunks");
+        assert_eq!((a.tokens_in, a.tokens_out), (prompt, completion), "{file}");
+        match error {
+            None => assert!(a.error.is_none(), "{file}: {:?}", a.error),
+            Some(e) => assert!(
+                a.error.as_deref().is_some_and(|m| m.contains(e)),
+                "{file}: {:?}",
+                a.error
+            ),
+        }
+    }
+}

@@ -26,6 +26,10 @@ pub fn parse_chunk(data: &str) -> Chunk {
             data.chars().take(80).collect::<String>()
         ));
     };
+    // Older vLLM releases send the error object bare: {"object": "error", "message": …}.
+    if v["object"] == "error" {
+        return Chunk::Error(v["message"].as_str().unwrap_or("error").to_string());
+    }
     if let Some(e) = v.get("error") {
         return Chunk::Error(
             e.get("message")

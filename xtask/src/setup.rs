@@ -38,6 +38,7 @@ pub fn setup() -> Result<()> {
     packages()?;
     rust_components()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     python_tools()?;
     ui_vendor()?;
     kernel_filesystems()?;
@@ -121,6 +122,16 @@ fn bpf_linker() -> Result<()> {
             "--features",
             "llvm-22",
         ]))
+}
+
+/// cargo-fuzz, for the parser fuzz targets `cargo xtask test` runs briefly (libFuzzer, nightly).
+fn cargo_fuzz() -> Result<()> {
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        step("setup", "cargo-fuzz: present");
+        return Ok(());
+    }
+    step("setup", "cargo-fuzz: installing (about 2 minutes)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))
 }
 
 /// The virtual environment holding the Python validators (under target/, so a clean clone

@@ -67,6 +67,7 @@ pub fn test() -> Result<()> {
         "cargo test -p xtask (on its own, see the build step)",
     );
     run(full_cargo().args(["test", "-p", "xtask"]))?;
+    fuzz_briefly()?;
     step(
         "test",
         "deployment files: docker-compose config, kubernetes-validate, Grafana boards",
@@ -87,6 +88,32 @@ pub fn test() -> Result<()> {
         );
     }
     step("test", "all checks passed");
+    Ok(())
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test`: long enough to catch a shallow crash,
+/// short enough for CI (a longer run: `cargo +nightly fuzz run <target>`).
+const FUZZ_SECONDS: u32 = 30;
+
+/// The parser fuzz targets (fuzz/): each starts from its committed seeds (recorded vLLM streams,
+/// registration bodies) and runs for [`FUZZ_SECONDS`]; a crash fails the check and leaves its
+/// input under fuzz/artifacts/.
+fn fuzz_briefly() -> Result<()> {
+    for target in ["sse_stream", "hint_json"] {
+        step(
+            "test",
+            format!("cargo fuzz run {target} ({FUZZ_SECONDS} s, libFuzzer, nightly)"),
+        );
+        let corpus = root().join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        run(Command::new("rustup")
+            .current_dir(root())
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(root().join("fuzz/seeds").join(target))
+            .args(["--", &format!("-max_total_time={FUZZ_SECONDS}")])
+            .arg("-print_final_stats=1"))?;
+    }
     Ok(())
 }
 
