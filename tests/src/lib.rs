@@ -2,6 +2,7 @@
 //! a time, the agent as a real subprocess, TCP endpoints inside test-bed namespaces, and `ss` as oracle.
 
 pub mod agent;
+pub mod backend;
 pub mod hint_server;
 pub mod redis_server;
 pub mod ss;

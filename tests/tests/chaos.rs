@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokenflow_tests::{
     ChildGuard,
     agent::sibling_binary,
+    backend,
     hint_server::{http, wait_http},
     redis_server::free_port,
 };
@@ -22,25 +23,8 @@ use tokenflow_tests::{
 fn killing_one_of_two_backends_under_load_fails_only_requests_already_streaming() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tf-chaos-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let backend_bin = sibling_binary("tokenflow-backend")?;
-    let model = dir.join("model");
-    let st = Command::new(&backend_bin)
-        .args(["init-model", "--size", "tiny", "--out"])
-        .arg(&model)
-        .stderr(Stdio::null())
-        .status()?;
-    anyhow::ensure!(st.success(), "init-model failed");
-    let start_backend = |addr: SocketAddr| -> Result<ChildGuard> {
-        Ok(ChildGuard(
-            Command::new(&backend_bin)
-                .arg("serve")
-                .arg("--model")
-                .arg(&model)
-                .args(["--listen", &addr.to_string(), "--max-running", "4"])
-                .stderr(Stdio::null())
-                .spawn()?,
-        ))
-    };
+    let model = backend::tiny_model(&dir)?;
+    let start_backend = |addr: SocketAddr| backend::serve(&model, addr, &["--max-running", "4"]);
     let a: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let b: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut backend_a = start_backend(a)?;

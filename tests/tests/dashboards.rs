@@ -229,31 +229,13 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
     ])?;
 
     let dir = std::env::temp_dir().join(format!("tf-dash-{}", std::process::id()));
-    let backend_bin = sibling_binary("tokenflow-backend")?;
-    let model = dir.join("model");
-    let st = Command::new(&backend_bin)
-        .args(["init-model", "--size", "tiny", "--out"])
-        .arg(&model)
-        .stderr(Stdio::null())
-        .status()?;
-    anyhow::ensure!(st.success(), "init-model failed");
+    let model = tokenflow_tests::backend::tiny_model(&dir)?;
     let backend: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let _backend = ChildGuard(
-        Command::new(&backend_bin)
-            .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--listen",
-                &backend.to_string(),
-                "--max-waiting",
-                "4",
-                "--max-running",
-                "2",
-            ])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _backend = tokenflow_tests::backend::serve(
+        &model,
+        backend,
+        &["--max-waiting", "4", "--max-running", "2"],
+    )?;
     wait_http(backend, "/health", Duration::from_secs(30))?;
     let (_, models) = http(backend, "GET", "/v1/models", None, None)?;
     let models: serde_json::Value = serde_json::from_str(&models)?;

@@ -393,19 +393,7 @@ fn startups_drain_grace_ends_with_its_queue() {
     use super::pid::{Pid, PidGains};
     let l = limits();
     let mut pid = Pid::new(PidGains::default(), &l);
-    let mut step = |k: usize, p95: f64| {
-        let obs = Observation {
-            now: k as f64,
-            p95_rtt_ms: Some(p95),
-            predicted_p95_ms: Some(p95),
-            anomaly: 0.0,
-            inflight: None,
-            stale: false,
-        };
-        let (rate, _) = pid.update(&obs, &l);
-        pid.applied(rate);
-        rate
-    };
+    let mut step = |k: usize, p95: f64| pid_period(&mut pid, &l, k, p95);
     // Startup doubles, then its queue appears and drains without a further cut.
     step(0, 20.0);
     step(1, 20.0);
@@ -442,16 +430,7 @@ fn one_reading_a_bucket_over_the_setpoint_is_not_an_overload() {
         let series = [43.0, 43.0, 43.0, 51.2, 43.0, 43.0, 43.0, 43.0, 43.0, 43.0];
         let mut at_blip = 0.0;
         for (k, p95) in series.into_iter().enumerate() {
-            let obs = Observation {
-                now: k as f64,
-                p95_rtt_ms: Some(p95),
-                predicted_p95_ms: Some(p95),
-                anomaly: 0.0,
-                inflight: None,
-                stale: false,
-            };
-            rate = pid.update(&obs, &l).0;
-            pid.applied(rate);
+            rate = pid_period(&mut pid, &l, k, p95);
             if k == 3 {
                 at_blip = rate;
             }
@@ -471,4 +450,20 @@ fn one_reading_a_bucket_over_the_setpoint_is_not_an_overload() {
         without < with_margin,
         "the margin made no difference (×{without:.2} vs ×{with_margin:.2})"
     );
+}
+
+/// One control period of a bare PID at second `k` with this p95 (forecast = the p95, no
+/// anomaly); returns the rate applied.
+fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 {
+    let obs = Observation {
+        now: k as f64,
+        p95_rtt_ms: Some(p95),
+        predicted_p95_ms: Some(p95),
+        anomaly: 0.0,
+        inflight: None,
+        stale: false,
+    };
+    let (rate, _) = pid.update(&obs, l);
+    pid.applied(rate);
+    rate
 }
