@@ -111,6 +111,9 @@ pub struct KernelOffsets {
     pub kernfs_id: u32,
     /// `struct sk_buff` → `cb` plus `struct tcp_skb_cb` → `tcp_gso_segs`: segments in a TCP skb.
     pub skb_gso_segs: u32,
+    /// `struct tcp_sock` → `total_retrans` (a `u32`): the kernel's own count of retransmitted segments.
+    pub tcp_total_retrans: u32,
+    pub _pad: u32,
 }
 
 /// Written by user space into `TF_CONFIG[0]` before the programs are attached.
@@ -125,7 +128,7 @@ pub struct Config {
     pub offsets: KernelOffsets,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
 
 /// Per-flow state, cumulative since the flow was first seen; user space takes deltas.
 /// Updates come from TCP paths that hold the socket lock, so one flow is never updated by two CPUs at once.
@@ -172,10 +175,13 @@ pub struct FlowState {
     /// On a connection this host accepted: when request bytes arrived while no response was
     /// pending (0 = none pending). Cleared by the first response bytes sent.
     pub req_start_ns: u64,
+    /// The socket's `total_retrans` when the flow was first seen: retransmits from before are not ours.
+    pub retrans_base: u32,
+    pub _pad: u32,
     /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
     pub rtt_hist: [u32; HIST_BUCKETS],
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 168 + 4 * HIST_BUCKETS);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 176 + 4 * HIST_BUCKETS);
 
 impl FlowState {
     pub const fn zeroed() -> Self {
@@ -206,6 +212,8 @@ impl FlowState {
             state: 0,
             states_seen: 0,
             req_start_ns: 0,
+            retrans_base: 0,
+            _pad: 0,
             rtt_hist: [0; HIST_BUCKETS],
         }
     }

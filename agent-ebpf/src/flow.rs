@@ -152,6 +152,8 @@ pub fn create(sk: u64, tuple: &Tuple, pid: u32) -> Option<*mut FlowState> {
                 flow.cgroup_id = read_kernel(kn, o.kernfs_id);
             }
         }
+        // A socket first seen mid-life has retransmitted before: those are not this flow's.
+        flow.retrans_base = read_kernel(sk, o.tcp_total_retrans);
     }
     if !admitted(cfg, flow) {
         flow.flags |= FLOW_IGNORED;
@@ -211,6 +213,31 @@ pub fn skb_segments(skb: u64) -> u64 {
     }
     let segs: u16 = read_kernel(skb, cfg.offsets.skb_gso_segs);
     if segs == 0 { 1 } else { segs as u64 }
+}
+
+/// Brings `f.retrans_segs` up to the kernel's own `tcp_sock.total_retrans` (less what the socket
+/// had retransmitted before the flow was first seen). Called on every event of the flow, so the count
+/// is exact by the next event even where a retransmit fired no tracepoint we could count. Returns
+/// false when the offsets are unknown (then the tracepoint's segment count is all there is).
+#[inline(always)]
+pub fn sync_retrans(f: &mut FlowState) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.flags & OFFSETS_VALID == 0 {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
+    let Ok(total) = (unsafe {
+        bpf_probe_read_kernel((f.sk + cfg.offsets.tcp_total_retrans as u64) as *const u32)
+    }) else {
+        return false;
+    };
+    let segs = u64::from(total.saturating_sub(f.retrans_base));
+    if segs > f.retrans_segs {
+        f.retrans_segs = segs;
+    }
+    true
 }
 
 /// Which latency map a sample goes to.

@@ -98,6 +98,7 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
         f.sport = field(&ctx, tp::SPORT);
     }
     f.last_seen_ns = flow::now_ns();
+    flow::sync_retrans(f);
     f.rtt_samples += 1;
     f.srtt_sum_us += srtt as u64;
     f.last_srtt_us = srtt;
@@ -132,11 +133,14 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
 /// tracepoint programs share one per-CPU recursion guard, so a retransmit fired from a softirq that
 /// interrupts another of our programs would be skipped, and the count would fall short of the kernel's.
 ///
-/// Counts segments as the kernel's `total_retrans` does. `__tcp_retransmit_skb()` adds the skb's segment
-/// count to `total_retrans` once it has decided to send, before `tcp_transmit_skb()`; the tracepoint
-/// fires at the end with `err`. Errors from before that point (-EBUSY: still in a host queue, -EAGAIN,
-/// -ENOMEM, -EINVAL) sent and counted nothing; any other result, success or a failed transmit (e.g.
-/// -ENOBUFS from a full device queue), was counted by the kernel and is counted here.
+/// Counts segments as the kernel's `total_retrans` does, by reading that counter (see
+/// [`flow::sync_retrans`], also run on every RTT sample and state change of the flow): summing skb
+/// segment counts here fell one short of `ss` now and then under heavy loss. Without the BTF offsets
+/// it falls back to that sum. `__tcp_retransmit_skb()` adds the skb's segment count to `total_retrans`
+/// once it has decided to send, before `tcp_transmit_skb()`; the tracepoint fires at the end with
+/// `err`. Errors from before that point (-EBUSY: still in a host queue, -EAGAIN, -ENOMEM, -EINVAL)
+/// sent and counted nothing; any other result, success or a failed transmit (e.g. -ENOBUFS from a
+/// full device queue), was counted by the kernel.
 #[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
     flow::count(counters::RETRANSMIT_EVENTS);
@@ -160,10 +164,11 @@ pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
             return 0;
         }
     };
-    let segs = flow::skb_segments(ctx.arg(1));
     // SAFETY: as in `tf_tcp_probe`.
     let f = unsafe { &mut *flow };
-    f.retrans_segs += segs;
+    if !flow::sync_retrans(f) {
+        f.retrans_segs += flow::skb_segments(ctx.arg(1));
+    }
     f.retrans_events += 1;
     f.last_seen_ns = flow::now_ns();
     0
@@ -235,6 +240,7 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
         f.states_seen |= 1 << newstate;
     }
     f.last_seen_ns = flow::now_ns();
+    flow::sync_retrans(f);
     if newstate == TCP_CLOSE as i32 {
         if CLOSED.output::<agent_common::FlowState>(&*f, 0).is_err() {
             flow::count(counters::CLOSED_DROPPED);

@@ -35,6 +35,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         cgroup_kn: off("cgroup", "kn")?,
         kernfs_id: off("kernfs_node", "id")?,
         skb_gso_segs: off("sk_buff", "cb")? + off("tcp_skb_cb", "tcp_gso_segs")?,
+        tcp_total_retrans: off("tcp_sock", "total_retrans")?,
+        _pad: 0,
     })
 }
 
@@ -159,6 +161,8 @@ mod tests {
         // `cb` of sk_buff has been at 40 on 64-bit kernels since 2015; tcp_gso_segs right after seq, end_seq.
         assert_eq!(o.skb_gso_segs, 40 + 8, "{o:?}");
         assert!(o.kernfs_id > 0 && o.cgroup_kn > 0, "{o:?}");
+        // `tcp_sock` starts with `inet_connection_sock`, which starts with `struct sock`.
+        assert!(o.tcp_total_retrans > o.sock_cgroup, "{o:?}");
     }
 
     /// The raw tracepoint program reads its arguments by position: check them against the kernel.
