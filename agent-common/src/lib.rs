@@ -13,8 +13,6 @@ pub mod maps {
     pub const FLOWS: &str = "TF_FLOWS";
     /// `PerCpuArray<u64>`: capture counters, indexed by [`crate::counters`].
     pub const COUNTERS: &str = "TF_COUNTERS";
-    /// `PerCpuArray<u64>`: node-wide RTT histogram (µs), [`crate::HIST_BUCKETS`] entries.
-    pub const NODE_RTT_HIST: &str = "TF_NODE_RTT";
     /// `Array<Config>` with one entry: filters and kernel offsets written by user space before attach.
     pub const CONFIG: &str = "TF_CONFIG";
     /// `Array<u8>` with 65536 entries: non-zero marks a port to watch (used when `FILTER_PORTS` is set).
@@ -140,6 +138,8 @@ pub struct FlowState {
     /// The kernel's socket cookie (`sock_cookie` of `tcp:tcp_probe`); 0 until the first RTT sample.
     pub cookie: u64,
     pub first_seen_ns: u64,
+    /// Last state change or retransmit (RTT samples do not move it: they are too frequent to pay
+    /// for a clock read each).
     pub last_seen_ns: u64,
     /// RTT samples (one per `tcp_probe` event: an incoming segment on an established socket).
     pub rtt_samples: u64,

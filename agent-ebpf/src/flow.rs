@@ -3,8 +3,8 @@
 
 use agent_common::{
     CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS,
-    FLOW_IGNORED, FlowState, HIST_BUCKETS, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index,
-    counters, mapped_addr,
+    FLOW_IGNORED, FlowState, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index, counters,
+    mapped_addr,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -18,9 +18,6 @@ pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(MAX_
 
 #[map(name = "TF_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
-
-#[map(name = "TF_NODE_RTT")]
-static NODE_RTT: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS as u32, 0);
 
 #[map(name = "TF_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -52,14 +49,6 @@ static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
 pub fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, programs do not nest on one CPU for these tracepoints.
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-pub fn count_node_rtt(bucket: usize) {
-    if let Some(c) = NODE_RTT.get_ptr_mut(bucket as u32) {
-        // SAFETY: as in `count`.
         unsafe { *c += 1 };
     }
 }

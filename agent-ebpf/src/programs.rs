@@ -97,8 +97,7 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
         f.cookie = field(&ctx, tp::SOCK_COOKIE);
         f.sport = field(&ctx, tp::SPORT);
     }
-    f.last_seen_ns = flow::now_ns();
-    flow::sync_retrans(f);
+    // No clock read here: this runs on every ACK, and nothing needs the time of the last one.
     f.rtt_samples += 1;
     f.srtt_sum_us += srtt as u64;
     f.last_srtt_us = srtt;
@@ -117,13 +116,12 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     if f.req_start_ns == 0 && f.states_seen & (1 << TCP_SYN_RECV) != 0 {
         let data_len: u16 = field(&ctx, tp::DATA_LEN);
         if data_len > 0 {
-            f.req_start_ns = f.last_seen_ns;
+            f.req_start_ns = flow::now_ns();
         }
     }
     if let Some(slot) = f.rtt_hist.get_mut(bucket) {
         *slot += 1;
     }
-    flow::count_node_rtt(bucket);
     0
 }
 

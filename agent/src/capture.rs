@@ -7,8 +7,8 @@ use std::{
 };
 
 use agent_common::{
-    Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS, FlowState, HIST_BUCKETS,
-    LatencyHist, OFFSETS_VALID, counters, maps, programs,
+    Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS, FlowState, LatencyHist,
+    OFFSETS_VALID, counters, maps, programs,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -44,7 +44,6 @@ pub struct Capture {
     _ebpf: Ebpf,
     flows: HashMap<MapData, u64, FlowState>,
     counters: PerCpuArray<MapData, u64>,
-    node_rtt: PerCpuArray<MapData, u64>,
     closed: AsyncFd<RingBuf<MapData>>,
     /// Flows closed since the last snapshot, drained from the ring buffer as they arrive.
     closed_flows: Vec<FlowState>,
@@ -57,7 +56,6 @@ pub struct KernelState {
     pub live: Vec<FlowState>,
     pub closed: Vec<FlowState>,
     pub counters: Counters,
-    pub node_hist: Vec<u64>,
     /// Cumulative request latency per local port, summed over CPUs.
     pub req_lat: BTreeMap<u32, LatencyHist>,
     /// Cumulative uprobe latency per probe id, summed over CPUs.
@@ -141,7 +139,6 @@ impl Capture {
         let req_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::REQ_LATENCY)?)?;
         let probe_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::PROBE_LATENCY)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?;
-        let node_rtt = PerCpuArray::try_from(take(&mut ebpf, maps::NODE_RTT_HIST)?)?;
         let ring = RingBuf::try_from(take(&mut ebpf, maps::CLOSED)?)?;
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd holds it.
         let closed =
@@ -150,7 +147,6 @@ impl Capture {
             _ebpf: ebpf,
             flows,
             counters,
-            node_rtt,
             closed,
             closed_flows: Vec::new(),
             req_lat,
@@ -184,15 +180,10 @@ impl Capture {
         for (i, c) in counters.iter_mut().enumerate() {
             *c = self.counters.get(&(i as u32), 0)?.iter().sum();
         }
-        let mut node_hist = vec![0u64; HIST_BUCKETS];
-        for (i, c) in node_hist.iter_mut().enumerate() {
-            *c = self.node_rtt.get(&(i as u32), 0)?.iter().sum();
-        }
         Ok(KernelState {
             live,
             closed: std::mem::take(&mut self.closed_flows),
             counters,
-            node_hist,
             req_lat: sum_per_cpu(&self.req_lat)?,
             probe_lat: sum_per_cpu(&self.probe_lat)?,
         })

@@ -3,6 +3,7 @@
 
 use std::{
     io::Write,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -35,7 +36,7 @@ fn unix_ms() -> u64 {
 struct Sinks {
     stdout: bool,
     redis: Option<RedisSink>,
-    prometheus: bool,
+    prometheus: Option<Arc<prometheus::Exporter>>,
 }
 
 impl Sinks {
@@ -43,8 +44,8 @@ impl Sinks {
         if let Some(r) = &self.redis {
             w.sinks = r.stats.snapshot();
         }
-        if self.prometheus {
-            prometheus::record(&w);
+        if let Some(p) = &self.prometheus {
+            p.record(&w);
         }
         if self.stdout {
             let mut out = std::io::stdout().lock();
@@ -73,14 +74,18 @@ pub async fn run(args: Args) -> Result<()> {
         })?),
         None => None,
     };
-    if let Some(addr) = metrics_addr {
-        prometheus::install(addr)?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    }
+    let exporter = match metrics_addr {
+        Some(addr) => {
+            let e = prometheus::install(addr).await?;
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            Some(e)
+        }
+        None => None,
+    };
     let sinks = Sinks {
         stdout: args.stdout(),
         redis,
-        prometheus: metrics_addr.is_some(),
+        prometheus: exporter,
     };
     let mut gpu = crate::gpu::detect();
     let first = gpu.sample();
@@ -96,6 +101,13 @@ pub async fn run(args: Args) -> Result<()> {
         .map(std::path::Path::new);
     let mut backlog = BacklogReader::new(backlog_ns, &filter.ports)?;
     let mut capture = Capture::start(&filter, &args.btf, &args.uprobes)?;
+    // Start-up read the kernel's BTF and every probed ELF file (tens of MB, all freed by now), and
+    // glibc keeps freed heap resident: hand it back rather than carry it for the agent's life.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heap to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     tracing::info!(node = %args.node_id, interval = ?args.interval, ?filter, "capture attached");
 
     let mut builder = WindowBuilder::new(args.node_id.clone()).with_probes(
@@ -167,7 +179,6 @@ fn close_window(
         live: k.live,
         closed: k.closed,
         counters: k.counters,
-        node_hist: k.node_hist,
         start_unix_ms: *start_ms,
         end_unix_ms: end,
         gpu: gpu.sample(),

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_common::{AF_INET6, FlowState, LatencyHist, counters};
+use agent_common::{AF_INET6, FlowState, HIST_BUCKETS, LatencyHist, counters};
 use tokenflow_schema::{
     BacklogWindow, CaptureStats, FlowWindow, GpuWindow, LatencySummary, NodeWindow, PortLatency,
     ProbeLatency, RemoteWindow, SCHEMA_VERSION, SinkStats, TelemetryWindow,
@@ -24,8 +24,6 @@ pub struct Snapshot {
     /// Final state of flows that closed since the last snapshot.
     pub closed: Vec<FlowState>,
     pub counters: Counters,
-    /// Node-wide RTT histogram, summed over CPUs.
-    pub node_hist: Vec<u64>,
     pub start_unix_ms: u64,
     pub end_unix_ms: u64,
     /// The node's GPUs, sampled when the interval closed.
@@ -42,7 +40,6 @@ pub struct WindowBuilder {
     node_id: String,
     prev_flows: HashMap<u64, FlowState>,
     prev_counters: Counters,
-    prev_node_hist: Vec<u64>,
     next_seq: u64,
     /// (label, target) of each uprobe, by probe id.
     probes: Vec<(String, String)>,
@@ -72,7 +69,7 @@ impl Delta {
             .rtt_hist
             .iter()
             .zip(p.rtt_hist.iter())
-            .map(|(c, p)| u64::from(c.saturating_sub(*p)))
+            .map(|(c, p)| u64::from(c.wrapping_sub(*p)))
             .collect();
         Delta {
             flow: *cur,
@@ -150,14 +147,13 @@ impl WindowBuilder {
             .collect();
         let remotes = remote_windows(deltas.values().filter(|d| d.active()), secs);
 
-        let node_hist: Vec<u64> = snap
-            .node_hist
-            .iter()
-            .enumerate()
-            .map(|(i, c)| c.saturating_sub(self.prev_node_hist.get(i).copied().unwrap_or(0)))
-            .collect();
-        self.prev_node_hist = snap.node_hist;
         let active: Vec<&Delta> = deltas.values().filter(|d| d.active()).collect();
+        // The node's RTT histogram is the sum of its flows': every sample the kernel took belongs
+        // to a tracked flow (a closed flow's last samples arrive with its final state).
+        let mut node_hist = vec![0u64; HIST_BUCKETS];
+        for d in &active {
+            merge(&mut node_hist, &d.hist);
+        }
         let retransmits: u64 = active.iter().map(|d| d.retransmits).sum();
         let node = NodeWindow {
             rtt: summarize(&node_hist, active.iter().map(|d| d.srtt_sum_us).sum()),

@@ -1,4 +1,4 @@
-use agent_common::{AF_INET, FlowState, HIST_BUCKETS, TCP_CLOSE, TCP_ESTABLISHED, bucket_index};
+use agent_common::{AF_INET, FlowState, TCP_CLOSE, TCP_ESTABLISHED, bucket_index};
 use proptest::prelude::*;
 use tokenflow_schema::{GpuDevice, GpuWindow};
 
@@ -30,7 +30,6 @@ fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
         live,
         closed,
         counters: [0; counters::COUNT as usize],
-        node_hist: vec![0; HIST_BUCKETS],
         start_unix_ms: t,
         end_unix_ms: t + 1000,
         gpu: GpuWindow::default(),
@@ -61,6 +60,38 @@ fn second_window_holds_only_its_interval() {
     let p50 = w2.flows[0].rtt.p50_us as f64;
     assert!((p50 - 80_000.0).abs() / 80_000.0 < 0.07, "p50 {p50}");
     assert_eq!(w2.flows[0].retransmit_rate_per_s, 1.0);
+}
+
+#[test]
+fn node_rtt_is_the_sum_of_the_flows_in_the_interval() {
+    let mut b = WindowBuilder::new("n1");
+    let mut a = flow(1, [198, 18, 2, 2], 10);
+    let mut c = flow(2, [198, 18, 2, 3], 10);
+    sample(&mut a, 1_000, 90);
+    b.build(snap(vec![a, c], vec![], 0));
+    // Second interval: 10 samples at 1 ms on one flow, 90 at 100 ms on a flow that then closed.
+    sample(&mut a, 1_000, 10);
+    sample(&mut c, 100_000, 90);
+    c.state = TCP_CLOSE as u32;
+    let w = b.build(snap(vec![a], vec![c], 1000));
+    assert_eq!(w.node.rtt.samples, 100);
+    let p50 = w.node.rtt.p50_us as f64;
+    assert!((p50 - 100_000.0).abs() / 100_000.0 < 0.07, "p50 {p50}");
+    let w = b.build(snap(vec![a], vec![], 2000));
+    assert_eq!(w.node.rtt.samples, 0, "an idle interval has no RTT samples");
+}
+
+#[test]
+fn a_histogram_slot_that_wraps_still_counts_its_interval() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(1, [198, 18, 2, 2], 10);
+    f.rtt_hist[bucket_index(20_000)] = u32::MAX - 1;
+    f.rtt_samples = u64::from(u32::MAX - 1);
+    b.build(snap(vec![f], vec![], 0));
+    f.rtt_hist[bucket_index(20_000)] = f.rtt_hist[bucket_index(20_000)].wrapping_add(5);
+    f.rtt_samples += 5;
+    let w = b.build(snap(vec![f], vec![], 1000));
+    assert_eq!(w.node.rtt.samples, 5);
 }
 
 #[test]

@@ -160,7 +160,7 @@ fn board_metrics() -> Result<Vec<(String, String)>> {
 
 /// The agent's exporter on a window from the fake GPU provider (tests only): the DCGM names.
 fn fake_gpu_names() -> Result<BTreeSet<String>> {
-    use tokenflow_agent::sink::prometheus::{local_recorder, record};
+    use tokenflow_agent::sink::prometheus::local_recorder;
     let w: tokenflow_schema::TelemetryWindow = serde_json::from_value(serde_json::json!({
         "schema_version": 1, "node_id": "fake", "seq": 0, "start_unix_ms": 0, "end_unix_ms": 1000,
         "flows": [], "remotes": [], "node": {
@@ -177,9 +177,9 @@ fn fake_gpu_names() -> Result<BTreeSet<String>> {
             "processes": []}]},
         "request_latency": [], "uprobes": [], "backlog": {"listeners": [], "ports": []}
     }))?;
-    let (recorder, handle) = local_recorder()?;
-    metrics::with_local_recorder(&recorder, || record(&w));
-    Ok(exposed(&handle.render())
+    let (recorder, exporter) = local_recorder()?;
+    metrics::with_local_recorder(&recorder, || exporter.record(&w));
+    Ok(exposed(&exporter.render())
         .into_iter()
         .filter(|n| n.starts_with("DCGM_"))
         .collect())
