@@ -59,6 +59,13 @@ struct Delta {
     closed: bool,
 }
 
+/// Growth of a 32-bit kernel counter: one wrap past `u32::MAX` is growth; a small step back (a
+/// sample lost to two CPUs updating one slot at once) is none.
+fn counter_delta(cur: u32, prev: u32) -> u32 {
+    let d = cur.wrapping_sub(prev);
+    if d < 1 << 31 { d } else { 0 }
+}
+
 impl Delta {
     fn between(prev: Option<&FlowState>, cur: &FlowState, closed: bool) -> Self {
         // A different first_seen_ns means the kernel reused the key for a new socket.
@@ -69,7 +76,7 @@ impl Delta {
             .rtt_hist
             .iter()
             .zip(p.rtt_hist.iter())
-            .map(|(c, p)| u64::from(c.wrapping_sub(*p)))
+            .map(|(c, p)| u64::from(counter_delta(*c, *p)))
             .collect();
         Delta {
             flow: *cur,

@@ -95,6 +95,17 @@ fn a_histogram_slot_that_wraps_still_counts_its_interval() {
 }
 
 #[test]
+fn a_slot_read_one_lower_than_before_adds_nothing() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(1, [198, 18, 2, 2], 10);
+    sample(&mut f, 20_000, 10);
+    b.build(snap(vec![f], vec![], 0));
+    f.rtt_hist[bucket_index(20_000)] -= 1;
+    let w = b.build(snap(vec![f], vec![], 1000));
+    assert_eq!(w.node.rtt.samples, 0);
+}
+
+#[test]
 fn idle_flows_are_left_out() {
     let mut b = WindowBuilder::new("n1");
     let mut f = flow(1, [198, 18, 2, 2], 10);

@@ -98,10 +98,16 @@ fn live_hints_fall_when_the_bottleneck_congests() -> Result<()> {
         .iter()
         .map(|h| h.rate_limit_rps)
         .fold(f64::INFINITY, f64::min);
+    let calm_rtts: Vec<f64> = calm.iter().filter_map(|x| x.observed_rtt_ms).collect();
+    let mut sorted = calm_rtts.clone();
+    sorted.sort_by(f64::total_cmp);
+    let calm_median = sorted
+        .get(sorted.len() / 2)
+        .copied()
+        .unwrap_or(f64::INFINITY);
     println!(
-        "calm: rate {:.1} rps, p95 ≤ {:.1} ms; loaded: rate down to {min_loaded:.1} rps, p95 up to {:.1} ms",
+        "calm: rate {:.1} rps, p95 median {calm_median:.1} ms (each hint: {calm_rtts:?}); loaded: rate down to {min_loaded:.1} rps, p95 up to {:.1} ms",
         last_calm.rate_limit_rps,
-        rtt(&calm),
         rtt(&loaded)
     );
     assert!(
@@ -110,9 +116,10 @@ fn live_hints_fall_when_the_bottleneck_congests() -> Result<()> {
     );
     // The precondition, not the claim: the link must really be congested. Four bulk flows reach
     // 60–65 ms p95 here (the probe's calm p95 is ~10 ms), so twice the setpoint is a clear margin
-    // that a busy CI machine still reaches.
+    // that a busy CI machine still reaches. The calm link is judged by its typical window: one
+    // window of a loaded CI machine once read 29.7 ms among ~11 ms ones.
     assert!(
-        rtt(&calm) < 20.0,
+        calm_median < 20.0,
         "the calm link was already over the setpoint"
     );
     assert!(
