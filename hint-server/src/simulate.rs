@@ -53,11 +53,21 @@ pub fn p95_us(i: usize, t_ms: u64) -> u64 {
 
 /// One synthetic window of node `i`.
 pub fn window(i: usize, seq: u64, end_ms: u64, interval_ms: u64) -> TelemetryWindow {
-    let p95 = p95_us(i, end_ms);
+    node_window(&node_id(i), seq, end_ms, interval_ms, p95_us(i, end_ms))
+}
+
+/// A synthetic window of the node named `node` with this p95 RTT (µs).
+pub fn node_window(
+    node: &str,
+    seq: u64,
+    end_ms: u64,
+    interval_ms: u64,
+    p95: u64,
+) -> TelemetryWindow {
     let rtt = serde_json::json!({"samples": 200, "p50_us": p95 * 7 / 10, "p95_us": p95,
         "p99_us": p95 * 11 / 10, "max_us": p95 * 12 / 10, "mean_us": p95 * 7 / 10});
     let w: TelemetryWindow = serde_json::from_value(serde_json::json!({
-        "schema_version": tokenflow_schema::SCHEMA_VERSION, "node_id": node_id(i), "seq": seq,
+        "schema_version": tokenflow_schema::SCHEMA_VERSION, "node_id": node, "seq": seq,
         "start_unix_ms": end_ms.saturating_sub(interval_ms), "end_unix_ms": end_ms,
         "flows": [], "remotes": [],
         "node": {"rtt": rtt, "active_flows": 8, "closed_flows": 1, "bytes_acked": 2_000_000,

@@ -3,6 +3,7 @@
 //! never to unbounded sending.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -11,7 +12,117 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use tokenflow_schema::Hint;
 
-use crate::gate::{Gate, Limit};
+use crate::{
+    gate::{Gate, Limit},
+    route::Target,
+};
+
+/// Where a followed hint's limit goes: the gate itself, or one node's share of it.
+pub trait LimitSink: Send + Sync {
+    fn set(&self, limit: Limit);
+    fn limit(&self) -> Limit;
+}
+
+impl LimitSink for Gate {
+    fn set(&self, limit: Limit) {
+        Gate::set(self, limit);
+    }
+
+    fn limit(&self) -> Limit {
+        Gate::limit(self)
+    }
+}
+
+/// The id under which a pacer follows one node's hint: `CLIENT.NODE`.
+pub fn node_client(client_id: &str, node: &str) -> String {
+    format!("{client_id}.{node}")
+}
+
+/// Backends on several nodes (`--target URL#NODE`): one hint per node, each node's limit kept here
+/// and handed to its backends as their routing weight; the gate obeys the sum of the nodes' limits.
+pub struct NodeLimits {
+    gate: Arc<Gate>,
+    targets: Arc<Vec<Target>>,
+    limits: Mutex<BTreeMap<String, Limit>>,
+}
+
+impl NodeLimits {
+    /// Every node starts at `safe` until its first hint.
+    pub fn new(gate: Arc<Gate>, targets: Arc<Vec<Target>>, safe: Limit) -> Arc<Self> {
+        let limits = targets
+            .iter()
+            .filter_map(|t| t.node.clone())
+            .map(|n| (n, safe))
+            .collect();
+        let this = Arc::new(Self {
+            gate,
+            targets,
+            limits: Mutex::new(limits),
+        });
+        this.gate.set(this.total());
+        this
+    }
+
+    /// The sink for one node's hint.
+    pub fn node(self: &Arc<Self>, node: &str) -> Arc<dyn LimitSink> {
+        Arc::new(NodeSlot {
+            node: node.to_string(),
+            all: self.clone(),
+        })
+    }
+
+    fn total(&self) -> Limit {
+        let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits.values().fold(
+            Limit {
+                rate: 0.0,
+                concurrency: 0,
+            },
+            |a, l| Limit {
+                rate: a.rate + l.rate,
+                concurrency: a.concurrency.saturating_add(l.concurrency),
+            },
+        )
+    }
+}
+
+struct NodeSlot {
+    node: String,
+    all: Arc<NodeLimits>,
+}
+
+impl LimitSink for NodeSlot {
+    fn set(&self, limit: Limit) {
+        self.all
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.node.clone(), limit);
+        let mine: Vec<&Target> = self
+            .all
+            .targets
+            .iter()
+            .filter(|t| t.node.as_deref() == Some(&self.node))
+            .collect();
+        for t in &mine {
+            t.set_allowed_rps(limit.rate / mine.len() as f64);
+        }
+        self.all.gate.set(self.all.total());
+    }
+
+    fn limit(&self) -> Limit {
+        self.all
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.node)
+            .copied()
+            .unwrap_or(Limit {
+                rate: 0.0,
+                concurrency: 0,
+            })
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct HintSource {
@@ -30,7 +141,7 @@ pub struct Latest {
     pub fallbacks: u64,
 }
 
-pub fn apply(gate: &Gate, latest: &Mutex<Latest>, h: Hint) {
+pub fn apply(gate: &dyn LimitSink, latest: &Mutex<Latest>, h: Hint) {
     let limit = Limit {
         rate: h.rate_limit_rps.max(0.0),
         concurrency: h.max_concurrency.max(1) as usize,
@@ -43,7 +154,7 @@ pub fn apply(gate: &Gate, latest: &Mutex<Latest>, h: Hint) {
 }
 
 /// Runs until the process ends: SSE first, polling when the stream fails, the watchdog always.
-pub async fn follow(src: HintSource, gate: Arc<Gate>, latest: Arc<Mutex<Latest>>) {
+pub async fn follow(src: HintSource, gate: Arc<dyn LimitSink>, latest: Arc<Mutex<Latest>>) {
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(1))
         .build()
@@ -59,7 +170,7 @@ pub async fn follow(src: HintSource, gate: Arc<Gate>, latest: Arc<Mutex<Latest>>
             match http.get(&url).timeout(Duration::from_secs(1)).send().await {
                 Ok(r) if r.status().is_success() => {
                     if let Ok(h) = r.json::<Hint>().await {
-                        apply(&gate, &latest, h);
+                        apply(&*gate, &latest, h);
                     }
                 }
                 Ok(r) => tracing::debug!("hint poll: HTTP {}", r.status()),
@@ -73,7 +184,7 @@ pub async fn follow(src: HintSource, gate: Arc<Gate>, latest: Arc<Mutex<Latest>>
 async fn stream(
     http: &reqwest::Client,
     src: &HintSource,
-    gate: &Gate,
+    gate: &Arc<dyn LimitSink>,
     latest: &Mutex<Latest>,
 ) -> anyhow::Result<()> {
     let url = format!("{}/v1/hints/{}/stream", src.url, src.client_id);
@@ -82,14 +193,14 @@ async fn stream(
     while let Some(ev) = events.next().await {
         let ev = ev?;
         if let Ok(h) = serde_json::from_str::<Hint>(&ev.data) {
-            apply(gate, latest, h);
+            apply(&**gate, latest, h);
         }
     }
     anyhow::bail!("the hint stream ended")
 }
 
 /// Past the hint's TTL, the gate decays to the safe floor (and never above the last hint).
-async fn watchdog(safe: Limit, gate: Arc<Gate>, latest: Arc<Mutex<Latest>>) {
+async fn watchdog(safe: Limit, gate: Arc<dyn LimitSink>, latest: Arc<Mutex<Latest>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;

@@ -36,10 +36,13 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct Args {
-    /// Server base URL. Repeat for several backends (a node each, as vLLM replicas): each
-    /// request goes to the healthy one with the fewest tokens in flight, health-checked every
-    /// second, and a request whose backend fails before its first token (refused, timed out,
-    /// 5xx) moves to another one, once.
+    /// Server base URL, `URL` or `URL#NODE`. Repeat for several backends (a node each, as vLLM
+    /// replicas): each request goes to the healthy one with the fewest tokens in flight,
+    /// health-checked every second, and a request whose backend fails before its first token
+    /// (refused, timed out, 5xx) moves to another one, once. With `#NODE` on every target and
+    /// `--pacing hints:URL`, the pacer follows one hint per node (client `CLIENT_ID.NODE`): the
+    /// rate it obeys is their sum, and each node's allowed rate weighs its backends' tokens in
+    /// flight, so a congested node gets fewer requests.
     #[arg(long, required = true)]
     target: Vec<String>,
     #[arg(long)]
@@ -72,7 +75,8 @@ struct Args {
     /// Bearer token to register this client at the hint server (PUT /v1/clients/{id}).
     #[arg(long, env = "TOKENFLOW_HINT_TOKEN", hide_env_values = true)]
     hint_token: Option<String>,
-    /// Node whose telemetry governs this client (for registration).
+    /// Node whose telemetry governs this client (for registration; with `URL#NODE` targets each
+    /// node's client is registered on its own node instead).
     #[arg(long)]
     node_id: Option<String>,
     /// Rate and concurrency used while no fresh hint is at hand.
@@ -171,21 +175,35 @@ fn pacing(a: &Args) -> anyhow::Result<Pacing> {
 async fn main_run(a: Args) -> anyhow::Result<()> {
     let pacing = pacing(&a)?;
     if let (Pacing::Hints(src), Some(token)) = (&pacing, &a.hint_token) {
-        let node = a
-            .node_id
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("--node-id is needed to register at the hint server"))?;
-        let r = reqwest::Client::new()
-            .put(format!("{}/v1/clients/{}", src.url, src.client_id))
-            .bearer_auth(token)
-            .json(&serde_json::json!({"node_id": node, "class": a.class}))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "registering at the hint server: {}",
-            r.text().await.unwrap_or_default()
-        );
+        let mut nodes = std::collections::BTreeSet::new();
+        for t in &a.target {
+            nodes.extend(tokenflow_pacer::route::Target::parse(t)?.node);
+        }
+        // One client per backend node, or this client on the node --node-id names.
+        let clients: Vec<(String, String)> = if nodes.is_empty() {
+            let node = a.node_id.clone().ok_or_else(|| {
+                anyhow::anyhow!("--node-id is needed to register at the hint server")
+            })?;
+            vec![(a.client_id.clone(), node)]
+        } else {
+            nodes
+                .into_iter()
+                .map(|n| (tokenflow_pacer::hints::node_client(&a.client_id, &n), n))
+                .collect()
+        };
+        for (client, node) in clients {
+            let r = reqwest::Client::new()
+                .put(format!("{}/v1/clients/{client}", src.url))
+                .bearer_auth(token)
+                .json(&serde_json::json!({"node_id": node, "class": a.class}))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "registering {client} at the hint server: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
     }
     let load = match (a.users, a.rate) {
         (Some(u), None) => Load::Closed { users: u as usize },
@@ -197,11 +215,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         None => Prompts::synthetic(a.prompt_bytes, 64, 1),
     });
     let cfg = RunConfig {
-        targets: a
-            .target
-            .iter()
-            .map(|t| t.trim_end_matches('/').to_string())
-            .collect(),
+        targets: a.target.iter().map(|t| t.to_string()).collect(),
         model: a.model.clone(),
         load,
         duration: a.duration,

@@ -1,32 +1,116 @@
 //! Several backends (one per node, as vLLM replicas are): each request goes to the healthy
 //! backend with the fewest tokens in flight — prompt and answer, not just requests, since one
-//! 100 KB prompt loads a server more than ten short chats. A backend that refuses a connection,
-//! times out or answers 5xx before its first token is marked down and the request moves to
-//! another one, once; a health check every second brings it back.
+//! 100 KB prompt loads a server more than ten short chats. When each backend names its node
+//! (`URL#NODE`) and the pacer follows hints, a backend whose node's hint allows more than it has
+//! lately been sent has headroom: the request goes to the one with the fewest tokens among those,
+//! or, when none has headroom, to the least over its node's rate — so a congested node gets what
+//! its hint allows and the rest goes elsewhere. A backend that refuses a connection, times out or answers 5xx before its first token is
+//! marked down and the request moves to another one, once; a health check every second brings it
+//! back.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    time::Duration,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
+
+/// Time constant of a target's recent request rate, seconds.
+const RECENT_TAU_S: f64 = 1.0;
+
+/// Requests sent lately: a count that decays with [`RECENT_TAU_S`], so count / τ estimates the
+/// current request rate.
+#[derive(Default)]
+struct Recent {
+    count: f64,
+    at: Option<Instant>,
+}
+
+impl Recent {
+    fn decayed(&self, now: Instant) -> f64 {
+        self.at.map_or(0.0, |t| {
+            self.count * (-now.saturating_duration_since(t).as_secs_f64() / RECENT_TAU_S).exp()
+        })
+    }
+}
 
 /// One backend and its load as this pacer sees it.
 pub struct Target {
     pub url: String,
+    /// The node the backend runs on (`--target URL#NODE`), whose hint weighs it.
+    pub node: Option<String>,
     /// Requests in flight.
     pub requests: AtomicUsize,
     /// Estimated tokens in flight (prompt + `max_tokens` per request).
     pub tokens: AtomicU64,
     healthy: AtomicBool,
+    /// Requests/s its node's hint allows this client (`f64` bits; 0 = no hint yet).
+    allowed_rps: AtomicU64,
+    recent: Mutex<Recent>,
 }
 
 impl Target {
     pub fn new(url: &str) -> Self {
         Self {
             url: url.trim_end_matches('/').to_string(),
+            node: None,
             requests: AtomicUsize::new(0),
             tokens: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            allowed_rps: AtomicU64::new(0),
+            recent: Mutex::new(Recent::default()),
         }
+    }
+
+    /// `URL` or `URL#NODE` (a URL fragment is never sent to the server: it names the node here).
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        let (url, node) = match spec.split_once('#') {
+            Some((url, node)) => {
+                anyhow::ensure!(
+                    !node.is_empty()
+                        && node
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+                    "--target {spec}: the node after `#` must be a node id (letters, digits, `-_.`)"
+                );
+                (url, Some(node.to_string()))
+            }
+            None => (spec, None),
+        };
+        anyhow::ensure!(
+            url.starts_with("http://") || url.starts_with("https://"),
+            "--target {spec}: give an http:// or https:// URL"
+        );
+        Ok(Self {
+            node,
+            ..Self::new(url)
+        })
+    }
+
+    /// The rate this backend's node allows, once its first hint has arrived.
+    pub fn allowed_rps(&self) -> Option<f64> {
+        let r = f64::from_bits(self.allowed_rps.load(Ordering::Relaxed));
+        (r > 0.0).then_some(r)
+    }
+
+    /// Requests/s sent to this backend lately (one-second time constant).
+    pub fn recent_rps(&self, now: Instant) -> f64 {
+        self.recent
+            .lock()
+            .map_or(0.0, |r| r.decayed(now) / RECENT_TAU_S)
+    }
+
+    fn record_sent(&self, now: Instant) {
+        if let Ok(mut r) = self.recent.lock() {
+            r.count = r.decayed(now) + 1.0;
+            r.at = Some(now);
+        }
+    }
+
+    pub fn set_allowed_rps(&self, rps: f64) {
+        self.allowed_rps
+            .store(rps.max(0.0).to_bits(), Ordering::Relaxed);
     }
 
     pub fn healthy(&self) -> bool {
@@ -51,19 +135,41 @@ pub fn cost(prompt_bytes: usize, max_tokens: u32) -> u64 {
 }
 
 /// The healthy target with the fewest tokens in flight, other than `except`; when none is
-/// healthy, the least loaded of all (a health check may simply not have caught up).
+/// healthy, the least loaded of all (a health check may simply not have caught up). Once every
+/// target's node has sent a hint, only targets sent less than their node allows compete on tokens;
+/// when none is under, the least over its node's rate is taken.
 pub fn pick(targets: &[Target], except: Option<usize>) -> Option<usize> {
-    let load = |i: &usize| {
-        (
-            targets[*i].tokens.load(Ordering::Relaxed),
-            targets[*i].requests.load(Ordering::Relaxed),
-        )
+    pick_at(targets, except, Instant::now())
+}
+
+pub fn pick_at(targets: &[Target], except: Option<usize>, now: Instant) -> Option<usize> {
+    let weighted = targets.iter().all(|t| t.allowed_rps().is_some());
+    let key = |i: &usize| {
+        let t = &targets[*i];
+        let tokens = t.tokens.load(Ordering::Relaxed) as f64;
+        let requests = t.requests.load(Ordering::Relaxed);
+        let used = if weighted {
+            t.recent_rps(now) / t.allowed_rps().unwrap_or(1.0).max(1e-3)
+        } else {
+            0.0
+        };
+        if used < 1.0 {
+            (0u8, tokens, requests)
+        } else {
+            (1u8, used, requests)
+        }
+    };
+    let least = |a: &usize, b: &usize| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0)
+            .then(ka.1.total_cmp(&kb.1))
+            .then(ka.2.cmp(&kb.2))
     };
     let candidates = || (0..targets.len()).filter(|&i| Some(i) != except);
     candidates()
         .filter(|&i| targets[i].healthy())
-        .min_by_key(load)
-        .or_else(|| candidates().min_by_key(load))
+        .min_by(least)
+        .or_else(|| candidates().min_by(least))
 }
 
 /// Holds a request's share of a target's load until dropped.
@@ -74,6 +180,11 @@ pub struct Load<'a> {
 
 impl<'a> Load<'a> {
     pub fn add(target: &'a Target, cost: u64) -> Self {
+        Self::add_at(target, cost, Instant::now())
+    }
+
+    pub fn add_at(target: &'a Target, cost: u64, now: Instant) -> Self {
+        target.record_sent(now);
         target.requests.fetch_add(1, Ordering::Relaxed);
         target.tokens.fetch_add(cost, Ordering::Relaxed);
         Self { target, cost }
@@ -129,6 +240,43 @@ mod tests {
         }
         assert_eq!(pick(&ts, None), Some(1), "all down: the least loaded");
         assert_eq!(pick(&ts[..1], Some(0)), None, "nothing else to move to");
+    }
+
+    #[test]
+    fn each_node_gets_the_rate_its_hint_allows() {
+        let ts = vec![
+            Target::parse("http://a:8000#gpu-a").unwrap(),
+            Target::parse("http://b:8000#gpu-b").unwrap(),
+        ];
+        assert_eq!(ts[0].node.as_deref(), Some("gpu-a"));
+        assert_eq!(ts[0].url, "http://a:8000");
+        let _a = Load::add(&ts[0], 1000);
+        assert_eq!(pick(&ts, None), Some(1), "no hints yet: fewest tokens");
+        ts[0].set_allowed_rps(40.0);
+        assert_eq!(pick(&ts, None), Some(1), "b has no hint yet: fewest tokens");
+        ts[1].set_allowed_rps(2.0);
+        drop(_a);
+        // 42 requests/s (what the gate lets through: the sum of the hints) for 10 s: node a
+        // allows 40 of them, congested node b 2.
+        let t0 = Instant::now();
+        let mut on = [0usize; 2];
+        for k in 0..420 {
+            let now = t0 + Duration::from_secs_f64(k as f64 / 42.0);
+            let t = pick_at(&ts, None, now).unwrap();
+            on[t] += 1;
+            drop(Load::add_at(&ts[t], 100, now));
+        }
+        assert!((390..=410).contains(&on[0]), "{on:?}: a should take ~400");
+        assert!(on[1] >= 10, "{on:?}: b should still take ~20");
+        assert!(ts[1].recent_rps(t0 + Duration::from_secs(10)) < 3.0);
+    }
+
+    #[test]
+    fn target_specs_are_checked() {
+        assert!(Target::parse("http://a:8000").unwrap().node.is_none());
+        assert!(Target::parse("a:8000").is_err());
+        assert!(Target::parse("http://a:8000#").is_err());
+        assert!(Target::parse("http://a:8000#no spaces").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::{
     client::{Attempt, Call, Record, attempt, itl, jitter, ms},
     gate::{Gate, Limit},
-    hints::{HintSource, Latest, follow},
+    hints::{HintSource, Latest, NodeLimits, follow, node_client},
     prompts::Prompts,
     route::{self, Target, health_checks},
     socket::{HttpClient, SocketPacing, http_client},
@@ -105,8 +105,43 @@ pub async fn run(
     };
     let gate = Gate::new(limit);
     let latest = Arc::new(Mutex::new(Latest::default()));
+    let targets: Arc<Vec<Target>> = Arc::new(
+        cfg.targets
+            .iter()
+            .map(|u| Target::parse(u))
+            .collect::<Result<_>>()?,
+    );
+    let nodes: std::collections::BTreeSet<String> =
+        targets.iter().filter_map(|t| t.node.clone()).collect();
+    anyhow::ensure!(
+        nodes.is_empty() || targets.iter().all(|t| t.node.is_some()),
+        "give every --target a #NODE, or none"
+    );
     if let Pacing::Hints(src) = &cfg.pacing {
-        tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
+        if nodes.is_empty() {
+            tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
+        } else {
+            // One hint per node; the safe floor is shared out, so a dead hint server still
+            // leaves the pacer at the floor in all.
+            let n = nodes.len();
+            let safe = Limit {
+                rate: src.safe.rate / n as f64,
+                concurrency: (src.safe.concurrency / n).max(1),
+            };
+            let shares = NodeLimits::new(gate.clone(), targets.clone(), safe);
+            for node in &nodes {
+                let per_node = HintSource {
+                    client_id: node_client(&src.client_id, node),
+                    safe,
+                    ..src.clone()
+                };
+                tokio::spawn(follow(
+                    per_node,
+                    shares.node(node),
+                    Arc::new(Mutex::new(Latest::default())),
+                ));
+            }
+        }
     }
     let sockets = SocketPacing::new();
     let http = http_client(sockets.clone());
@@ -123,7 +158,6 @@ pub async fn run(
     }
     let start = Instant::now();
     let deadline = start + cfg.duration;
-    let targets: Arc<Vec<Target>> = Arc::new(cfg.targets.iter().map(|u| Target::new(u)).collect());
     if targets.len() > 1 {
         tokio::spawn(health_checks(targets.clone()));
     }
