@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{ChildGuard, agent::sibling_binary};
 
@@ -34,4 +34,16 @@ pub fn serve(model: &Path, listen: SocketAddr, extra: &[&str]) -> Result<ChildGu
             .stderr(Stdio::null())
             .spawn()?,
     ))
+}
+
+/// Waits for the backend at `addr` to answer `/health` (model loaded), and returns the id of the
+/// model it serves.
+pub fn ready_model(addr: SocketAddr) -> Result<String> {
+    crate::hint_server::wait_http(addr, "/health", std::time::Duration::from_secs(30))?;
+    let (_, models) = crate::hint_server::http(addr, "GET", "/v1/models", None, None)?;
+    let models: serde_json::Value = serde_json::from_str(&models)?;
+    Ok(models["data"][0]["id"]
+        .as_str()
+        .context("the backend lists no model")?
+        .to_string())
 }

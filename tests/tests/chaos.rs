@@ -9,15 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
-use tokenflow_tests::{
-    ChildGuard,
-    agent::sibling_binary,
-    backend,
-    hint_server::{http, wait_http},
-    redis_server::free_port,
-};
+use tokenflow_tests::{ChildGuard, agent::sibling_binary, backend, redis_server::free_port};
 
 #[test]
 fn killing_one_of_two_backends_under_load_fails_only_requests_already_streaming() -> Result<()> {
@@ -29,11 +23,8 @@ fn killing_one_of_two_backends_under_load_fails_only_requests_already_streaming(
     let b: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut backend_a = start_backend(a)?;
     let _backend_b = start_backend(b)?;
-    wait_http(a, "/health", Duration::from_secs(30))?;
-    wait_http(b, "/health", Duration::from_secs(30))?;
-    let (_, models) = http(a, "GET", "/v1/models", None, None)?;
-    let models: Value = serde_json::from_str(&models)?;
-    let name = models["data"][0]["id"].as_str().context("no model")?;
+    let name = &backend::ready_model(a)?;
+    backend::ready_model(b)?;
 
     let out = dir.join("pacer");
     let pacer_started = Instant::now();

@@ -22,7 +22,7 @@ use tokenflow_tests::{
     ChildGuard,
     agent::sibling_binary,
     backend,
-    hint_server::{HintServer, http, wait_http},
+    hint_server::HintServer,
     redis_server::{RedisServer, free_port},
 };
 
@@ -69,11 +69,8 @@ fn a_congested_node_gets_only_what_its_hint_allows() -> Result<()> {
     let busy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let _calm_backend = backend::serve(&model, calm, &["--max-running", "4"])?;
     let _busy_backend = backend::serve(&model, busy, &["--max-running", "4"])?;
-    wait_http(calm, "/health", Duration::from_secs(30))?;
-    wait_http(busy, "/health", Duration::from_secs(30))?;
-    let (_, models) = http(calm, "GET", "/v1/models", None, None)?;
-    let models: Value = serde_json::from_str(&models)?;
-    let name = models["data"][0]["id"].as_str().context("no model")?;
+    let name = &backend::ready_model(calm)?;
+    backend::ready_model(busy)?;
 
     let out = dir.join("pacer");
     let mut pacer = ChildGuard(
