@@ -205,9 +205,10 @@ pub fn skb_segments(skb: u64) -> u64 {
 }
 
 /// Brings `f.retrans_segs` up to the kernel's own `tcp_sock.total_retrans` (less what the socket
-/// had retransmitted before the flow was first seen). Called on every event of the flow, so the count
-/// is exact by the next event even where a retransmit fired no tracepoint we could count. Returns
-/// false when the offsets are unknown (then the tracepoint's segment count is all there is).
+/// had retransmitted before the flow was first seen). Called on each retransmit and state change
+/// (not per ACK: that program stays cheap), so the count is the kernel's own at each of them and
+/// at close. Returns false when the offsets are unknown (then the tracepoint's segment count is
+/// all there is).
 #[inline(always)]
 pub fn sync_retrans(f: &mut FlowState) -> bool {
     let Some(cfg) = CONFIG.get(0) else {

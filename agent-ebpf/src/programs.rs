@@ -132,7 +132,7 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
 /// interrupts another of our programs would be skipped, and the count would fall short of the kernel's.
 ///
 /// Counts segments as the kernel's `total_retrans` does, by reading that counter (see
-/// [`flow::sync_retrans`], also run on every RTT sample and state change of the flow): summing skb
+/// [`flow::sync_retrans`], also run on every state change of the flow): summing skb
 /// segment counts here fell one short of `ss` now and then under heavy loss. Without the BTF offsets
 /// it falls back to that sum. `__tcp_retransmit_skb()` adds the skb's segment count to `total_retrans`
 /// once it has decided to send, before `tcp_transmit_skb()`; the tracepoint fires at the end with

@@ -224,3 +224,52 @@ async fn watchdog(safe: Limit, gate: Arc<dyn LimitSink>, latest: Arc<Mutex<Lates
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_gate_obeys_the_sum_of_the_nodes_hints_and_each_backend_learns_its_own() {
+        let safe = Limit {
+            rate: 0.5,
+            concurrency: 1,
+        };
+        let gate = Gate::new(Limit::UNLIMITED);
+        let targets = Arc::new(vec![
+            Target::parse("http://a1:8000#a").unwrap(),
+            Target::parse("http://a2:8000#a").unwrap(),
+            Target::parse("http://b:8000#b").unwrap(),
+        ]);
+        let shares = NodeLimits::new(gate.clone(), targets.clone(), safe);
+        assert_eq!(
+            gate.limit(),
+            Limit {
+                rate: 1.0,
+                concurrency: 2
+            },
+            "both nodes at the floor until their first hint"
+        );
+        let (a, b) = (shares.node("a"), shares.node("b"));
+        a.set(Limit {
+            rate: 30.0,
+            concurrency: 8,
+        });
+        b.set(Limit {
+            rate: 2.0,
+            concurrency: 2,
+        });
+        assert_eq!(
+            gate.limit(),
+            Limit {
+                rate: 32.0,
+                concurrency: 10
+            }
+        );
+        assert_eq!(a.limit().rate, 30.0);
+        // Node a's rate is shared by its two backends.
+        assert_eq!(targets[0].allowed_rps(), Some(15.0));
+        assert_eq!(targets[1].allowed_rps(), Some(15.0));
+        assert_eq!(targets[2].allowed_rps(), Some(2.0));
+    }
+}
