@@ -95,16 +95,53 @@ impl Gate {
         })
     }
 
+    /// Requests waiting for a grant (not those that gave up).
     pub fn waiting(&self) -> usize {
-        self.st.lock().map(|s| s.queue.len()).unwrap_or(0)
+        self.st
+            .lock()
+            .map(|s| s.queue.iter().filter(|tx| !tx.is_closed()).count())
+            .unwrap_or(0)
     }
 
     /// Waits for a token and a slot, in arrival order.
     pub async fn acquire(self: &Arc<Self>) -> Permit {
+        match self.enqueue() {
+            Ok(p) => p,
+            Err(rx) => {
+                let _ = rx.await;
+                Permit { gate: self.clone() }
+            }
+        }
+    }
+
+    /// As [`Gate::acquire`], but gives up at `deadline`: `None` when no slot was granted by then.
+    /// The request leaves the queue without taking a token or a slot; a grant that races the
+    /// deadline is kept, never lost.
+    pub async fn acquire_until(self: &Arc<Self>, deadline: Instant) -> Option<Permit> {
+        let mut rx = match self.enqueue() {
+            Ok(p) => return Some(p),
+            Err(rx) => rx,
+        };
+        if tokio::time::timeout_at(deadline.into(), &mut rx)
+            .await
+            .is_ok()
+        {
+            return Some(Permit { gate: self.clone() });
+        }
+        // No grant can arrive after this; one that arrived before it is ours.
+        rx.close();
+        rx.try_recv().ok().map(|()| Permit { gate: self.clone() })
+    }
+
+    /// Takes a slot at once when nobody waits ahead and a token and a slot are free; otherwise
+    /// joins the queue and returns what the dispatcher will signal.
+    fn enqueue(self: &Arc<Self>) -> Result<Permit, oneshot::Receiver<()>> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut s) = self.st.lock() {
-            // Fast path: nobody waits ahead and a token and a slot are free.
             refill(&mut s);
+            while s.queue.front().is_some_and(|tx| tx.is_closed()) {
+                s.queue.pop_front();
+            }
             if s.queue.is_empty()
                 && s.in_flight < s.limit.concurrency
                 && (!s.limit.rate.is_finite() || s.tokens >= 1.0)
@@ -113,13 +150,17 @@ impl Gate {
                     s.tokens -= 1.0;
                 }
                 s.in_flight += 1;
-                return Permit { gate: self.clone() };
+                return Ok(Permit { gate: self.clone() });
             }
             s.queue.push_back(tx);
         }
         self.wake.notify_one();
-        let _ = rx.await;
-        Permit { gate: self.clone() }
+        Err(rx)
+    }
+
+    /// Requests in flight (granted and not yet released).
+    pub fn in_flight(&self) -> usize {
+        self.st.lock().map(|s| s.in_flight).unwrap_or(0)
     }
 }
 
@@ -139,7 +180,14 @@ async fn dispatch(g: std::sync::Weak<Gate>, wake: Arc<Notify>) {
         let mut sleep_for: Option<Duration> = None;
         if let Ok(mut s) = gate.st.lock() {
             refill(&mut s);
-            while !s.queue.is_empty() && s.in_flight < s.limit.concurrency {
+            loop {
+                // Requests that gave up (deadline, run over) leave from the front without a token.
+                while s.queue.front().is_some_and(|tx| tx.is_closed()) {
+                    s.queue.pop_front();
+                }
+                if s.queue.is_empty() || s.in_flight >= s.limit.concurrency {
+                    break;
+                }
                 if s.limit.rate.is_finite() && s.tokens < 1.0 {
                     let rate = s.limit.rate.max(1e-6);
                     sleep_for = Some(Duration::from_secs_f64(((1.0 - s.tokens) / rate).min(1.0)));

@@ -66,6 +66,11 @@ struct Args {
     /// long prompt leaves as a paced stream instead of a line-rate burst into the bottleneck.
     #[arg(long)]
     no_socket_pacing: bool,
+    /// Shed a request that has waited this long in the pacer: it is recorded (error "shed", no
+    /// TTFT, never goodput) and not sent. Under overload a bounded wait keeps the requests that
+    /// do go inside their latency objective, instead of making every one of them late.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    max_wait: Option<Duration>,
     /// This client's id at the hint server.
     #[arg(long, default_value = "pacer")]
     client_id: String,
@@ -228,6 +233,7 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         timeout: a.timeout,
         concurrency: a.concurrency,
         socket_pacing: !a.no_socket_pacing,
+        max_wait: a.max_wait,
     };
     if let Some(addr) = a.metrics_addr {
         tokenflow_pacer::metrics::install(addr)?;
@@ -303,11 +309,12 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         println!(
-            "{} requests ({} ok, {} errors, {} × 429) in {:.0} s: {:.2} req/s, {:.1} tokens/s, goodput {:.2} req/s (TTFT ≤ {} ms)",
+            "{} requests ({} ok, {} errors, {} × 429, {} shed) in {:.0} s: {:.2} req/s, {:.1} tokens/s, goodput {:.2} req/s (TTFT ≤ {} ms)",
             s.requests,
             s.ok,
             s.errors,
             s.rejected_429,
+            s.shed,
             s.duration_s,
             s.requests_per_s,
             s.tokens_per_s,

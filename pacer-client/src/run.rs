@@ -51,6 +51,8 @@ pub struct RunConfig {
     /// Cap each connection's send rate (`SO_MAX_PACING_RATE`) at the paced request rate times
     /// the mean request's wire size times [`SOCKET_PACING_HEADROOM`]. Off when pacing is off.
     pub socket_pacing: bool,
+    /// Shed a request that has waited this long in the pacer (`None`: wait as long as it takes).
+    pub max_wait: Option<Duration>,
 }
 
 /// Each socket may send this much faster than the request rate's byte equivalent: a request's
@@ -222,8 +224,20 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
     // A request still waiting in the gate when the run and one timeout have passed is recorded
     // as unsent, so that no submitted request goes missing from the results.
     let give_up = ctx.start + cfg.duration + cfg.timeout;
-    let Ok(permit) = tokio::time::timeout_at(give_up.into(), ctx.gate.acquire()).await else {
+    let deadline = cfg
+        .max_wait
+        .map_or(give_up, |w| (submitted + w).min(give_up));
+    let Some(permit) = ctx.gate.acquire_until(deadline).await else {
         let now = Instant::now();
+        let error = if deadline < give_up {
+            format!(
+                "{} waited {} ms in the pacer (--max-wait)",
+                crate::summary::SHED,
+                ms(now - submitted).round()
+            )
+        } else {
+            "not sent: still waiting in the pacer when the run ended".to_string()
+        };
         let _ = ctx.records.send(Record {
             user,
             class: cfg.class.clone(),
@@ -237,7 +251,7 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
             tokens_in: 0,
             tokens_out: 0,
             status: 0,
-            error: Some("not sent: still waiting in the pacer when the run ended".into()),
+            error: Some(error),
             retries: 0,
         });
         return;

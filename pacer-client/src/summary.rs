@@ -36,6 +36,8 @@ pub struct Summary {
     pub ok: usize,
     pub errors: usize,
     pub rejected_429: usize,
+    /// Shed by the pacer after `--max-wait` (among the errors; never sent).
+    pub shed: usize,
     pub duration_s: f64,
     pub requests_per_s: f64,
     pub tokens_per_s: f64,
@@ -49,6 +51,9 @@ pub struct Summary {
     pub pacer_wait: Percentiles,
 }
 
+/// How the error of a request shed by the pacer begins.
+pub const SHED: &str = "shed:";
+
 pub fn summarize(r: &[Record], duration_s: f64, slo_ttft_ms: f64) -> Summary {
     let ok: Vec<&Record> = r
         .iter()
@@ -60,6 +65,10 @@ pub fn summarize(r: &[Record], duration_s: f64, slo_ttft_ms: f64) -> Summary {
         ok: ok.len(),
         errors: r.len() - ok.len(),
         rejected_429: r.iter().filter(|x| x.status == 429).count(),
+        shed: r
+            .iter()
+            .filter(|x| x.error.as_deref().is_some_and(|e| e.starts_with(SHED)))
+            .count(),
         duration_s,
         requests_per_s: ok.len() as f64 / d,
         tokens_per_s: ok.iter().map(|x| x.tokens_out as f64).sum::<f64>() / d,

@@ -66,6 +66,42 @@ async fn the_bucket_never_exceeds_its_rate_and_serves_in_arrival_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_deadline_leaves_the_queue_without_taking_a_token() {
+    let gate = Gate::new(Limit {
+        rate: 2.0,
+        concurrency: 10,
+    });
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_millis(300);
+    let tries: Vec<_> = (0..5)
+        .map(|_| {
+            let g = gate.clone();
+            tokio::spawn(async move { g.acquire_until(deadline).await })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for t in tries {
+        if let Some(p) = t.await.unwrap() {
+            held.push(p);
+        }
+    }
+    // The bucket's one token goes at once; at 2/s the next is due at 500 ms, past the deadline.
+    assert_eq!(held.len(), 1, "granted {} of 5", held.len());
+    assert!(t0.elapsed() < Duration::from_millis(450));
+    assert_eq!(gate.waiting(), 0, "shed requests are not waiting");
+    assert_eq!(gate.in_flight(), 1);
+    // The shed requests took nothing: the next token (at ~500 ms) goes to a new request.
+    let p = tokio::time::timeout(Duration::from_secs(2), gate.acquire())
+        .await
+        .expect("a shed request kept a token or a slot");
+    assert!(t0.elapsed() >= Duration::from_millis(450));
+    assert_eq!(gate.in_flight(), 2);
+    assert_eq!(gate.waiting(), 0);
+    drop((p, held));
+    assert_eq!(gate.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrency_is_capped_and_limits_change_live() {
     let gate = Gate::new(Limit {
         rate: f64::INFINITY,
@@ -193,6 +229,7 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
         timeout: Duration::from_secs(30),
         concurrency: 64,
         socket_pacing: true,
+        max_wait: None,
     };
     let running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
@@ -249,6 +286,7 @@ async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
         timeout: Duration::from_millis(500),
         concurrency: 8,
         socket_pacing: true,
+        max_wait: None,
     };
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
@@ -337,4 +375,55 @@ async fn reads_vllm_streams_from_recorded_fixtures() {
             ),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_max_wait_requests_the_gate_cannot_serve_in_time_are_shed_and_counted() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cfg = RunConfig {
+        // Nothing listens there: a request the bucket lets through fails to connect at once.
+        targets: vec!["http://127.0.0.1:9".into()],
+        model: "m".into(),
+        load: Load::Closed { users: 4 },
+        duration: Duration::from_millis(1500),
+        max_tokens: 4,
+        truncate_prompt_tokens: None,
+        ignore_eos: true,
+        pacing: Pacing::Fixed(1.0),
+        class: "batch".into(),
+        retries: 0,
+        timeout: Duration::from_millis(500),
+        concurrency: 8,
+        socket_pacing: false,
+        max_wait: Some(Duration::from_millis(200)),
+    };
+    let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
+        .await
+        .unwrap();
+    let mut recs = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            recs.push(r);
+        }
+    }
+    let shed: Vec<_> = recs
+        .iter()
+        .filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("shed:")))
+        .collect();
+    // At 1 request/s, four users keep three waiting at any time: most requests are shed.
+    assert!(shed.len() >= 6, "{} shed of {}", shed.len(), recs.len());
+    for r in &shed {
+        assert!(r.ttft_ms.is_none() && r.status == 0, "{r:?}");
+        assert!(
+            (190.0..400.0).contains(&r.wait_ms),
+            "shed after {} ms",
+            r.wait_ms
+        );
+    }
+    let s = summarize(&recs, 1.5, 1000.0);
+    assert_eq!(s.shed, shed.len());
+    assert_eq!(s.goodput_per_s, 0.0);
+    // Every request is accounted for: sent (and failed here) or shed.
+    assert_eq!(s.errors, recs.len());
 }
