@@ -268,26 +268,32 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let cfg = RunConfig {
-        // Nothing listens there: the one request the bucket lets through fails to connect.
+/// Closed-loop users paced at `rate` against a port nothing listens on: every request the gate
+/// lets through fails to connect at once.
+fn against_nothing(users: usize, duration: Duration, rate: f64) -> RunConfig {
+    RunConfig {
         targets: vec!["http://127.0.0.1:9".into()],
         model: "m".into(),
-        load: Load::Closed { users: 3 },
-        duration: Duration::from_millis(500),
+        load: Load::Closed { users },
+        duration,
         max_tokens: 4,
         truncate_prompt_tokens: None,
         ignore_eos: true,
-        pacing: Pacing::Fixed(0.1),
+        pacing: Pacing::Fixed(rate),
         class: "batch".into(),
         retries: 0,
         timeout: Duration::from_millis(500),
         concurrency: 8,
         socket_pacing: true,
         max_wait: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The one request the bucket lets through fails to connect.
+    let cfg = against_nothing(3, Duration::from_millis(500), 0.1);
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
         .unwrap();
@@ -381,21 +387,8 @@ async fn reads_vllm_streams_from_recorded_fixtures() {
 async fn with_max_wait_requests_the_gate_cannot_serve_in_time_are_shed_and_counted() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cfg = RunConfig {
-        // Nothing listens there: a request the bucket lets through fails to connect at once.
-        targets: vec!["http://127.0.0.1:9".into()],
-        model: "m".into(),
-        load: Load::Closed { users: 4 },
-        duration: Duration::from_millis(1500),
-        max_tokens: 4,
-        truncate_prompt_tokens: None,
-        ignore_eos: true,
-        pacing: Pacing::Fixed(1.0),
-        class: "batch".into(),
-        retries: 0,
-        timeout: Duration::from_millis(500),
-        concurrency: 8,
-        socket_pacing: false,
         max_wait: Some(Duration::from_millis(200)),
+        ..against_nothing(4, Duration::from_millis(1500), 1.0)
     };
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
