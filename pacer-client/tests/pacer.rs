@@ -68,7 +68,7 @@ async fn the_bucket_never_exceeds_its_rate_and_serves_in_arrival_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_past_its_deadline_leaves_the_queue_without_taking_a_token() {
     let gate = Gate::new(Limit {
-        rate: 2.0,
+        rate: 0.5,
         concurrency: 10,
     });
     let t0 = Instant::now();
@@ -85,16 +85,24 @@ async fn a_request_past_its_deadline_leaves_the_queue_without_taking_a_token() {
             held.push(p);
         }
     }
-    // The bucket's one token goes at once; at 2/s the next is due at 500 ms, past the deadline.
+    // The bucket's one token goes at once; at 0.5/s the next is due at 2 s, long past the deadline.
     assert_eq!(held.len(), 1, "granted {} of 5", held.len());
-    assert!(t0.elapsed() < Duration::from_millis(450));
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(gate.waiting(), 0, "shed requests are not waiting");
     assert_eq!(gate.in_flight(), 1);
-    // The shed requests took nothing: the next token (at ~500 ms) goes to a new request.
-    let p = tokio::time::timeout(Duration::from_secs(2), gate.acquire())
+    // The shed requests took nothing: the next token (at ~2 s) goes to a new request.
+    let p = tokio::time::timeout(Duration::from_secs(4), gate.acquire())
         .await
         .expect("a shed request kept a token or a slot");
-    assert!(t0.elapsed() >= Duration::from_millis(450));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(gate.in_flight(), 2);
     assert_eq!(gate.waiting(), 0);
     drop((p, held));
@@ -408,8 +416,9 @@ async fn with_max_wait_requests_the_gate_cannot_serve_in_time_are_shed_and_count
     assert!(shed.len() >= 6, "{} shed of {}", shed.len(), recs.len());
     for r in &shed {
         assert!(r.ttft_ms.is_none() && r.status == 0, "{r:?}");
+        // At the deadline, give or take a busy machine's timer delay.
         assert!(
-            (190.0..400.0).contains(&r.wait_ms),
+            (190.0..1000.0).contains(&r.wait_ms),
             "shed after {} ms",
             r.wait_ms
         );
