@@ -138,9 +138,6 @@ pub struct FlowState {
     /// The kernel's socket cookie (`sock_cookie` of `tcp:tcp_probe`); 0 until the first RTT sample.
     pub cookie: u64,
     pub first_seen_ns: u64,
-    /// Last state change or retransmit (RTT samples do not move it: they are too frequent to pay
-    /// for a clock read each).
-    pub last_seen_ns: u64,
     /// RTT samples (one per `tcp_probe` event: an incoming segment on an established socket).
     pub rtt_samples: u64,
     pub srtt_sum_us: u64,
@@ -181,7 +178,7 @@ pub struct FlowState {
     /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
     pub rtt_hist: [u32; HIST_BUCKETS],
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 176 + 4 * HIST_BUCKETS);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 168 + 4 * HIST_BUCKETS);
 
 impl FlowState {
     pub const fn zeroed() -> Self {
@@ -189,7 +186,6 @@ impl FlowState {
             sk: 0,
             cookie: 0,
             first_seen_ns: 0,
-            last_seen_ns: 0,
             rtt_samples: 0,
             srtt_sum_us: 0,
             bytes_acked: 0,

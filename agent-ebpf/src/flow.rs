@@ -125,9 +125,7 @@ pub fn create(sk: u64, tuple: &Tuple, pid: u32) -> Option<*mut FlowState> {
     flow.saddr = tuple.saddr;
     flow.daddr = tuple.daddr;
     flow.pid = pid;
-    let now = now_ns();
-    flow.first_seen_ns = now;
-    flow.last_seen_ns = now;
+    flow.first_seen_ns = now_ns();
     if cfg.flags & OFFSETS_VALID != 0 {
         let o = &cfg.offsets;
         let net: u64 = read_kernel(sk, o.sock_net);

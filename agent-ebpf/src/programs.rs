@@ -97,7 +97,6 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
         f.cookie = field(&ctx, tp::SOCK_COOKIE);
         f.sport = field(&ctx, tp::SPORT);
     }
-    // No clock read here: this runs on every ACK, and nothing needs the time of the last one.
     f.rtt_samples += 1;
     f.srtt_sum_us += srtt as u64;
     f.last_srtt_us = srtt;
@@ -168,7 +167,6 @@ pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
         f.retrans_segs += flow::skb_segments(ctx.arg(1));
     }
     f.retrans_events += 1;
-    f.last_seen_ns = flow::now_ns();
     0
 }
 
@@ -237,7 +235,6 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if (0..32).contains(&newstate) {
         f.states_seen |= 1 << newstate;
     }
-    f.last_seen_ns = flow::now_ns();
     flow::sync_retrans(f);
     if newstate == TCP_CLOSE as i32 {
         if CLOSED.output::<agent_common::FlowState>(&*f, 0).is_err() {
