@@ -41,8 +41,8 @@ struct Args {
     /// health-checked every second, and a request whose backend fails before its first token
     /// (refused, timed out, 5xx) moves to another one, once. With `#NODE` on every target and
     /// `--pacing hints:URL`, the pacer follows one hint per node (client `CLIENT_ID.NODE`): the
-    /// rate it obeys is their sum, and each node's allowed rate weighs its backends' tokens in
-    /// flight, so a congested node gets fewer requests.
+    /// rate it obeys is their sum, and a backend competes on tokens in flight only while it has
+    /// been sent less than its node allows, so a congested node gets what its hint allows.
     #[arg(long, required = true)]
     target: Vec<String>,
     #[arg(long)]
@@ -180,10 +180,8 @@ fn pacing(a: &Args) -> anyhow::Result<Pacing> {
 async fn main_run(a: Args) -> anyhow::Result<()> {
     let pacing = pacing(&a)?;
     if let (Pacing::Hints(src), Some(token)) = (&pacing, &a.hint_token) {
-        let mut nodes = std::collections::BTreeSet::new();
-        for t in &a.target {
-            nodes.extend(tokenflow_pacer::route::Target::parse(t)?.node);
-        }
+        // Checked before anything is registered: a bad --target registers nothing.
+        let (_, nodes) = tokenflow_pacer::route::parse_targets(&a.target)?;
         // One client per backend node, or this client on the node --node-id names.
         let clients: Vec<(String, String)> = if nodes.is_empty() {
             let node = a.node_id.clone().ok_or_else(|| {

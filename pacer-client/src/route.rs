@@ -4,9 +4,9 @@
 //! (`URL#NODE`) and the pacer follows hints, a backend whose node's hint allows more than it has
 //! lately been sent has headroom: the request goes to the one with the fewest tokens among those,
 //! or, when none has headroom, to the least over its node's rate — so a congested node gets what
-//! its hint allows and the rest goes elsewhere. A backend that refuses a connection, times out or answers 5xx before its first token is
-//! marked down and the request moves to another one, once; a health check every second brings it
-//! back.
+//! its hint allows and the rest goes elsewhere. A backend that refuses a connection, times out
+//! or answers 5xx before its first token is marked down and the request moves to another one,
+//! once; a health check every second brings it back.
 
 use std::{
     sync::{
@@ -126,6 +126,24 @@ impl Target {
             }
         }
     }
+}
+
+/// Parses `--target` specs; they name a node each (`URL#NODE`) or none does. Returns the targets
+/// and the nodes they name.
+pub fn parse_targets(
+    specs: &[String],
+) -> anyhow::Result<(Vec<Target>, std::collections::BTreeSet<String>)> {
+    let targets = specs
+        .iter()
+        .map(|s| Target::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nodes: std::collections::BTreeSet<String> =
+        targets.iter().filter_map(|t| t.node.clone()).collect();
+    anyhow::ensure!(
+        nodes.is_empty() || targets.iter().all(|t| t.node.is_some()),
+        "give every --target a #NODE, or none"
+    );
+    Ok((targets, nodes))
 }
 
 /// Tokens a request is expected to hold on its backend: its prompt (about 4 bytes a token) and
@@ -277,6 +295,10 @@ mod tests {
         assert!(Target::parse("a:8000").is_err());
         assert!(Target::parse("http://a:8000#").is_err());
         assert!(Target::parse("http://a:8000#no spaces").is_err());
+        let specs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (ts, nodes) = parse_targets(&specs(&["http://a:1#x", "http://b:1#y"])).unwrap();
+        assert_eq!((ts.len(), nodes.len()), (2, 2));
+        assert!(parse_targets(&specs(&["http://a:1#x", "http://b:1"])).is_err());
     }
 
     #[test]

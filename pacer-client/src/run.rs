@@ -107,18 +107,8 @@ pub async fn run(
     };
     let gate = Gate::new(limit);
     let latest = Arc::new(Mutex::new(Latest::default()));
-    let targets: Arc<Vec<Target>> = Arc::new(
-        cfg.targets
-            .iter()
-            .map(|u| Target::parse(u))
-            .collect::<Result<_>>()?,
-    );
-    let nodes: std::collections::BTreeSet<String> =
-        targets.iter().filter_map(|t| t.node.clone()).collect();
-    anyhow::ensure!(
-        nodes.is_empty() || targets.iter().all(|t| t.node.is_some()),
-        "give every --target a #NODE, or none"
-    );
+    let (targets, nodes) = route::parse_targets(&cfg.targets)?;
+    let targets: Arc<Vec<Target>> = Arc::new(targets);
     if let Pacing::Hints(src) = &cfg.pacing {
         if nodes.is_empty() {
             tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
