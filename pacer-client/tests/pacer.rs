@@ -276,6 +276,21 @@ async fn paces_the_real_backend_over_loopback_and_times_from_submission() {
     );
 }
 
+/// Every record the run sends within `d`.
+async fn records_for(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<tokenflow_pacer::client::Record>,
+    d: Duration,
+) -> Vec<tokenflow_pacer::client::Record> {
+    let mut recs = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            recs.push(r);
+        }
+    }
+    recs
+}
+
 /// Closed-loop users paced at `rate` against a port nothing listens on: every request the gate
 /// lets through fails to connect at once.
 fn against_nothing(users: usize, duration: Duration, rate: f64) -> RunConfig {
@@ -305,13 +320,7 @@ async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
         .unwrap();
-    let mut recs = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(5) {
-        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            recs.push(r);
-        }
-    }
+    let recs = records_for(&mut rx, Duration::from_secs(5)).await;
     let unsent = recs
         .iter()
         .filter(|r| {
@@ -401,13 +410,7 @@ async fn with_max_wait_requests_the_gate_cannot_serve_in_time_are_shed_and_count
     let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
         .await
         .unwrap();
-    let mut recs = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(4) {
-        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            recs.push(r);
-        }
-    }
+    let recs = records_for(&mut rx, Duration::from_secs(4)).await;
     let shed: Vec<_> = recs
         .iter()
         .filter(|r| r.error.as_deref().is_some_and(|e| e.starts_with("shed:")))
