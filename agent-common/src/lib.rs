@@ -43,6 +43,9 @@ pub mod programs {
     /// uprobe / uretprobe pair attached once per `--uprobe` target.
     pub const UPROBE_ENTRY: &str = "tf_uprobe_entry";
     pub const UPROBE_RETURN: &str = "tf_uprobe_return";
+    /// uprobes on a `--span`'s start and end markers, paired by request id.
+    pub const SPAN_START: &str = "tf_span_start";
+    pub const SPAN_END: &str = "tf_span_end";
     /// Every program the agent always loads (uprobes only when asked for).
     pub const ALL: [&str; 4] = [TCP_PROBE.0, TCP_RETRANSMIT.0, SOCK_SET_STATE.0, SOCK_SEND.0];
 }

@@ -21,7 +21,14 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::{btf_offsets, uprobe_target::UprobeSpec, window::Counters};
+use crate::{
+    btf_offsets,
+    uprobe_target::{SpanSpec, UprobeSpec},
+    window::Counters,
+};
+
+/// `--uprobe` and `--span` targets together: the size of the kernel's probe latency map.
+pub const MAX_PROBES: usize = 256;
 
 /// The compiled kernel programs, embedded at build time by `build.rs` (aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tokenflow"));
@@ -64,7 +71,13 @@ pub struct KernelState {
 
 impl Capture {
     /// Loads and attaches the programs. Needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN.
-    pub fn start(filter: &Filter, btf: &Path, uprobes: &[UprobeSpec]) -> Result<Self> {
+    /// Loads and attaches everything. Probe ids: `uprobes` first, then `spans`, in order.
+    pub fn start(
+        filter: &Filter,
+        btf: &Path,
+        uprobes: &[UprobeSpec],
+        spans: &[SpanSpec],
+    ) -> Result<Self> {
         ensure_tracefs()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| privilege_hint(e.into()))?;
 
@@ -134,6 +147,7 @@ impl Capture {
         }
 
         attach_uprobes(&mut ebpf, uprobes)?;
+        attach_spans(&mut ebpf, spans, uprobes.len())?;
 
         let flows = HashMap::try_from(take(&mut ebpf, maps::FLOWS)?)?;
         let req_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::REQ_LATENCY)?)?;
@@ -247,6 +261,41 @@ fn attach_uprobes(ebpf: &mut Ebpf, uprobes: &[UprobeSpec]) -> Result<()> {
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::Symbol(symbol),
                 cookie: Some(id as u64),
+            };
+            p.attach(point, &spec.path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {prog} to {}:{symbol}", spec.path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Each span's start and end markers, with the span's probe id (after the uprobes') as cookie.
+fn attach_spans(ebpf: &mut Ebpf, spans: &[SpanSpec], first_id: usize) -> Result<()> {
+    if spans.is_empty() {
+        return Ok(());
+    }
+    let symbols: Vec<[String; 2]> = spans
+        .iter()
+        .map(|s| {
+            let [a, b] = s.markers();
+            Ok([
+                crate::uprobe_target::resolve(&a)?,
+                crate::uprobe_target::resolve(&b)?,
+            ])
+        })
+        .collect::<Result<_>>()?;
+    for (end, prog) in [programs::SPAN_START, programs::SPAN_END]
+        .into_iter()
+        .enumerate()
+    {
+        let p: &mut UProbe = program(ebpf, prog)?;
+        p.load()
+            .with_context(|| format!("verifier rejected {prog}"))?;
+        for (i, (spec, syms)) in spans.iter().zip(&symbols).enumerate() {
+            let symbol = &syms[end];
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(symbol),
+                cookie: Some((first_id + i) as u64),
             };
             p.attach(point, &spec.path, UProbeScope::AllProcesses)
                 .with_context(|| format!("attaching {prog} to {}:{symbol}", spec.path.display()))?;

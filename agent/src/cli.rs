@@ -74,6 +74,13 @@ pub struct Args {
     #[arg(long = "uprobe", env = "TOKENFLOW_UPROBES", value_delimiter = ',')]
     pub uprobes: Vec<crate::uprobe_target::UprobeSpec>,
 
+    /// Time from one marker function to another for the same request, paired by the markers'
+    /// first integer argument: PATH:START..END[:LABEL]. For tokenflow-backend, e.g.
+    /// `BIN:tokenflow_backend_request_start..tokenflow_backend_scheduled:queue` and
+    /// `BIN:tokenflow_backend_scheduled..tokenflow_backend_first_token:prefill`. Repeatable.
+    #[arg(long = "span", env = "TOKENFLOW_SPANS", value_delimiter = ',')]
+    pub spans: Vec<crate::uprobe_target::SpanSpec>,
+
     /// Print one GPU sample (NVML) as JSON and exit; needs no privileges.
     #[arg(long)]
     pub gpu_check: bool,
@@ -240,6 +247,7 @@ struct FileConfig {
     ports: Option<Vec<u16>>,
     cidrs: Option<Vec<ipnet::IpNet>>,
     uprobes: Option<Vec<String>>,
+    spans: Option<Vec<String>>,
     netns: Option<String>,
     cgroup: Option<String>,
     btf: Option<PathBuf>,
@@ -319,6 +327,9 @@ impl Args {
         if let (true, Some(v)) = (unset("uprobes"), f.uprobes) {
             self.uprobes = v.iter().map(|s| s.parse()).collect::<Result<_>>()?;
         }
+        if let (true, Some(v)) = (unset("spans"), f.spans) {
+            self.spans = v.iter().map(|s| s.parse()).collect::<Result<_>>()?;
+        }
         if let (true, Some(v)) = (unset("netns"), f.netns) {
             self.netns = Some(v);
         }
@@ -343,6 +354,11 @@ impl Args {
         anyhow::ensure!(
             self.redis_buffer > 0,
             "--redis-buffer must hold at least one window"
+        );
+        anyhow::ensure!(
+            self.uprobes.len() + self.spans.len() <= crate::capture::MAX_PROBES,
+            "at most {} --uprobe and --span targets together",
+            crate::capture::MAX_PROBES
         );
         Ok(())
     }

@@ -100,7 +100,7 @@ pub async fn run(args: Args) -> Result<()> {
         .filter(|n| n.parse::<u32>().is_err())
         .map(std::path::Path::new);
     let mut backlog = BacklogReader::new(backlog_ns, &filter.ports)?;
-    let mut capture = Capture::start(&filter, &args.btf, &args.uprobes)?;
+    let mut capture = Capture::start(&filter, &args.btf, &args.uprobes, &args.spans)?;
     // Start-up read the kernel's BTF and every probed ELF file (tens of MB, all freed by now), and
     // glibc keeps freed heap resident: hand it back rather than carry it for the agent's life.
     #[cfg(target_env = "gnu")]
@@ -119,6 +119,7 @@ pub async fn run(args: Args) -> Result<()> {
                     format!("{}:{}", u.path.display(), u.symbol),
                 )
             })
+            .chain(args.spans.iter().map(|s| (s.label.clone(), s.target())))
             .collect(),
     );
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -1,6 +1,11 @@
 //! `--uprobe PATH:SYMBOL[:LABEL]`: which function of which binary to time. The symbol is looked up in
 //! the ELF symbol table, by its exact name or, for Rust and C++, by its demangled path (without the
 //! hash), so `my_server::handlers::generate` finds `_ZN10my_server8handlers8generate17h…E`.
+//!
+//! `--span PATH:START..END[:LABEL]`: the time from one marker function to another *for the same
+//! request*, paired by the functions' first integer argument (a request id), so a span may start on
+//! one thread and end on another — `tokenflow-backend`'s request-start → scheduled → first-token
+//! markers split its time to first token into queueing and prefill this way.
 
 use std::path::PathBuf;
 
@@ -14,30 +19,82 @@ pub struct UprobeSpec {
     pub label: String,
 }
 
+/// `PATH:REST` → (PATH, SYMBOLS, LABEL): SYMBOLS may hold Rust paths (`a::b`), so LABEL follows the
+/// last lone colon; `None` when PATH or SYMBOLS is empty.
+fn split_spec(s: &str) -> Option<(&str, &str, &str)> {
+    let (path, rest) = s.split_once(':')?;
+    let b = rest.as_bytes();
+    let lone = (0..b.len())
+        .rev()
+        .find(|&i| b[i] == b':' && (i == 0 || b[i - 1] != b':') && b.get(i + 1) != Some(&b':'));
+    let (symbols, label) = match lone {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
+    (!path.is_empty() && !symbols.is_empty()).then_some((path, symbols, label))
+}
+
 impl std::str::FromStr for UprobeSpec {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let usage = || anyhow::anyhow!("--uprobe {s:?}: expected PATH:SYMBOL[:LABEL]");
-        let (path, rest) = s.split_once(':').ok_or_else(usage)?;
-        // SYMBOL may be a Rust path (`a::b`): LABEL follows the last lone colon.
-        let b = rest.as_bytes();
-        let lone = (0..b.len())
-            .rev()
-            .find(|&i| b[i] == b':' && (i == 0 || b[i - 1] != b':') && b.get(i + 1) != Some(&b':'));
-        let (symbol, label) = match lone {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, ""),
-        };
-        if path.is_empty() || symbol.is_empty() {
-            return Err(usage());
-        }
+        let (path, symbol, label) = split_spec(s)
+            .ok_or_else(|| anyhow::anyhow!("--uprobe {s:?}: expected PATH:SYMBOL[:LABEL]"))?;
         let label = if label.is_empty() { symbol } else { label }.to_string();
         Ok(Self {
             path: path.into(),
             symbol: symbol.to_string(),
             label,
         })
+    }
+}
+
+/// A span between two marker functions of one binary, paired per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanSpec {
+    pub path: PathBuf,
+    pub start: String,
+    pub end: String,
+    pub label: String,
+}
+
+impl std::str::FromStr for SpanSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let usage = || anyhow::anyhow!("--span {s:?}: expected PATH:START..END[:LABEL]");
+        let (path, symbols, label) = split_spec(s).ok_or_else(usage)?;
+        let (start, end) = symbols.split_once("..").ok_or_else(usage)?;
+        if start.is_empty() || end.is_empty() || start == end {
+            return Err(usage());
+        }
+        let label = if label.is_empty() {
+            format!("{start}..{end}")
+        } else {
+            label.to_string()
+        };
+        Ok(Self {
+            path: path.into(),
+            start: start.to_string(),
+            end: end.to_string(),
+            label,
+        })
+    }
+}
+
+impl SpanSpec {
+    /// The start and end markers as `--uprobe` targets, to resolve and describe them alike.
+    pub fn markers(&self) -> [UprobeSpec; 2] {
+        [&self.start, &self.end].map(|symbol| UprobeSpec {
+            path: self.path.clone(),
+            symbol: symbol.clone(),
+            label: self.label.clone(),
+        })
+    }
+
+    /// `PATH:START..END`, as windows report the span's target.
+    pub fn target(&self) -> String {
+        format!("{}:{}..{}", self.path.display(), self.start, self.end)
     }
 }
 
@@ -112,6 +169,29 @@ mod tests {
         assert_eq!(s.label, "my_crate::handlers::generate");
         assert!("nopath".parse::<UprobeSpec>().is_err());
         assert!(":sym".parse::<UprobeSpec>().is_err());
+    }
+
+    #[test]
+    fn span_spec_parses_two_markers_and_a_label() {
+        let s: SpanSpec = "/srv/backend:req_start..first_token:ttft".parse().unwrap();
+        assert_eq!(
+            (s.start.as_str(), s.end.as_str(), s.label.as_str()),
+            ("req_start", "first_token", "ttft")
+        );
+        assert_eq!(s.target(), "/srv/backend:req_start..first_token");
+        let s: SpanSpec = "/srv/app:a::start..a::end".parse().unwrap();
+        assert_eq!((s.start.as_str(), s.end.as_str()), ("a::start", "a::end"));
+        assert_eq!(s.label, "a::start..a::end");
+        for bad in [
+            "/srv/app:start",
+            "/srv/app:..end",
+            "/srv/app:start..",
+            "/srv/app:x..x",
+            ":a..b",
+        ] {
+            let e = bad.parse::<SpanSpec>().unwrap_err().to_string();
+            assert!(e.contains("PATH:START..END"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -236,6 +236,7 @@ impl Scheduler {
 
     fn prefill(&self, req: Request) -> Result<(Seq, Option<&'static str>)> {
         let queue = req.submitted.elapsed();
+        markers::scheduled(req.id);
         let t0 = Instant::now();
         let mut cache = self.model.new_cache()?;
         let temperature = (req.temperature > 1e-6).then_some(req.temperature);

@@ -37,7 +37,8 @@ pub struct TelemetryWindow {
     /// Served requests per local port, measured in the kernel: from request bytes reaching a
     /// connection this host accepted to the first response bytes its application sends.
     pub request_latency: Vec<PortLatency>,
-    /// Entry→return latency of each `--uprobe` target.
+    /// Entry→return latency of each `--uprobe` target, then marker-to-marker latency per request
+    /// of each `--span`.
     pub uprobes: Vec<ProbeLatency>,
 }
 
@@ -55,7 +56,7 @@ pub struct PortLatency {
 #[serde(deny_unknown_fields)]
 pub struct ProbeLatency {
     pub label: String,
-    /// `PATH:SYMBOL` as given.
+    /// `PATH:SYMBOL` (`--uprobe`) or `PATH:START..END` (`--span`) as given.
     pub target: String,
     pub latency: LatencySummary,
 }

@@ -276,3 +276,115 @@ fn kernel_request_latency_matches_a_real_grpc_client() -> Result<()> {
     );
     Ok(())
 }
+
+/// One non-streaming completion over a fresh connection; returns the backend's own queue and
+/// prefill times (ms) from its `x-queue-time-ms` / `x-prefill-time-ms` headers.
+fn completion(addr: SocketAddr, model: &str) -> Result<(f64, f64)> {
+    let body = serde_json::json!({"model": model, "prompt": "a request that waits its turn", "max_tokens": 24, "seed": 3})
+        .to_string();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: backend\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    anyhow::ensure!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let header = |name: &str| -> Result<f64> {
+        resp.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name)
+                    .then(|| v.trim().parse().ok())?
+            })
+            .with_context(|| format!("no {name} header in {resp}"))
+    };
+    Ok((header("x-queue-time-ms")?, header("x-prefill-time-ms")?))
+}
+
+/// `--span` pairs the backend's markers by request id across its HTTP and engine threads: the
+/// queueing and prefill the agent measures in the kernel agree with what the backend reports for
+/// the same requests.
+#[test]
+fn spans_split_the_backends_time_to_first_token() -> Result<()> {
+    let Some(_lock) = privileged("backend_spans") else {
+        return Ok(());
+    };
+    let dir = std::env::temp_dir().join(format!("tf-spans-{}", std::process::id()));
+    let model_dir = tokenflow_tests::backend::tiny_model(&dir)?;
+    let port = tokenflow_tests::redis_server::free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    // One running sequence at a time, so concurrent requests queue behind each other.
+    let _backend = tokenflow_tests::backend::serve(&model_dir, addr, &["--max-running", "1"])?;
+    let model = tokenflow_tests::backend::ready_model(addr)?;
+    let bin = tokenflow_tests::agent::sibling_binary("tokenflow-backend")?;
+    let span = |a: &str, b: &str, label: &str| {
+        format!(
+            "{}:tokenflow_backend_{a}..tokenflow_backend_{b}:{label}",
+            bin.display()
+        )
+    };
+    let agent = Agent::start(&[
+        "--interval",
+        "1s",
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        "off",
+        "--span",
+        &span("request_start", "scheduled", "queue"),
+        "--span",
+        &span("scheduled", "first_token", "prefill"),
+    ])?;
+    const N: usize = 6;
+    let reported: Vec<(f64, f64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..N)
+            .map(|_| s.spawn(|| completion(addr, &model)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("client panicked"))?)
+            .collect::<Result<_>>()
+    })?;
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+    let span_total = |label: &str| -> (u64, f64) {
+        windows
+            .iter()
+            .flat_map(|w| &w.uprobes)
+            .filter(|p| p.label == label)
+            .fold((0, 0.0), |(n, sum), p| {
+                (
+                    n + p.latency.samples,
+                    sum + (p.latency.mean_us * p.latency.samples) as f64 / 1000.0,
+                )
+            })
+    };
+    let (qn, q_ms) = span_total("queue");
+    let (pn, p_ms) = span_total("prefill");
+    let q_reported: f64 = reported.iter().map(|r| r.0).sum();
+    let p_reported: f64 = reported.iter().map(|r| r.1).sum();
+    eprintln!(
+        "{N} requests: queue {qn} spans, {q_ms:.1} ms in all (backend says {q_reported:.1}); prefill {pn} spans, {p_ms:.1} ms (backend says {p_reported:.1})"
+    );
+    assert_eq!(
+        (qn, pn),
+        (N as u64, N as u64),
+        "one span of each per request"
+    );
+    assert!(
+        q_reported > 0.0,
+        "with one running slot, {N} concurrent requests must queue"
+    );
+    // The markers sit next to the backend's own clock reads: the sums agree to within a
+    // millisecond per request plus the histogram's rounding (a few per cent).
+    for (what, kernel, backend) in [("queue", q_ms, q_reported), ("prefill", p_ms, p_reported)] {
+        assert!(
+            (kernel - backend).abs() <= N as f64 * 1.0 + 0.05 * backend,
+            "{what}: kernel {kernel:.1} ms vs backend {backend:.1} ms"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
