@@ -10,7 +10,11 @@ use tokenflow_schema::{
 };
 
 use crate::{
-    control::{Decision, Governor, Limits, Observation, concurrency, share},
+    control::{
+        Decision, Governor, Limits, Observation,
+        compute::{self, ComputeLimit, ServerLoad},
+        concurrency, share,
+    },
     features::{FeatureBuilder, Features},
     model::Models,
 };
@@ -31,6 +35,9 @@ pub struct NodeState {
     pub last_predicted_ms: Option<f64>,
     /// Windows this state has seen.
     pub windows: u64,
+    /// The backend's concurrency limit (applies to the `pid` group: TokenFlow's own controller).
+    #[serde(default)]
+    pub compute: ComputeLimit,
 }
 
 /// Everything one decision produced, for metrics and tests.
@@ -71,7 +78,8 @@ pub fn on_window(
         stale: false,
     };
     let o = obs(w.end_unix_ms as f64 / 1000.0);
-    let hints = decide(st, &w.node_id, clients, &o, now_ms, interval_ms);
+    let load = ServerLoad::from_window(w);
+    let hints = decide(st, &w.node_id, clients, &o, load, now_ms, interval_ms);
     Outcome {
         hints,
         features: Some(f),
@@ -94,7 +102,7 @@ pub fn on_stale(
         inflight: None,
         stale: true,
     };
-    decide(st, node_id, clients, &o, now_ms, interval_ms)
+    decide(st, node_id, clients, &o, None, now_ms, interval_ms)
 }
 
 pub fn is_stale(st: &NodeState, now_ms: u64, interval_ms: u64) -> bool {
@@ -106,6 +114,7 @@ fn decide(
     node_id: &str,
     clients: &[(String, ClientConfig)],
     obs: &Observation,
+    load: Option<ServerLoad>,
     now_ms: u64,
     interval_ms: u64,
 ) -> Vec<Hint> {
@@ -131,7 +140,27 @@ fn decide(
             .entry(kind.as_str().to_string())
             .or_insert_with(|| Governor::new(kind, limits));
         gov.limits = limits;
-        let d = gov.update(obs);
+        let mut d = gov.update(obs);
+        // TokenFlow's own controller also keeps the backend's queue short; the baselines are
+        // the published algorithms, on RTT alone.
+        let caps = if kind == ControllerKind::Pid {
+            st.compute
+                .update(load, f64::from(limits.max_concurrency))
+                .map(|limit| {
+                    if let Some(why) = st.compute.describe() {
+                        d.reason = format!("{}; {why}", d.reason);
+                    }
+                    compute::split(
+                        limit,
+                        &members
+                            .iter()
+                            .map(|(_, c)| (c.class, c.weight, c.max_concurrency))
+                            .collect::<Vec<_>>(),
+                    )
+                })
+        } else {
+            None
+        };
         let shares = share::share(
             d.rate_rps,
             &members
@@ -144,8 +173,12 @@ fn decide(
                 })
                 .collect::<Vec<_>>(),
         );
-        for ((id, c), rate) in members.iter().zip(shares) {
-            hints.push(hint(id, c, kind, &d, rate, st, now_ms, interval_ms));
+        for (i, ((id, c), rate)) in members.iter().zip(shares).enumerate() {
+            let mut h = hint(id, c, kind, &d, rate, st, now_ms, interval_ms);
+            if let Some(cap) = caps.as_ref().and_then(|c| c.get(i)) {
+                h.max_concurrency = h.max_concurrency.min(*cap);
+            }
+            hints.push(h);
         }
     }
     // Groups nobody uses any more are forgotten.

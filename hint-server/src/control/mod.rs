@@ -8,6 +8,7 @@
 //! clients by class and weight.
 
 mod aimd;
+pub mod compute;
 mod gradient2;
 mod pid;
 pub mod share;

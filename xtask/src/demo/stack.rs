@@ -110,25 +110,44 @@ impl Stack {
         ));
         let redis = RedisServer::start_ephemeral()?;
         say(format!("redis-server on {}", redis.url()));
+        let redis_url = redis.url();
         let netns = format!("/run/netns/{}", bed.client);
-        let agent = Agent::start_binary(
-            &bins.path("tokenflow-agent"),
-            &[
-                "--interval",
-                "1s",
-                "--netns",
-                &netns,
-                "--node-id",
-                NODE,
-                "--redis",
-                &redis.url(),
-                "--metrics-addr",
-                "off",
-                "--sink",
-                "stdout",
-            ],
-        )?;
-        say("agent attached (tracepoints, client namespace)".into());
+        // The backend's markers, paired per request: time queued in the backend, prefill, and the
+        // whole service (scheduled → finished). The hint server's compute limit reads them.
+        let backend_bin = bins.path("tokenflow-backend");
+        let span = |a: &str, b: &str, label: &str| {
+            format!(
+                "{}:tokenflow_backend_{a}..tokenflow_backend_{b}:{label}",
+                backend_bin.display()
+            )
+        };
+        let spans = [
+            span("request_start", "scheduled", "queue"),
+            span("scheduled", "first_token", "prefill"),
+            span("scheduled", "request_end", "service"),
+        ];
+        let mut args = vec![
+            "--interval",
+            "1s",
+            "--netns",
+            &netns,
+            "--node-id",
+            NODE,
+            "--redis",
+            &redis_url,
+            "--metrics-addr",
+            "off",
+            "--sink",
+            "stdout",
+        ];
+        for s in &spans {
+            args.extend(["--span", s.as_str()]);
+        }
+        let agent = Agent::start_binary(&bins.path("tokenflow-agent"), &args)?;
+        say(
+            "agent attached (tracepoints in the client namespace; spans on the backend's markers)"
+                .into(),
+        );
         let model_file = out.join("hint-model.json");
         crate::util::run(
             Command::new(bins.path("tokenflow-hint-server"))

@@ -1,0 +1,211 @@
+//! The backend's side of the limit: how many requests a node may have in flight before they queue
+//! inside the model server.
+//!
+//! The network controllers see the path (RTT); they cannot see a backend whose running slots are
+//! full, where requests wait in its queue while the link is idle. The agent measures that wait in
+//! the kernel with `--span` on the backend's markers: `queue` (request accepted → scheduled) and
+//! `service` (scheduled → finished). From them, each window:
+//!
+//! - *overloaded*: the queue's p95 exceeds [`QUEUE_OBJECTIVE_MS`] — the concurrency limit drops to
+//!   the number of requests the backend was actually serving (Little's law over the `service`
+//!   spans: busy slot-seconds per second), and never by less than a tenth, so requests stop
+//!   piling up in the backend and wait in the pacer instead, where classes are served in order;
+//! - *calm* (p95 within the objective): every [`PROBE_PERIODS`] calm windows the limit grows by one,
+//!   up to the group's maximum, to find room the backend gained;
+//! - *no requests scheduled*: nothing is learnt; the limit holds.
+//!
+//! Until a node's windows carry a `queue` span the limit stays off, so a node without the markers
+//! (vLLM, or an agent run without `--span`) is paced by the network alone.
+
+use serde::{Deserialize, Serialize};
+use tokenflow_schema::TelemetryWindow;
+
+/// Queueing in the backend above which its concurrency is cut, ms. One waiting request costs about
+/// one decode slot's turnover (≈ 100 ms for the demo's backend), so this asks for "no queue".
+pub const QUEUE_OBJECTIVE_MS: f64 = 100.0;
+/// Calm windows between two probes one request above the limit.
+pub const PROBE_PERIODS: u32 = 3;
+/// Span labels the limit reads.
+pub const QUEUE_SPAN: &str = "queue";
+pub const SERVICE_SPAN: &str = "service";
+
+/// What one window says about the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServerLoad {
+    /// p95 of the time requests scheduled in the window waited in the backend's queue, ms.
+    pub queue_p95_ms: f64,
+    /// Mean number of requests the backend was serving (busy slots), when `service` spans ended
+    /// in the window.
+    pub busy: Option<f64>,
+}
+
+impl ServerLoad {
+    /// `None` when no request was scheduled in the window (or the agent has no `queue` span).
+    pub fn from_window(w: &TelemetryWindow) -> Option<Self> {
+        let secs = (w.end_unix_ms.saturating_sub(w.start_unix_ms) as f64 / 1000.0).max(1e-3);
+        let spans = |label: &'static str| {
+            w.uprobes
+                .iter()
+                .filter(move |p| p.label == label && p.latency.samples > 0)
+        };
+        let queue_p95_ms = spans(QUEUE_SPAN)
+            .map(|p| p.latency.p95_us as f64 / 1000.0)
+            .reduce(f64::max)?;
+        let busy_us: f64 = spans(SERVICE_SPAN)
+            .map(|p| p.latency.mean_us as f64 * p.latency.samples as f64)
+            .sum();
+        Some(Self {
+            queue_p95_ms,
+            busy: (busy_us > 0.0).then(|| busy_us / 1e6 / secs),
+        })
+    }
+}
+
+/// The node's concurrency limit for its backend, as a state machine (serialisable with the node).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComputeLimit {
+    /// `None` until the first window with a `queue` span.
+    limit: Option<f64>,
+    calm: u32,
+    /// The last window's reading, for the hints' reason.
+    last_queue_ms: Option<f64>,
+}
+
+impl ComputeLimit {
+    /// The limit after this window (`None`: no limit), given the group's maximum concurrency.
+    pub fn update(&mut self, load: Option<ServerLoad>, max: f64) -> Option<f64> {
+        let max = max.max(1.0);
+        let Some(load) = load else {
+            return self.limit.map(|l| l.min(max));
+        };
+        self.last_queue_ms = Some(load.queue_p95_ms);
+        let l = self.limit.unwrap_or(max).min(max);
+        let next = if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
+            self.calm = 0;
+            let served = load.busy.unwrap_or(l * 0.75);
+            served.min(l * 0.9)
+        } else {
+            self.calm += 1;
+            if self.calm >= PROBE_PERIODS {
+                self.calm = 0;
+                l + 1.0
+            } else {
+                l
+            }
+        };
+        self.limit = Some(next.clamp(1.0, max));
+        self.limit
+    }
+
+    /// Why the limit is what it is, for the hint's reason.
+    pub fn describe(&self) -> Option<String> {
+        let (l, q) = (self.limit?, self.last_queue_ms?);
+        Some(format!(
+            "backend queue p95 {q:.0} ms vs {QUEUE_OBJECTIVE_MS:.0} ms: {l:.1} in flight"
+        ))
+    }
+}
+
+/// Splits a group's concurrency among its clients like rates: interactive clients first, at least
+/// one each, none above its own maximum.
+pub fn split(limit: f64, members: &[(tokenflow_schema::ClientClass, f64, u32)]) -> Vec<u32> {
+    let m: Vec<super::share::Member> = members
+        .iter()
+        .map(|&(class, weight, max)| super::share::Member {
+            class,
+            weight,
+            min_rps: 1.0,
+            max_rps: f64::from(max.max(1)),
+        })
+        .collect();
+    super::share::share(limit, &m)
+        .into_iter()
+        .map(|c| (c + 1e-9).floor().max(1.0) as u32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenflow_schema::{ClientClass, LatencySummary, ProbeLatency};
+
+    use super::*;
+
+    fn load(q: f64, busy: Option<f64>) -> Option<ServerLoad> {
+        Some(ServerLoad {
+            queue_p95_ms: q,
+            busy,
+        })
+    }
+
+    #[test]
+    fn off_until_the_backend_reports_and_holds_without_requests() {
+        let mut c = ComputeLimit::default();
+        assert_eq!(c.update(None, 26.0), None);
+        assert_eq!(c.update(load(5.0, Some(3.0)), 26.0), Some(26.0));
+        assert_eq!(c.update(None, 26.0), Some(26.0));
+    }
+
+    #[test]
+    fn a_queue_cuts_to_what_the_backend_serves_and_calm_probes_back_up() {
+        let mut c = ComputeLimit::default();
+        // 26 allowed, the backend runs 8 and queues the rest.
+        assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
+        // A small queue still cuts, by at least a tenth.
+        assert_eq!(c.update(load(150.0, Some(8.0)), 26.0), Some(7.2));
+        // Calm: one more after PROBE_PERIODS windows.
+        for _ in 1..PROBE_PERIODS {
+            assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(7.2));
+        }
+        assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(8.2));
+        assert!(c.describe().unwrap().contains("20 ms"));
+        // Never below one, never above the maximum.
+        for _ in 0..50 {
+            c.update(load(5000.0, Some(0.1)), 26.0);
+        }
+        assert_eq!(c.update(None, 26.0), Some(1.0));
+        for _ in 0..500 {
+            c.update(load(1.0, None), 10.0);
+        }
+        assert_eq!(c.update(None, 10.0), Some(10.0));
+    }
+
+    #[test]
+    fn reads_queue_and_service_spans_of_a_window() {
+        let span = |label: &str, samples: u64, p95_us: u64, mean_us: u64| ProbeLatency {
+            label: label.into(),
+            target: "bin:a..b".into(),
+            latency: LatencySummary {
+                samples,
+                p95_us,
+                mean_us,
+                ..Default::default()
+            },
+        };
+        // A one-second window.
+        let mut w = crate::simulate::node_window("n", 1, 2_000, 1_000, 10_000);
+        assert_eq!(ServerLoad::from_window(&w), None, "no spans");
+        w.uprobes = vec![
+            span(QUEUE_SPAN, 8, 240_000, 100_000),
+            span(SERVICE_SPAN, 8, 900_000, 1_000_000),
+            span("prefill", 8, 15_000, 12_000),
+        ];
+        assert_eq!(
+            ServerLoad::from_window(&w),
+            Some(ServerLoad {
+                queue_p95_ms: 240.0,
+                busy: Some(8.0)
+            })
+        );
+    }
+
+    #[test]
+    fn split_serves_interactive_first() {
+        let ms = [
+            (ClientClass::Batch, 1.0, 24),
+            (ClientClass::Interactive, 1.0, 2),
+        ];
+        assert_eq!(split(8.0, &ms), vec![6, 2]);
+        assert_eq!(split(2.5, &ms), vec![1, 1]);
+        assert_eq!(split(100.0, &ms), vec![24, 2]);
+    }
+}
