@@ -15,9 +15,9 @@
 //!   instead of earning it at the slew limit from a tenth of the maximum;
 //! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
 //!   the rate probes upward multiplicatively at the slew limit;
-//! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only:
-//!   the damping is not fed back into the integrator, so a lasting anomaly score does not ratchet
-//!   the rate down period after period.
+//! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
+//!   and only while the p95 (or its forecast) nears the setpoint: the damping is not fed back into
+//!   the integrator, so a lasting anomaly score does not ratchet the rate down period after period.
 
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
@@ -309,7 +309,16 @@ impl Controller for Pid {
             .anomaly_ewma
             .map_or(obs.anomaly, |prev| a * obs.anomaly + (1.0 - a) * prev);
         self.anomaly_ewma = Some(anomaly);
-        let damp = self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0);
+        // The score damps only while the delay says the path is filling (p95 past 80 % of the
+        // setpoint, or a forecast past it): a full-but-fast link under heavy load looks unusual to
+        // the forest, yet cutting it costs throughput and buys no latency, and random loss
+        // without a queue is not relieved by sending less.
+        let filling = y > 0.8 * sp || obs.predicted_p95_ms.is_some_and(|p| p > sp);
+        let damp = if filling {
+            self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self.last_damp_ln = (1.0 - damp).max(1e-6).ln();
         if damp > 0.0 {
             u *= 1.0 - damp;

@@ -230,6 +230,39 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
 }
 
 #[test]
+fn the_anomaly_score_damps_only_while_the_path_is_filling() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    // Two groups side by side, one with the forest alarmed, one calm; returns both rates.
+    let run = |p95: f64| {
+        let mut rates = [0.0; 2];
+        for (i, anomaly) in [1.0, 0.0].into_iter().enumerate() {
+            let mut pid = Pid::new(PidGains::default(), &l);
+            for k in 0..3 {
+                let obs = Observation {
+                    now: k as f64,
+                    p95_rtt_ms: Some(p95),
+                    predicted_p95_ms: Some(p95),
+                    anomaly,
+                    inflight: None,
+                    stale: false,
+                };
+                let (rate, _) = pid.update(&obs, &l);
+                pid.applied(rate);
+                rates[i] = rate;
+            }
+        }
+        rates
+    };
+    // A fast path (p95 well under the setpoint): the score alone cuts nothing.
+    let [alarmed, calm] = run(20.0);
+    assert_eq!(alarmed, calm);
+    // Near the setpoint the score damps.
+    let [alarmed, calm] = run(45.0);
+    assert!(alarmed < calm * 0.9, "{alarmed} vs {calm}");
+}
+
+#[test]
 fn a_new_pid_group_reaches_the_path_capacity_within_a_few_periods() {
     // 20 Mbit/s throughout: 25 req/s of 100 KB. The group starts at a tenth of its maximum (5).
     let plant = Plant {
