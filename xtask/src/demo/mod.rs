@@ -564,6 +564,9 @@ fn spawn_pacer(
     if let Some(k) = c.truncate_prompt_tokens {
         cmd.args(["--truncate-prompt-tokens", &k.to_string()]);
     }
+    if let Some(ms) = c.max_wait_ms {
+        cmd.args(["--max-wait", &format!("{ms}ms")]);
+    }
     match (open_rate, c.users) {
         (Some(r), _) => cmd.args(["--rate", &format!("{r:.3}")]),
         (None, Some(u)) => cmd.args(["--users", &u.to_string()]),

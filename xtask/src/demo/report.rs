@@ -478,16 +478,24 @@ fn targets(sums: &[ArmSummary], setpoint: f64) -> Vec<Target> {
         );
     }
     if let (Some(off), Some(pid)) = (get("open-loop", "off"), get("open-loop", "pid")) {
-        let r = e(&pid.goodput_per_s, "batch").value / e(&off.goodput_per_s, "batch").value;
+        let (p, o) = (
+            e(&pid.goodput_per_s, "batch").value,
+            e(&off.goodput_per_s, "batch").value,
+        );
+        // Off at zero: any goodput is more than twice it, none is not.
+        let met = if o > 0.0 { p / o >= 2.0 } else { p > 0.0 };
+        let ratio = if o > 0.0 {
+            format!("{:.2}×", p / o)
+        } else if p > 0.0 {
+            "off has none;".into()
+        } else {
+            "neither has any;".into()
+        };
         push(
             "open-loop",
             "pid: goodput ≥ 2× off".into(),
-            format!(
-                "{r:.2}× ({:.2} vs {:.2} req/s within the SLO)",
-                e(&pid.goodput_per_s, "batch").value,
-                e(&off.goodput_per_s, "batch").value
-            ),
-            r >= 2.0,
+            format!("{ratio} ({p:.2} vs {o:.2} req/s within the SLO)"),
+            met,
         );
     }
     if let Some(pid) = get("bandwidth-step", "pid") {
