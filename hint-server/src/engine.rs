@@ -294,3 +294,82 @@ pub fn conservative(id: &str, c: &ClientConfig, now_ms: u64, interval_ms: u64, w
         interval_ms,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use tokenflow_schema::{ClientConfigInput, LatencySummary, ProbeLatency};
+
+    use super::*;
+
+    fn client(
+        class: ClientClass,
+        controller: ControllerKind,
+        max_concurrency: u32,
+    ) -> ClientConfig {
+        ClientConfig::merge(
+            None,
+            &ClientConfigInput {
+                node_id: Some("n".into()),
+                controller: Some(controller),
+                class: Some(class),
+                max_concurrency: Some(max_concurrency),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// A calm network, and a backend that runs 8 requests with the rest queued for `queue_us`.
+    fn window(seq: u64, queue_us: u64) -> TelemetryWindow {
+        let mut w = crate::simulate::node_window("n", seq, 10_000 + seq * 1_000, 1_000, 20_000);
+        let span = |label: &str, p95_us: u64, mean_us: u64| ProbeLatency {
+            label: label.into(),
+            target: "backend:a..b".into(),
+            latency: LatencySummary {
+                samples: 8,
+                p95_us,
+                mean_us,
+                ..Default::default()
+            },
+        };
+        w.uprobes = vec![
+            span(compute::QUEUE_SPAN, queue_us, queue_us / 2),
+            span(compute::SERVICE_SPAN, 1_100_000, 1_000_000),
+        ];
+        w
+    }
+
+    #[test]
+    fn a_queueing_backend_caps_the_pid_groups_concurrency_interactive_first() {
+        let clients = vec![
+            (
+                "batch".to_string(),
+                client(ClientClass::Batch, ControllerKind::Pid, 24),
+            ),
+            (
+                "chat".to_string(),
+                client(ClientClass::Interactive, ControllerKind::Pid, 2),
+            ),
+            (
+                "baseline".to_string(),
+                client(ClientClass::Batch, ControllerKind::Gradient2, 24),
+            ),
+        ];
+        let mut st = NodeState::default();
+        // A few calm windows, so the RTT controllers climb out of their start-up rates; then the
+        // backend queues for 2 s.
+        let mut hints = Vec::new();
+        for seq in 1..=12 {
+            let queue_us = if seq < 12 { 20_000 } else { 2_000_000 };
+            let now = 10_000 + seq * 1_000;
+            hints = on_window(&mut st, &window(seq, queue_us), &clients, None, now, 1_000).hints;
+        }
+        let get = |id: &str| hints.iter().find(|h| h.client_id == id).unwrap();
+        // 8 busy slots: the interactive client keeps its 2, the batch client gets the other 6.
+        assert_eq!(get("chat").max_concurrency, 2);
+        assert_eq!(get("batch").max_concurrency, 6);
+        assert!(get("batch").reason.contains("backend queue p95 2000 ms"));
+        // The baseline controllers are the published algorithms, on RTT alone.
+        assert!(!get("baseline").reason.contains("backend queue"));
+    }
+}
