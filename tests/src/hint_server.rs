@@ -80,7 +80,7 @@ impl Drop for HintServer {
     }
 }
 
-/// A plain HTTP/1.1 request with `Connection: close`.
+/// A plain HTTP/1.1 request with `Connection: close`: status and body.
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -88,6 +88,17 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
+    http_with_head(addr, method, path, token, body).map(|(code, _, body)| (code, body))
+}
+
+/// As [`http`], with the response's head (status line and headers) as well.
+pub fn http_with_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let body = body.unwrap_or("");
@@ -106,11 +117,8 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no status line")?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((out.as_str(), ""));
+    Ok((code, head.to_string(), body.to_string()))
 }
 
 /// Waits until `GET path` answers 200.

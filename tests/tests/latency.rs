@@ -277,28 +277,27 @@ fn kernel_request_latency_matches_a_real_grpc_client() -> Result<()> {
     Ok(())
 }
 
-/// One non-streaming completion over a fresh connection; returns the backend's own queue and
-/// prefill times (ms) from its `x-queue-time-ms` / `x-prefill-time-ms` headers.
+/// One non-streaming completion; returns the backend's own queue and prefill times (ms) from its
+/// `x-queue-time-ms` / `x-prefill-time-ms` headers.
 fn completion(addr: SocketAddr, model: &str) -> Result<(f64, f64)> {
     let body = serde_json::json!({"model": model, "prompt": "a request that waits its turn", "max_tokens": 24, "seed": 3})
         .to_string();
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: backend\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    let (status, head, resp) = tokenflow_tests::hint_server::http_with_head(
+        addr,
+        "POST",
+        "/v1/completions",
+        None,
+        Some(&body),
     )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    anyhow::ensure!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    anyhow::ensure!(status == 200, "{status}: {resp}");
     let header = |name: &str| -> Result<f64> {
-        resp.lines()
+        head.lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(':')?;
                 k.eq_ignore_ascii_case(name)
                     .then(|| v.trim().parse().ok())?
             })
-            .with_context(|| format!("no {name} header in {resp}"))
+            .with_context(|| format!("no {name} header in {head}"))
     };
     Ok((header("x-queue-time-ms")?, header("x-prefill-time-ms")?))
 }

@@ -33,6 +33,8 @@ pub const PACKAGES: &[&str] = &[
 pub const KUBERNETES_VERSION: &str = "1.31.0";
 /// kubernetes-validate (PyPI: the Kubernetes OpenAPI schemas of every release, bundled), pinned.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// OpenAI's own Python SDK, pinned: a test streams from the backend with it.
+const OPENAI_SDK: &str = "openai==3.54.0";
 
 pub fn setup() -> Result<()> {
     packages()?;
@@ -147,17 +149,33 @@ pub fn kubernetes_validate() -> std::path::PathBuf {
 
 fn python_tools() -> Result<()> {
     let venv = tools_venv();
-    if succeeds(Command::new(kubernetes_validate()).arg("--version")) {
-        step("setup", "kubernetes-validate: present");
+    let sdk = OPENAI_SDK.trim_start_matches("openai==");
+    let sdk_present = output(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", "import openai; print(openai.__version__)"]),
+    )
+    .is_ok_and(|v| v.trim() == sdk);
+    if succeeds(Command::new(kubernetes_validate()).arg("--version")) && sdk_present {
+        step("setup", "kubernetes-validate, OpenAI Python SDK: present");
         return Ok(());
     }
     step(
         "setup",
-        format!("kubernetes-validate: installing into {}", venv.display()),
+        format!(
+            "{KUBERNETES_VALIDATE}, {OPENAI_SDK}: installing into {}",
+            venv.display()
+        ),
     );
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        .context("creating a Python virtual environment (apt-get install python3-venv)")?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+            .context("creating a Python virtual environment (apt-get install python3-venv)")?;
+    }
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        KUBERNETES_VALIDATE,
+        OPENAI_SDK,
+    ]))
 }
 
 /// Apache ECharts for the hint server's dashboard, from the npm registry: pinned version, tarball
