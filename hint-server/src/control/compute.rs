@@ -10,12 +10,17 @@
 //!   the number of requests the backend was actually serving (Little's law over the `service`
 //!   spans: busy slot-seconds per second), and never by less than a tenth, so requests stop
 //!   piling up in the backend and wait in the pacer instead, where classes are served in order;
-//! - *calm* (p95 within the objective): every [`PROBE_PERIODS`] calm windows the limit grows by one,
-//!   up to the group's maximum, to find room the backend gained;
+//! - *calm* (p95 within the objective): after [`PROBE_PERIODS`] calm windows the limit grows by one,
+//!   to find room the backend gained. A probe that brings the queue back doubles the wait before
+//!   the next (up to [`MAX_PROBE_PERIODS`]): a backend whose sequences finish in step makes a request
+//!   one over its slots wait for a whole generation, and the interactive users pay for every probe;
+//!   a probe that stays calm resets the wait;
+//! - *idle*: calm while the backend serves fewer than half the limit — the limit is not what holds
+//!   the load back (the link is, or demand), so it lapses until the backend queues again;
 //! - *no requests scheduled*: nothing is learnt; the limit holds.
 //!
-//! Until a node's windows carry a `queue` span the limit stays off, so a node without the markers
-//! (vLLM, or an agent run without `--span`) is paced by the network alone.
+//! Until a node's backend queues beyond the objective there is no limit, so a node without the
+//! markers (vLLM, or an agent run without `--span`) is paced by the network alone.
 
 use serde::{Deserialize, Serialize};
 use tokenflow_schema::TelemetryWindow;
@@ -23,8 +28,10 @@ use tokenflow_schema::TelemetryWindow;
 /// Queueing in the backend above which its concurrency is cut, ms. One waiting request costs about
 /// one decode slot's turnover (≈ 100 ms for the demo's backend), so this asks for "no queue".
 pub const QUEUE_OBJECTIVE_MS: f64 = 100.0;
-/// Calm windows between two probes one request above the limit.
+/// Calm windows before a probe one request above the limit …
 pub const PROBE_PERIODS: u32 = 3;
+/// … doubled after each probe that brought the queue back, up to this.
+pub const MAX_PROBE_PERIODS: u32 = 24;
 /// Span labels the limit reads.
 pub const QUEUE_SPAN: &str = "queue";
 pub const SERVICE_SPAN: &str = "service";
@@ -64,10 +71,15 @@ impl ServerLoad {
 /// The node's concurrency limit for its backend, as a state machine (serialisable with the node).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ComputeLimit {
-    /// `None` until the first window with a `queue` span.
+    /// `None` while the backend has not queued (or the limit lapsed).
     limit: Option<f64>,
+    /// Calm windows since the last cut or probe.
     calm: u32,
-    /// The last window's reading, for the hints' reason.
+    /// Calm windows wanted before the next probe (0: [`PROBE_PERIODS`]).
+    probe_every: u32,
+    /// The last change was a probe whose outcome is not known yet.
+    probing: bool,
+    /// The last window's reading, for the hint's reason.
     last_queue_ms: Option<f64>,
 }
 
@@ -79,20 +91,39 @@ impl ComputeLimit {
             return self.limit.map(|l| l.min(max));
         };
         self.last_queue_ms = Some(load.queue_p95_ms);
-        let l = self.limit.unwrap_or(max).min(max);
-        let next = if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
+        if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
+            let every = self.probe_every.max(PROBE_PERIODS);
+            let l = self.limit.unwrap_or(max).min(max);
+            if self.probing {
+                self.probe_every = (every * 2).min(MAX_PROBE_PERIODS);
+            }
+            self.probing = false;
             self.calm = 0;
             let served = load.busy.unwrap_or(l * 0.75);
-            served.min(l * 0.9)
-        } else {
-            self.calm += 1;
-            if self.calm >= PROBE_PERIODS {
-                self.calm = 0;
-                l + 1.0
-            } else {
-                l
-            }
-        };
+            self.limit = Some(served.min(l * 0.9).clamp(1.0, max));
+            return self.limit;
+        }
+        let l = self.limit?.min(max);
+        if load.busy.is_some_and(|b| b < 0.5 * l) {
+            // The backend has room to spare at this limit: something else holds the load back.
+            *self = Self {
+                last_queue_ms: self.last_queue_ms,
+                ..Self::default()
+            };
+            return None;
+        }
+        self.calm += 1;
+        if self.probing && self.calm >= PROBE_PERIODS {
+            // The last probe stayed calm: probe at the base pace again.
+            self.probing = false;
+            self.probe_every = PROBE_PERIODS;
+        }
+        let mut next = l;
+        if self.calm >= self.probe_every.max(PROBE_PERIODS) {
+            self.calm = 0;
+            self.probing = true;
+            next = l + 1.0;
+        }
         self.limit = Some(next.clamp(1.0, max));
         self.limit
     }
@@ -138,11 +169,12 @@ mod tests {
     }
 
     #[test]
-    fn off_until_the_backend_reports_and_holds_without_requests() {
+    fn off_until_the_backend_queues_and_holds_without_requests() {
         let mut c = ComputeLimit::default();
         assert_eq!(c.update(None, 26.0), None);
-        assert_eq!(c.update(load(5.0, Some(3.0)), 26.0), Some(26.0));
-        assert_eq!(c.update(None, 26.0), Some(26.0));
+        assert_eq!(c.update(load(5.0, Some(3.0)), 26.0), None, "calm: no limit");
+        assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
+        assert_eq!(c.update(None, 26.0), Some(8.0), "no requests: holds");
     }
 
     #[test]
@@ -164,9 +196,40 @@ mod tests {
         }
         assert_eq!(c.update(None, 26.0), Some(1.0));
         for _ in 0..500 {
-            c.update(load(1.0, None), 10.0);
+            c.update(load(1.0, Some(10.0)), 10.0);
         }
         assert_eq!(c.update(None, 10.0), Some(10.0));
+    }
+
+    #[test]
+    fn a_probe_that_brings_the_queue_back_waits_twice_as_long_for_the_next() {
+        let mut c = ComputeLimit::default();
+        c.update(load(900.0, Some(8.0)), 26.0);
+        // Calm windows until the limit moves; returns how many it took.
+        let mut until_probe = |c: &mut ComputeLimit| {
+            let before = c.update(None, 26.0).unwrap();
+            (1..=100)
+                .find(|_| c.update(load(10.0, Some(8.0)), 26.0).unwrap() > before)
+                .unwrap()
+        };
+        assert_eq!(until_probe(&mut c), PROBE_PERIODS);
+        c.update(load(400.0, Some(8.0)), 26.0); // the probe queued
+        assert_eq!(until_probe(&mut c), 2 * PROBE_PERIODS);
+        c.update(load(400.0, Some(8.0)), 26.0); // and again
+        assert_eq!(until_probe(&mut c), 4 * PROBE_PERIODS);
+        // This probe stays calm: the next comes at the base pace.
+        assert_eq!(until_probe(&mut c), PROBE_PERIODS);
+    }
+
+    #[test]
+    fn the_limit_lapses_when_the_backend_serves_far_below_it() {
+        let mut c = ComputeLimit::default();
+        assert_eq!(c.update(load(900.0, Some(8.0)), 34.0), Some(8.0));
+        // The load moved to a link-bound phase: one request at a time in the backend.
+        assert_eq!(c.update(load(0.0, Some(1.0)), 34.0), None);
+        assert_eq!(c.describe(), None);
+        // A new queue sets a new limit at once.
+        assert_eq!(c.update(load(500.0, Some(12.0)), 34.0), Some(12.0));
     }
 
     #[test]
