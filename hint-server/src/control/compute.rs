@@ -206,7 +206,7 @@ mod tests {
         let mut c = ComputeLimit::default();
         c.update(load(900.0, Some(8.0)), 26.0);
         // Calm windows until the limit moves; returns how many it took.
-        let mut until_probe = |c: &mut ComputeLimit| {
+        let until_probe = |c: &mut ComputeLimit| {
             let before = c.update(None, 26.0).unwrap();
             (1..=100)
                 .find(|_| c.update(load(10.0, Some(8.0)), 26.0).unwrap() > before)
