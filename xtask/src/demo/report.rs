@@ -25,7 +25,10 @@ pub struct RunFigures {
     pub rps: BTreeMap<String, f64>,
     pub tokens_per_s: BTreeMap<String, f64>,
     pub goodput_per_s: BTreeMap<String, f64>,
+    /// Failed requests (not counting shed ones).
     pub errors: BTreeMap<String, usize>,
+    /// Requests the pacer shed after `--max-wait` at its gate (never sent).
+    pub shed: BTreeMap<String, usize>,
     pub timeouts: BTreeMap<String, usize>,
     pub probe: Vec<f64>,
     pub interactive_rtt_p99_ms: f64,
@@ -71,7 +74,12 @@ pub fn figures(r: &Run, setpoint_ms: f64) -> RunFigures {
                 .count() as f64
                 / span,
         );
-        f.errors.insert(role.clone(), reqs.len() - ok.len());
+        let shed = reqs
+            .iter()
+            .filter(|q| q.error.as_deref().is_some_and(|e| e.starts_with("shed:")))
+            .count();
+        f.errors.insert(role.clone(), reqs.len() - ok.len() - shed);
+        f.shed.insert(role.clone(), shed);
         f.timeouts.insert(
             role,
             reqs.iter()
@@ -163,6 +171,7 @@ pub struct ArmSummary {
     pub tokens_per_s: BTreeMap<String, Estimate>,
     pub goodput_per_s: BTreeMap<String, Estimate>,
     pub errors: BTreeMap<String, usize>,
+    pub shed: BTreeMap<String, usize>,
     pub timeouts: BTreeMap<String, usize>,
     pub probe_p50_ms: Estimate,
     pub probe_p99_ms: Estimate,
@@ -239,6 +248,7 @@ fn summarize(scenario: &str, arm: &str, figs: &[RunFigures]) -> ArmSummary {
         tokens_per_s: rate(&|f| &f.tokens_per_s),
         goodput_per_s: rate(&|f| &f.goodput_per_s),
         errors: count(&|f| &f.errors),
+        shed: count(&|f| &f.shed),
         timeouts: count(&|f| &f.timeouts),
         probe_p50_ms: bootstrap(&probes, |v| quantile(v, 0.5), ITERS, seed),
         probe_p99_ms: bootstrap(&probes, |v| quantile(v, 0.99), ITERS, seed),
@@ -335,12 +345,12 @@ fn markdown(out: &Path, sums: &[ArmSummary], targets: &[Target], a: &DemoArgs) -
     m.push_str(
         "![network-bound: p99 vs throughput](docs/demo/network-bound-p99-vs-throughput.png)\n\n",
     );
-    m.push_str("| scenario | arm | headline p99 ms [95 % CI] | throughput [95 % CI] | probe p99 ms | errors |\n|---|---|---:|---:|---:|---:|\n");
+    m.push_str("| scenario | arm | headline p99 ms [95 % CI] | throughput [95 % CI] | probe p99 ms | errors | shed |\n|---|---|---:|---:|---:|---:|---:|\n");
     for s in sums {
         let (pn, p, gn, g) = headline(s);
         let _ = writeln!(
             m,
-            "| {} | {} | {} ({}) | {} ({}) | {} | {} |",
+            "| {} | {} | {} ({}) | {} ({}) | {} | {} | {} |",
             s.scenario,
             s.arm,
             ci(p),
@@ -348,7 +358,8 @@ fn markdown(out: &Path, sums: &[ArmSummary], targets: &[Target], a: &DemoArgs) -
             ci(g),
             gn,
             ci(s.probe_p99_ms),
-            s.errors.values().sum::<usize>()
+            s.errors.values().sum::<usize>(),
+            s.shed.values().sum::<usize>()
         );
     }
     m.push_str("\nTargets (issue 5/6):\n\n");
@@ -683,24 +694,26 @@ fn ci(x: Estimate) -> String {
 
 fn print_table(sums: &[ArmSummary], targets: &[Target]) {
     println!(
-        "\n│ {:<15} │ {:<9} │ {:>26} │ {:>26} │ {:>24} │ {:>9} │",
+        "\n│ {:<15} │ {:<9} │ {:>26} │ {:>26} │ {:>24} │ {:>9} │ {:>6} │",
         "scenario",
         "arm",
         "headline p99 (ms) [95 % CI]",
         "throughput [95 % CI]",
         "probe p99 ms [95 % CI]",
-        "errors"
+        "errors",
+        "shed"
     );
     for s in sums {
         let (_, p, _, g) = headline(s);
         println!(
-            "│ {:<15} │ {:<9} │ {:>26} │ {:>26} │ {:>24} │ {:>9} │",
+            "│ {:<15} │ {:<9} │ {:>26} │ {:>26} │ {:>24} │ {:>9} │ {:>6} │",
             s.scenario,
             s.arm,
             ci(p),
             ci(g),
             ci(s.probe_p99_ms),
-            s.errors.values().sum::<usize>()
+            s.errors.values().sum::<usize>(),
+            s.shed.values().sum::<usize>()
         );
     }
     println!("\ntargets:");
@@ -1118,12 +1131,12 @@ fn html(
             continue;
         }
         let _ = write!(h, "<h2>{}</h2><p>{}</p>", esc(sc.name), esc(sc.what));
-        h.push_str("<table><tr><th>arm</th><th>client</th><th>TTFT p50 ms</th><th>TTFT p99 ms</th><th>inter-token p99 ms</th><th>e2e p99 ms</th><th>req/s</th><th>tokens/s</th><th>goodput req/s</th><th>errors</th><th>timeouts</th></tr>");
+        h.push_str("<table><tr><th>arm</th><th>client</th><th>TTFT p50 ms</th><th>TTFT p99 ms</th><th>inter-token p99 ms</th><th>e2e p99 ms</th><th>req/s</th><th>tokens/s</th><th>goodput req/s</th><th>errors</th><th>shed</th><th>timeouts</th></tr>");
         for s in &rows {
             for role in s.ttft_p99_ms.keys() {
                 let _ = write!(
                     h,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                     s.arm,
                     role,
                     ci(e(&s.ttft_p50_ms, role)),
@@ -1134,6 +1147,7 @@ fn html(
                     ci(e(&s.tokens_per_s, role)),
                     ci(e(&s.goodput_per_s, role)),
                     s.errors.get(role).copied().unwrap_or(0),
+                    s.shed.get(role).copied().unwrap_or(0),
                     s.timeouts.get(role).copied().unwrap_or(0),
                 );
             }
