@@ -8,15 +8,16 @@
 //!
 //! - *overloaded*: the queue's p95 exceeds [`QUEUE_OBJECTIVE_MS`] — the concurrency limit drops to
 //!   the number of requests the backend was actually serving (Little's law over the `service`
-//!   spans: busy slot-seconds per second), and never by less than a tenth, so requests stop
+//!   spans: busy slot-seconds per second, smoothed over windows), and never by less than a tenth, so requests stop
 //!   piling up in the backend and wait in the pacer instead, where classes are served in order;
 //! - *calm* (p95 within the objective): after [`PROBE_PERIODS`] calm windows the limit grows by one,
 //!   to find room the backend gained. A probe that brings the queue back doubles the wait before
 //!   the next (up to [`MAX_PROBE_PERIODS`]): a backend whose sequences finish in step makes a request
 //!   one over its slots wait for a whole generation, and the interactive users pay for every probe;
 //!   a probe that stays calm resets the wait;
-//! - *idle*: calm while the backend serves fewer than half the limit — the limit is not what holds
-//!   the load back (the link is, or demand), so it lapses until the backend queues again;
+//! - *idle*: calm for [`LAPSE_PERIODS`] windows while the backend serves fewer than half the limit —
+//!   the limit is not what holds the load back (the link is, or demand), so it lapses until the
+//!   backend queues again;
 //! - *no requests scheduled*: nothing is learnt; the limit holds.
 //!
 //! Until a node's backend queues beyond the objective there is no limit, so a node without the
@@ -32,6 +33,11 @@ pub const QUEUE_OBJECTIVE_MS: f64 = 100.0;
 pub const PROBE_PERIODS: u32 = 3;
 /// … doubled after each probe that brought the queue back, up to this.
 pub const MAX_PROBE_PERIODS: u32 = 24;
+/// Calm windows in a row with the backend under half the limit before the limit lapses.
+pub const LAPSE_PERIODS: u32 = 5;
+/// Weight of the newest window in the smoothed busy-slot count: one window sees only the
+/// requests that ended in it, and generations that finish in step make that lumpy.
+const BUSY_ALPHA: f64 = 0.3;
 /// Span labels the limit reads.
 pub const QUEUE_SPAN: &str = "queue";
 pub const SERVICE_SPAN: &str = "service";
@@ -79,6 +85,10 @@ pub struct ComputeLimit {
     probe_every: u32,
     /// The last change was a probe whose outcome is not known yet.
     probing: bool,
+    /// Smoothed busy slots (`None` before the first `service` span).
+    busy: Option<f64>,
+    /// Calm windows in a row with the backend under half the limit.
+    idle: u32,
     /// The last window's reading, for the hint's reason.
     last_queue_ms: Option<f64>,
 }
@@ -91,7 +101,11 @@ impl ComputeLimit {
             return self.limit.map(|l| l.min(max));
         };
         self.last_queue_ms = Some(load.queue_p95_ms);
+        if let Some(b) = load.busy {
+            self.busy = Some(self.busy.map_or(b, |e| e + BUSY_ALPHA * (b - e)));
+        }
         if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
+            self.idle = 0;
             let every = self.probe_every.max(PROBE_PERIODS);
             let l = self.limit.unwrap_or(max).min(max);
             if self.probing {
@@ -99,15 +113,27 @@ impl ComputeLimit {
             }
             self.probing = false;
             self.calm = 0;
-            let served = load.busy.unwrap_or(l * 0.75);
+            // While it queues the backend is saturated: a low reading is a lumpy window, so the
+            // higher of this window's count and the smoothed one (the cut is a tenth at least).
+            let served = match (load.busy, self.busy) {
+                (Some(b), Some(e)) => b.max(e),
+                (b, e) => b.or(e).unwrap_or(l * 0.75),
+            };
             self.limit = Some(served.min(l * 0.9).clamp(1.0, max));
             return self.limit;
         }
         let l = self.limit?.min(max);
-        if load.busy.is_some_and(|b| b < 0.5 * l) {
-            // The backend has room to spare at this limit: something else holds the load back.
+        if self.busy.is_some_and(|b| b < 0.5 * l) {
+            self.idle += 1;
+        } else {
+            self.idle = 0;
+        }
+        if self.idle >= LAPSE_PERIODS {
+            // The backend has had room to spare at this limit for a while: something else holds
+            // the load back (the link, or demand).
             *self = Self {
                 last_queue_ms: self.last_queue_ms,
+                busy: self.busy,
                 ..Self::default()
             };
             return None;
@@ -225,8 +251,12 @@ mod tests {
     fn the_limit_lapses_when_the_backend_serves_far_below_it() {
         let mut c = ComputeLimit::default();
         assert_eq!(c.update(load(900.0, Some(8.0)), 34.0), Some(8.0));
-        // The load moved to a link-bound phase: one request at a time in the backend.
-        assert_eq!(c.update(load(0.0, Some(1.0)), 34.0), None);
+        // The load moved to a link-bound phase: one request at a time in the backend. The
+        // smoothed count falls under half the limit within a few windows, then it must stay there.
+        let windows = (1..=20)
+            .find(|_| c.update(load(0.0, Some(1.0)), 34.0).is_none())
+            .unwrap();
+        assert!(windows > LAPSE_PERIODS && windows <= LAPSE_PERIODS + 3, "{windows}");
         assert_eq!(c.describe(), None);
         // A new queue sets a new limit at once.
         assert_eq!(c.update(load(500.0, Some(12.0)), 34.0), Some(12.0));
