@@ -8,7 +8,9 @@
 //!
 //! - *overloaded*: the queue's p95 exceeds [`QUEUE_OBJECTIVE_MS`] — the concurrency limit drops to
 //!   the number of requests the backend was actually serving (Little's law over the `service`
-//!   spans: busy slot-seconds per second, smoothed over windows), and never by less than a tenth, so requests stop
+//!   spans: busy slot-seconds per second, smoothed over windows) or to the limit less the requests
+//!   that waited (Little's law over the `queue` spans), whichever is higher, and by half a request
+//!   at least, so requests stop
 //!   piling up in the backend and wait in the pacer instead, where classes are served in order;
 //! - *calm* (p95 within the objective): after [`PROBE_PERIODS`] calm windows the limit grows by one,
 //!   to find room the backend gained. A probe that brings the queue back doubles the wait before
@@ -50,6 +52,8 @@ pub struct ServerLoad {
     /// Mean number of requests the backend was serving (busy slots), when `service` spans ended
     /// in the window.
     pub busy: Option<f64>,
+    /// Mean number of requests waiting in its queue (Little's law over the `queue` spans).
+    pub waiting: f64,
 }
 
 impl ServerLoad {
@@ -64,12 +68,18 @@ impl ServerLoad {
         let queue_p95_ms = spans(QUEUE_SPAN)
             .map(|p| p.latency.p95_us as f64 / 1000.0)
             .reduce(f64::max)?;
+        let waiting = spans(QUEUE_SPAN)
+            .map(|p| p.latency.mean_us as f64 * p.latency.samples as f64)
+            .sum::<f64>()
+            / 1e6
+            / secs;
         let busy_us: f64 = spans(SERVICE_SPAN)
             .map(|p| p.latency.mean_us as f64 * p.latency.samples as f64)
             .sum();
         Some(Self {
             queue_p95_ms,
             busy: (busy_us > 0.0).then(|| busy_us / 1e6 / secs),
+            waiting,
         })
     }
 }
@@ -113,13 +123,22 @@ impl ComputeLimit {
             }
             self.probing = false;
             self.calm = 0;
-            // While it queues the backend is saturated: a low reading is a lumpy window, so the
-            // higher of this window's count and the smoothed one (the cut is a tenth at least).
+            // While it queues the backend is saturated: it serves all it can, and what waits is
+            // the excess. Two estimates of what it can take — what it served (a low reading is a
+            // lumpy window, so the higher of this window's count and the smoothed one) and the
+            // limit less what waited — the higher of the two, half a request under the limit at
+            // least.
             let served = match (load.busy, self.busy) {
                 (Some(b), Some(e)) => b.max(e),
                 (b, e) => b.or(e).unwrap_or(l * 0.75),
             };
-            self.limit = Some(served.min(l * 0.9).clamp(1.0, max));
+            // (The limit less what waited says nothing while there was no limit to fill.)
+            let fits = if self.limit.is_some() {
+                served.max(l - load.waiting)
+            } else {
+                served
+            };
+            self.limit = Some(fits.min(l - 0.5).clamp(1.0, max));
             return self.limit;
         }
         let l = self.limit?.min(max);
@@ -177,7 +196,8 @@ pub fn split(limit: f64, members: &[(tokenflow_schema::ClientClass, f64, u32)]) 
         .collect();
     super::share::share(limit, &m)
         .into_iter()
-        .map(|c| (c + 1e-9).floor().max(1.0) as u32)
+        // Rounded: flooring every share would leave up to a request per client unused.
+        .map(|c| c.round().max(1.0) as u32)
         .collect()
 }
 
@@ -191,6 +211,7 @@ mod tests {
         Some(ServerLoad {
             queue_p95_ms: q,
             busy,
+            waiting: 0.0,
         })
     }
 
@@ -208,14 +229,21 @@ mod tests {
         let mut c = ComputeLimit::default();
         // 26 allowed, the backend runs 8 and queues the rest.
         assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
-        // A small queue still cuts, by at least a tenth.
-        assert_eq!(c.update(load(150.0, Some(8.0)), 26.0), Some(7.2));
+        // A small queue still cuts, by half a request at least.
+        assert_eq!(c.update(load(150.0, Some(8.0)), 26.0), Some(7.5));
         // Calm: one more after PROBE_PERIODS windows.
         for _ in 1..PROBE_PERIODS {
-            assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(7.2));
+            assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(7.5));
         }
-        assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(8.2));
-        assert!(c.describe().unwrap().contains("20 ms"));
+        assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(8.5));
+        // A probe that queued one request for the whole window: back under it.
+        let one_waiting = Some(ServerLoad {
+            queue_p95_ms: 900.0,
+            busy: Some(7.0),
+            waiting: 1.0,
+        });
+        assert_eq!(c.update(one_waiting, 26.0), Some(7.5));
+        assert!(c.describe().unwrap().contains("900 ms"));
         // Never below one, never above the maximum.
         for _ in 0..50 {
             c.update(load(5000.0, Some(0.1)), 26.0);
@@ -256,7 +284,10 @@ mod tests {
         let windows = (1..=20)
             .find(|_| c.update(load(0.0, Some(1.0)), 34.0).is_none())
             .unwrap();
-        assert!(windows > LAPSE_PERIODS && windows <= LAPSE_PERIODS + 3, "{windows}");
+        assert!(
+            windows > LAPSE_PERIODS && windows <= LAPSE_PERIODS + 3,
+            "{windows}"
+        );
         assert_eq!(c.describe(), None);
         // A new queue sets a new limit at once.
         assert_eq!(c.update(load(500.0, Some(12.0)), 34.0), Some(12.0));
@@ -286,7 +317,8 @@ mod tests {
             ServerLoad::from_window(&w),
             Some(ServerLoad {
                 queue_p95_ms: 240.0,
-                busy: Some(8.0)
+                busy: Some(8.0),
+                waiting: 0.8,
             })
         );
     }
@@ -298,7 +330,8 @@ mod tests {
             (ClientClass::Interactive, 1.0, 2),
         ];
         assert_eq!(split(8.0, &ms), vec![6, 2]);
-        assert_eq!(split(2.5, &ms), vec![1, 1]);
+        assert_eq!(split(7.5, &ms), vec![6, 2]);
+        assert_eq!(split(2.5, &ms), vec![1, 2]);
         assert_eq!(split(100.0, &ms), vec![24, 2]);
     }
 }
