@@ -10,8 +10,8 @@
 //!   the number of requests the backend was actually serving (Little's law over the `service`
 //!   spans: busy slot-seconds per second, smoothed over windows) or to the limit less the requests
 //!   that waited (Little's law over the `queue` spans), whichever is higher, and by half a request
-//!   at least, so requests stop
-//!   piling up in the backend and wait in the pacer instead, where classes are served in order;
+//!   at least, so requests stop piling up in the backend and wait in the pacer instead, where
+//!   classes are served in order;
 //! - *calm* (p95 within the objective): after [`PROBE_PERIODS`] calm windows the limit grows by one,
 //!   to find room the backend gained. A probe that brings the queue back doubles the wait before
 //!   the next (up to [`MAX_PROBE_PERIODS`]): a backend whose sequences finish in step makes a request

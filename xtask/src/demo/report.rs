@@ -1248,6 +1248,19 @@ pub fn check(runs: &[Run], arms: &[String]) -> Vec<String> {
             p.push(format!("pid: the group's hint did not recover after the bottleneck widened (min {low:.1}, after {high:.1} req/s)"));
         }
     }
+    // The backend's queue reaches the controller: in the compute-bound scenario the `pid` group's
+    // hints carry the compute limit (the agent's spans → the hint server → the hint's reason).
+    for r in runs
+        .iter()
+        .filter(|r| r.arm == "pid" && r.scenario == "compute-bound")
+    {
+        if !r.ticks.iter().any(|t| t.reason.contains("backend queue")) {
+            p.push(
+                "compute-bound · pid: no hint carried the backend's concurrency limit (are the agent's spans on the backend's markers?)"
+                    .into(),
+            );
+        }
+    }
     // The pacer follows the hint: per second, requests sent ≤ the hinted rate (+ one burst).
     for r in runs.iter().filter(|r| r.arm == "pid") {
         let Some(c) = r.clients.iter().find(|c| c.role == Role::Batch) else {
