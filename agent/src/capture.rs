@@ -71,7 +71,7 @@ pub struct KernelState {
 
 impl Capture {
     /// Loads and attaches the programs. Needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN.
-    /// Loads and attaches everything. Probe ids: `uprobes` first, then `spans`, in order.
+    /// Probe ids (the windows' `uprobes` order): `uprobes` first, then `spans`.
     pub fn start(
         filter: &Filter,
         btf: &Path,
@@ -146,8 +146,16 @@ impl Capture {
                 .with_context(|| format!("attaching {prog} to {category}:{tracepoint}"))?;
         }
 
-        attach_uprobes(&mut ebpf, uprobes)?;
-        attach_spans(&mut ebpf, spans, uprobes.len())?;
+        let points = resolve(uprobes.iter().zip(0..))?;
+        for prog in [programs::UPROBE_ENTRY, programs::UPROBE_RETURN] {
+            attach_points(&mut ebpf, prog, &points)?;
+        }
+        let markers: Vec<[UprobeSpec; 2]> = spans.iter().map(SpanSpec::markers).collect();
+        let first = uprobes.len();
+        let starts = resolve(markers.iter().map(|[a, _]| a).zip(first..))?;
+        let ends = resolve(markers.iter().map(|[_, b]| b).zip(first..))?;
+        attach_points(&mut ebpf, programs::SPAN_START, &starts)?;
+        attach_points(&mut ebpf, programs::SPAN_END, &ends)?;
 
         let flows = HashMap::try_from(take(&mut ebpf, maps::FLOWS)?)?;
         let req_lat = PerCpuHashMap::try_from(take(&mut ebpf, maps::REQ_LATENCY)?)?;
@@ -245,61 +253,42 @@ where
     <&mut T>::try_from(p).with_context(|| format!("program {name} is not of the expected type"))
 }
 
-fn attach_uprobes(ebpf: &mut Ebpf, uprobes: &[UprobeSpec]) -> Result<()> {
-    if uprobes.is_empty() {
-        return Ok(());
-    }
-    let symbols: Vec<String> = uprobes
-        .iter()
-        .map(crate::uprobe_target::resolve)
-        .collect::<Result<_>>()?;
-    for prog in [programs::UPROBE_ENTRY, programs::UPROBE_RETURN] {
-        let p: &mut UProbe = program(ebpf, prog)?;
-        p.load()
-            .with_context(|| format!("verifier rejected {prog}"))?;
-        for (id, (spec, symbol)) in uprobes.iter().zip(&symbols).enumerate() {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(symbol),
-                cookie: Some(id as u64),
-            };
-            p.attach(point, &spec.path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {prog} to {}:{symbol}", spec.path.display()))?;
-        }
-    }
-    Ok(())
+/// A function to attach a uprobe program to: the binary, the symbol as stored in it, and the probe
+/// id the program records under (its BPF cookie).
+struct Point {
+    path: PathBuf,
+    symbol: String,
+    id: usize,
 }
 
-/// Each span's start and end markers, with the span's probe id (after the uprobes') as cookie.
-fn attach_spans(ebpf: &mut Ebpf, spans: &[SpanSpec], first_id: usize) -> Result<()> {
-    if spans.is_empty() {
+/// Looks every target's symbol up in its binary (each ELF file read once per target).
+fn resolve<'a>(targets: impl Iterator<Item = (&'a UprobeSpec, usize)>) -> Result<Vec<Point>> {
+    targets
+        .map(|(spec, id)| {
+            Ok(Point {
+                path: spec.path.clone(),
+                symbol: crate::uprobe_target::resolve(spec)?,
+                id,
+            })
+        })
+        .collect()
+}
+
+/// Loads uprobe program `prog` and attaches it at every point (nothing when there are none).
+fn attach_points(ebpf: &mut Ebpf, prog: &str, points: &[Point]) -> Result<()> {
+    if points.is_empty() {
         return Ok(());
     }
-    let symbols: Vec<[String; 2]> = spans
-        .iter()
-        .map(|s| {
-            let [a, b] = s.markers();
-            Ok([
-                crate::uprobe_target::resolve(&a)?,
-                crate::uprobe_target::resolve(&b)?,
-            ])
-        })
-        .collect::<Result<_>>()?;
-    for (end, prog) in [programs::SPAN_START, programs::SPAN_END]
-        .into_iter()
-        .enumerate()
-    {
-        let p: &mut UProbe = program(ebpf, prog)?;
-        p.load()
-            .with_context(|| format!("verifier rejected {prog}"))?;
-        for (i, (spec, syms)) in spans.iter().zip(&symbols).enumerate() {
-            let symbol = &syms[end];
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(symbol),
-                cookie: Some((first_id + i) as u64),
-            };
-            p.attach(point, &spec.path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {prog} to {}:{symbol}", spec.path.display()))?;
-        }
+    let p: &mut UProbe = program(ebpf, prog)?;
+    p.load()
+        .with_context(|| format!("verifier rejected {prog}"))?;
+    for pt in points {
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::Symbol(&pt.symbol),
+            cookie: Some(pt.id as u64),
+        };
+        p.attach(point, &pt.path, UProbeScope::AllProcesses)
+            .with_context(|| format!("attaching {prog} to {}:{}", pt.path.display(), pt.symbol))?;
     }
     Ok(())
 }
