@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 use serde::Deserialize;
 
+use tokenflow_schema::store::Target;
+
 use crate::capture::Filter;
 
 /// TokenFlow node agent: measures every TCP connection from the kernel (RTT, retransmits,
@@ -32,9 +34,14 @@ pub struct Args {
     #[arg(long, env = "TOKENFLOW_SINK", value_enum)]
     pub sink: Option<Sink>,
 
-    /// Write windows to this Redis (stream `tokenflow:telemetry:<node-id>`, key `tokenflow:latest:<node-id>`).
+    /// Write windows to this Redis (stream `tokenflow:telemetry:{<node-id>}`, key `tokenflow:latest:{<node-id>}`);
+    /// with --redis-cluster, one or more comma-separated seed nodes of a Redis Cluster.
     #[arg(long, env = "TOKENFLOW_REDIS")]
     pub redis: Option<String>,
+
+    /// --redis names a Redis Cluster (the node's keys share one hash slot, the node set lives on another).
+    #[arg(long, env = "TOKENFLOW_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 
     /// Keep stream entries this long (trimmed with XADD MINID ~).
     #[arg(long, env = "TOKENFLOW_REDIS_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -109,6 +116,16 @@ impl Args {
     /// Stdout when asked for, or when there is no other place for the windows to go.
     pub fn stdout(&self) -> bool {
         self.sink == Some(Sink::Stdout) || (self.sink.is_none() && self.redis.is_none())
+    }
+
+    /// Where windows go in Redis, `None` without --redis.
+    pub fn redis_target(&self) -> Result<Option<Target>> {
+        self.redis
+            .as_deref()
+            .map(|urls| {
+                Target::parse(urls, self.redis_cluster).map_err(|e| anyhow::anyhow!("--redis: {e}"))
+            })
+            .transpose()
     }
 
     /// The metrics address, `None` when disabled.
@@ -241,6 +258,7 @@ struct FileConfig {
     duration: Option<String>,
     sink: Option<Sink>,
     redis: Option<String>,
+    redis_cluster: Option<bool>,
     redis_retention: Option<String>,
     redis_buffer: Option<usize>,
     metrics_addr: Option<String>,
@@ -309,6 +327,9 @@ impl Args {
         if let (true, Some(v)) = (unset("redis"), f.redis) {
             self.redis = Some(v);
         }
+        if let (true, Some(v)) = (unset("redis_cluster"), f.redis_cluster) {
+            self.redis_cluster = v;
+        }
         if let (true, Some(v)) = (unset("redis_retention"), f.redis_retention) {
             self.redis_retention = dur(&v, "redis-retention")?;
         }
@@ -345,11 +366,7 @@ impl Args {
     fn validate(&self) -> Result<()> {
         self.filter()?;
         self.metrics_addr()?;
-        if let Some(url) = &self.redis {
-            redis::Client::open(url.as_str()).with_context(|| {
-                format!("--redis {url:?}: expected a URL such as redis://127.0.0.1:6379")
-            })?;
-        }
+        self.redis_target()?;
         anyhow::ensure!(!self.interval.is_zero(), "--interval must be longer than 0");
         anyhow::ensure!(
             self.redis_buffer > 0,

@@ -64,16 +64,15 @@ pub async fn run(args: Args) -> Result<()> {
     check_privileges()?;
     let filter = args.filter()?;
     let metrics_addr = args.metrics_addr()?;
-    let redis = match &args.redis {
-        Some(url) => Some(RedisSink::start(RedisConfig {
-            url: url.clone(),
+    let redis = args.redis_target()?.map(|target| {
+        RedisSink::start(RedisConfig {
+            target,
             node_id: args.node_id.clone(),
             retention: args.redis_retention,
             buffer: args.redis_buffer,
             latest_ttl: args.interval * 3,
-        })?),
-        None => None,
-    };
+        })
+    });
     let exporter = match metrics_addr {
         Some(addr) => {
             let e = prometheus::install(addr).await?;

@@ -7,6 +7,7 @@ use tokenflow_hint_server::{
     serve::{self, Settings, unix_ms},
     trace::Trace,
 };
+use tokenflow_schema::store::Target;
 
 /// TokenFlow's hint server: reads the agents' telemetry windows from Redis, scores them with an
 /// Isolation Forest, forecasts the p95 RTT with a GBDT, and turns both into per-client rate
@@ -50,12 +51,8 @@ enum Cmd {
     /// SIMULATOR for scale tests: write synthetic windows of many nodes to Redis as agents would
     /// (node ids `sim-node-NNNNN`, GPU provider "simulated") and register one client per node.
     SimulateNodes {
-        #[arg(
-            long,
-            env = "TOKENFLOW_REDIS",
-            default_value = "redis://127.0.0.1:6379"
-        )]
-        redis: String,
+        #[command(flatten)]
+        redis: RedisArgs,
         #[arg(long, default_value_t = 1000)]
         nodes: usize,
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -74,15 +71,33 @@ enum Cmd {
     },
 }
 
+/// Where Redis is.
 #[derive(clap::Args)]
-struct ServeArgs {
-    /// Redis holding the agents' streams, the client settings and the hints.
+struct RedisArgs {
+    /// Redis holding the agents' streams, the client settings and the hints; with
+    /// --redis-cluster, one or more comma-separated seed nodes of a Redis Cluster.
     #[arg(
         long,
         env = "TOKENFLOW_REDIS",
         default_value = "redis://127.0.0.1:6379"
     )]
     redis: String,
+    /// --redis names a Redis Cluster: writes go per hash slot and each node's stream is read on
+    /// its own slot.
+    #[arg(long, env = "TOKENFLOW_REDIS_CLUSTER")]
+    redis_cluster: bool,
+}
+
+impl RedisArgs {
+    fn target(&self) -> anyhow::Result<Target> {
+        Target::parse(&self.redis, self.redis_cluster).map_err(|e| anyhow::anyhow!("--redis: {e}"))
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
     /// Address of the HTTP API.
     #[arg(long, env = "TOKENFLOW_HINT_LISTEN", default_value = "127.0.0.1:8700")]
     listen: SocketAddr,
@@ -140,12 +155,14 @@ fn main() -> ExitCode {
             interval,
             duration,
             no_clients,
-        } => simulate_nodes(tokenflow_hint_server::simulate::SimSettings {
-            redis,
-            nodes,
-            interval,
-            duration,
-            clients: !no_clients,
+        } => redis.target().and_then(|redis| {
+            simulate_nodes(tokenflow_hint_server::simulate::SimSettings {
+                redis,
+                nodes,
+                interval,
+                duration,
+                clients: !no_clients,
+            })
         }),
         Cmd::BenchDecision { trace } => {
             tokenflow_hint_server::bench::decision(&trace).map(|v| println!("{v}"))
@@ -201,7 +218,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     let workers = a.workers;
     let settings = Settings {
-        redis: a.redis,
+        redis: a.redis.target()?,
         listen: a.listen,
         metrics,
         token: a.token.filter(|t| !t.is_empty()),

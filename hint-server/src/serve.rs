@@ -12,12 +12,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwapOption;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use redis::{
     AsyncCommands,
-    streams::{StreamRangeReply, StreamReadOptions, StreamReadReply},
+    streams::{StreamKey, StreamRangeReply, StreamReadOptions, StreamReadReply},
 };
-use tokenflow_schema::{ClientConfig, Hint, TelemetryWindow, keys};
+use tokenflow_schema::{ClientConfig, Hint, TelemetryWindow, keys, store::Target};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -29,7 +29,7 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub redis: String,
+    pub redis: Target,
     pub listen: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub token: Option<String>,
@@ -63,6 +63,10 @@ pub type ClientTable = Arc<Vec<(String, ClientConfig)>>;
 
 /// Nodes whose windows one replica decides on at the same time.
 const INGEST_PARALLEL: usize = 64;
+/// In a Redis Cluster: reads of node streams in flight at once, and how often every node's
+/// stream is read whether or not it announced a window.
+const CLUSTER_READS_PARALLEL: usize = 64;
+const CLUSTER_SWEEP: Duration = Duration::from_secs(1);
 
 /// How long a replica decides with its copy of the client table.
 pub const CLIENTS_TTL: Duration = Duration::from_millis(500);
@@ -209,6 +213,20 @@ async fn ingest(app: &App) -> Result<()> {
     let mut con = app.store.con.clone();
     let mut nodes: Vec<String> = Vec::new();
     let mut refreshed = Instant::now() - Duration::from_secs(60);
+    let mut announced = match reader {
+        Some(_) => tokio::sync::mpsc::channel(1).1,
+        None => announcements(app.store.clone()),
+    };
+    let mut last_sweep = Instant::now() - CLUSTER_SWEEP;
+    let group = |block: Option<usize>| {
+        let o = StreamReadOptions::default()
+            .group(keys::HINT_GROUP, &app.settings.consumer)
+            .count(32);
+        match block {
+            Some(ms) => o.block(ms),
+            None => o,
+        }
+    };
     loop {
         if refreshed.elapsed() > Duration::from_secs(2) {
             let now = app.store.nodes().await?;
@@ -234,15 +252,57 @@ async fn ingest(app: &App) -> Result<()> {
             continue;
         }
         let streams: Vec<String> = nodes.iter().map(|n| keys::telemetry_stream(n)).collect();
-        let ids: Vec<&str> = vec![">"; streams.len()];
-        let opts = StreamReadOptions::default()
-            .group(keys::HINT_GROUP, &app.settings.consumer)
-            .block(1000)
-            .count(32);
-        let reply: Option<StreamReadReply> = reader.xread_options(&streams, &ids, &opts).await?;
-        let Some(reply) = reply else { continue };
+        let keys: Vec<StreamKey> = match reader.as_mut() {
+            // One server: a single blocking read over every node's stream.
+            Some(reader) => {
+                let ids: Vec<&str> = vec![">"; streams.len()];
+                let reply: Option<StreamReadReply> = reader
+                    .xread_options(&streams, &ids, &group(Some(1000)))
+                    .await?;
+                reply.map(|r| r.keys).unwrap_or_default()
+            }
+            // A cluster: each node's stream is its own slot, so no one read spans them. Read the
+            // streams of the nodes that announced a window (`tokenflow:windows`), and every
+            // stream once per sweep, for announcements missed while unsubscribed.
+            None => {
+                let due: Vec<String> = if last_sweep.elapsed() >= CLUSTER_SWEEP {
+                    last_sweep = Instant::now();
+                    streams
+                } else {
+                    let wait = CLUSTER_SWEEP.saturating_sub(last_sweep.elapsed());
+                    match tokio::time::timeout(wait, announced.recv()).await {
+                        Err(_) => continue,
+                        Ok(None) => anyhow::bail!("the window announcements stopped"),
+                        Ok(Some(first)) => {
+                            let mut due = std::collections::BTreeSet::from([first]);
+                            while let Ok(n) = announced.try_recv() {
+                                due.insert(n);
+                            }
+                            due.into_iter()
+                                .filter(|n| nodes.contains(n))
+                                .map(|n| keys::telemetry_stream(&n))
+                                .collect()
+                        }
+                    }
+                };
+                let reads: Vec<_> = due
+                    .into_iter()
+                    .map(|s| read_one(con.clone(), s, group(None)))
+                    .collect();
+                futures_util::stream::iter(reads)
+                    .buffer_unordered(CLUSTER_READS_PARALLEL)
+                    .try_collect::<Vec<_>>()
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+        };
+        if keys.is_empty() {
+            continue;
+        }
         // Nodes side by side (up to INGEST_PARALLEL at once), each node's windows in order.
-        let jobs = reply.keys.into_iter().map(|key| {
+        let jobs = keys.into_iter().map(|key| {
             let mut con = con.clone();
             async move {
                 for entry in key.ids {
@@ -265,6 +325,50 @@ async fn ingest(app: &App) -> Result<()> {
             r?;
         }
     }
+}
+
+/// The node ids announced on `tokenflow:windows` (a cluster forwards every classic PUBLISH to all
+/// its nodes, so one subscription on any node hears every agent). Announcements beyond what the
+/// ingest has yet to read are dropped: the sweep reads those streams anyway.
+fn announcements(store: Store) -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    tokio::spawn(async move {
+        let mut attempt = 0;
+        while !tx.is_closed() {
+            let client = store.subscriber(attempt);
+            attempt += 1;
+            let r: Result<()> = async {
+                let mut ps = client.get_async_pubsub().await?;
+                ps.subscribe(keys::WINDOWS_CHANNEL).await?;
+                let mut s = ps.on_message();
+                while let Some(msg) = s.next().await {
+                    if let Ok(node) = msg.get_payload::<String>()
+                        && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                            tx.try_send(node)
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!("window announcements: {e:#}; resubscribing");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    rx
+}
+
+/// New entries of one stream for this consumer, without blocking.
+async fn read_one(
+    mut con: tokenflow_schema::store::Redis,
+    stream: String,
+    opts: StreamReadOptions,
+) -> Result<Vec<StreamKey>> {
+    let r: Option<StreamReadReply> = con.xread_options(&[&stream], &[">"], &opts).await?;
+    Ok(r.map(|r| r.keys).unwrap_or_default())
 }
 
 /// One window: the node's state from Redis, the decision, state and hints back to Redis.
@@ -327,10 +431,7 @@ async fn stale_pass(app: &App) -> Result<()> {
         }
         if !app
             .store
-            .try_lock(
-                &format!("tokenflow:stale-lock:{node}"),
-                interval_ms.max(100),
-            )
+            .try_lock(&keys::stale_lock(node), interval_ms.max(100))
             .await?
         {
             continue;
@@ -345,9 +446,10 @@ async fn stale_pass(app: &App) -> Result<()> {
 
 /// New hints from every replica, for the SSE streams of this one.
 async fn pubsub_loop(app: Arc<App>) {
-    loop {
+    for attempt in 0.. {
+        let client = app.store.subscriber(attempt);
         let r: Result<()> = async {
-            let mut ps = app.store.client.get_async_pubsub().await?;
+            let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(keys::HINTS_CHANNEL).await?;
             let mut s = ps.on_message();
             while let Some(msg) = s.next().await {

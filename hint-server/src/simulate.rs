@@ -12,16 +12,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use redis::aio::ConnectionManager;
 use tokenflow_schema::{
     ClientClass, ClientConfig, ClientConfigInput, NodeSummary, TelemetryWindow, keys,
+    store::{Batch, Target, Timeouts},
 };
 
 use crate::serve::unix_ms;
 
 #[derive(Clone, Debug)]
 pub struct SimSettings {
-    pub redis: String,
+    pub redis: Target,
     pub nodes: usize,
     pub interval: Duration,
     pub duration: Duration,
@@ -87,13 +87,21 @@ pub fn node_window(
 /// Registers the clients and writes windows for every node once per interval until the duration
 /// has passed. Returns the number of windows written.
 pub async fn run(s: &SimSettings, progress: impl Fn(u64, usize)) -> Result<u64> {
-    let client = redis::Client::open(s.redis.as_str()).context("Redis URL")?;
-    let mut con = ConnectionManager::new(client)
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        response: Duration::from_secs(10),
+        retries: 2,
+    };
+    let mut con = s
+        .redis
+        .connect(timeouts)
         .await
         .with_context(|| format!("connecting to {}", s.redis))?;
-    let mut p = redis::pipe();
+    let mut b = Batch::new();
     for i in 0..s.nodes {
-        p.sadd(keys::NODES, node_id(i)).ignore();
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(keys::NODES).arg(node_id(i));
+        b.keyed(keys::NODES, sadd);
         if s.clients {
             // The defaults a client registered through the API gets; every fourth one is batch.
             let input = ClientConfigInput {
@@ -107,12 +115,14 @@ pub async fn run(s: &SimSettings, progress: impl Fn(u64, usize)) -> Result<u64> 
             };
             let c = ClientConfig::merge(None, &input)
                 .map_err(|(f, m)| anyhow::anyhow!("simulated client: {f}: {m}"))?;
-            p.hset(keys::CLIENTS, client_id(i), serde_json::to_string(&c)?)
-                .ignore();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(keys::CLIENTS)
+                .arg(client_id(i))
+                .arg(serde_json::to_string(&c)?);
+            b.keyed(keys::CLIENTS, hset);
         }
     }
-    let _: () = p
-        .query_async(&mut con)
+    b.exec(&mut con, false)
         .await
         .context("registering simulated nodes")?;
     let interval_ms = s.interval.as_millis().max(1) as u64;
@@ -124,7 +134,7 @@ pub async fn run(s: &SimSettings, progress: impl Fn(u64, usize)) -> Result<u64> 
         tokio::time::sleep_until(next.into()).await;
         next += s.interval;
         let end = unix_ms();
-        let mut p = redis::pipe();
+        let mut b = Batch::new();
         for i in 0..s.nodes {
             let w = window(i, seq, end, interval_ms);
             let summary = NodeSummary {
@@ -134,20 +144,25 @@ pub async fn run(s: &SimSettings, progress: impl Fn(u64, usize)) -> Result<u64> 
                 end_unix_ms: end,
                 node: w.node.clone(),
             };
-            p.cmd("XADD")
-                .arg(keys::telemetry_stream(&w.node_id))
+            let stream = keys::telemetry_stream(&w.node_id);
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(&stream)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(600)
                 .arg(format!("{end}-*"))
                 .arg(keys::WINDOW_FIELD)
-                .arg(serde_json::to_string(&w)?)
-                .ignore();
-            p.set(keys::latest(&w.node_id), serde_json::to_string(&summary)?)
-                .ignore();
+                .arg(serde_json::to_string(&w)?);
+            b.keyed(&stream, xadd);
+            let latest = keys::latest(&w.node_id);
+            let mut set = redis::cmd("SET");
+            set.arg(&latest).arg(serde_json::to_string(&summary)?);
+            b.keyed(&latest, set);
+            let mut announce = redis::cmd("PUBLISH");
+            announce.arg(keys::WINDOWS_CHANNEL).arg(&w.node_id);
+            b.keyed(keys::WINDOWS_CHANNEL, announce);
         }
-        let _: () = p
-            .query_async(&mut con)
+        b.exec(&mut con, false)
             .await
             .context("writing simulated windows")?;
         written += s.nodes as u64;

@@ -4,31 +4,55 @@
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context, Result};
-use redis::{
-    AsyncCommands, Client,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+use redis::{AsyncCommands, Client};
+use tokenflow_schema::{
+    ClientConfig, Hint, NodeSummary, keys,
+    store::{Batch, Redis, Target, Timeouts},
 };
-use tokenflow_schema::{ClientConfig, Hint, NodeSummary, keys};
 
 use crate::engine::NodeState;
 
 #[derive(Clone)]
 pub struct Store {
-    pub client: Client,
-    pub con: ConnectionManager,
+    pub target: Target,
+    /// For pub/sub: the server, or a cluster's seed nodes (a cluster forwards every classic
+    /// PUBLISH to all its nodes, so any one serves a subscriber).
+    subscribers: Vec<Client>,
+    pub con: Redis,
 }
 
 impl Store {
-    pub async fn connect(url: &str) -> Result<Self> {
-        let client = Client::open(url).with_context(|| format!("{url} is not a Redis URL"))?;
-        let con = manager(&client, Duration::from_secs(2)).await?;
-        Ok(Self { client, con })
+    pub async fn connect(target: &Target) -> Result<Self> {
+        let urls: Vec<&str> = match target {
+            Target::Server(u) => vec![u],
+            Target::Cluster(v) => v.iter().map(String::as_str).collect(),
+        };
+        let subscribers = urls
+            .iter()
+            .map(|u| Client::open(*u).with_context(|| format!("{u} is not a Redis URL")))
+            .collect::<Result<_>>()?;
+        let con = connect(target, Duration::from_secs(2)).await?;
+        Ok(Self {
+            target: target.clone(),
+            subscribers,
+            con,
+        })
+    }
+
+    /// Where to subscribe on the `attempt`-th try: the seed nodes of a cluster in turn, so that a
+    /// subscription survives the loss of one.
+    pub fn subscriber(&self, attempt: usize) -> Client {
+        self.subscribers[attempt % self.subscribers.len()].clone()
     }
 
     /// A second connection for blocking reads (XREADGROUP BLOCK), which would hold up every
-    /// other command on a shared multiplexed connection.
-    pub async fn blocking_connection(&self) -> Result<ConnectionManager> {
-        manager(&self.client, Duration::from_secs(10)).await
+    /// other command on a shared multiplexed connection. None for a cluster, where one blocking
+    /// read cannot span the nodes' streams (they live in different slots): there the ingest polls.
+    pub async fn blocking_connection(&self) -> Result<Option<Redis>> {
+        if self.target.is_cluster() {
+            return Ok(None);
+        }
+        Ok(Some(connect(&self.target, Duration::from_secs(10)).await?))
     }
 
     pub async fn clients(&self) -> Result<Vec<(String, ClientConfig)>> {
@@ -61,14 +85,12 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a client's settings and its hint; false when it was not registered.
+    /// Removes a client's settings, then its hint (two keys, two slots in a cluster; a hint left
+    /// behind by a failure in between expires with its TTL); false when it was not registered.
     pub async fn delete_client(&self, id: &str) -> Result<bool> {
-        let (removed, _): (u32, u32) = redis::pipe()
-            .atomic()
-            .hdel(keys::CLIENTS, id)
-            .del(keys::hint(id))
-            .query_async(&mut self.con.clone())
-            .await?;
+        let mut con = self.con.clone();
+        let removed: u32 = con.hdel(keys::CLIENTS, id).await?;
+        let _: u32 = con.del(keys::hint(id)).await?;
         Ok(removed > 0)
     }
 
@@ -84,19 +106,29 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Stores a node's state and its clients' hints in one transaction, then publishes the hints.
+    /// Stores a node's state and its clients' hints and publishes the hints: one transaction on a
+    /// server; in a cluster one transaction per slot (the state, the publications, each hint on
+    /// its client's slot), side by side.
     pub async fn commit(&self, node: &str, st: &NodeState, hints: &[Hint]) -> Result<()> {
-        let mut p = redis::pipe();
-        p.atomic();
-        p.set(keys::hint_state(node), serde_json::to_string(st)?)
-            .ignore();
+        let state_key = keys::hint_state(node);
+        let mut b = Batch::new();
+        let mut set = redis::cmd("SET");
+        set.arg(&state_key).arg(serde_json::to_string(st)?);
+        b.keyed(&state_key, set);
+        let mut jsons = Vec::with_capacity(hints.len());
         for h in hints {
             let json = serde_json::to_string(h)?;
-            p.pset_ex(keys::hint(&h.client_id), &json, h.ttl_ms.max(1))
-                .ignore();
-            p.publish(keys::HINTS_CHANNEL, &json).ignore();
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(keys::HINTS_CHANNEL).arg(&json);
+            b.keyed(keys::HINTS_CHANNEL, publish);
+            jsons.push((keys::hint(&h.client_id), json, h.ttl_ms.max(1)));
         }
-        let _: () = p.query_async(&mut self.con.clone()).await?;
+        for (key, json, ttl) in jsons {
+            let mut put = redis::cmd("PSETEX");
+            put.arg(&key).arg(ttl).arg(json);
+            b.keyed(&key, put);
+        }
+        b.exec(&mut self.con.clone(), true).await?;
         Ok(())
     }
 
@@ -132,12 +164,13 @@ impl Store {
     }
 }
 
-async fn manager(client: &Client, response: Duration) -> Result<ConnectionManager> {
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(response))
-        .set_number_of_retries(2);
-    ConnectionManager::new_with_config(client.clone(), cfg)
-        .await
-        .context("connecting to Redis (is it running? see --redis)")
+async fn connect(target: &Target, response: Duration) -> Result<Redis> {
+    let t = Timeouts {
+        connect: Duration::from_secs(2),
+        response,
+        retries: 2,
+    };
+    target.connect(t).await.with_context(|| {
+        format!("connecting to {target} (is it running? see --redis and --redis-cluster)")
+    })
 }

@@ -57,7 +57,7 @@ async fn app_with_results(
     results: Option<PathBuf>,
 ) -> Arc<App> {
     let settings = Settings {
-        redis: redis.url(),
+        redis: tokenflow_schema::store::Target::Server(redis.url()),
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics: None,
         token: token.map(str::to_string),
@@ -421,7 +421,7 @@ async fn refit_trains_on_the_streams_and_swaps_the_models_in() {
 }
 
 /// Appends a window to its node's stream as the agent does (entry ID = window end time).
-async fn append(con: &mut redis::aio::ConnectionManager, w: &TelemetryWindow) {
+async fn append(con: &mut tokenflow_schema::store::Redis, w: &TelemetryWindow) {
     let _: String = con
         .xadd(
             keys::telemetry_stream(&w.node_id),

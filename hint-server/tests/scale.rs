@@ -1,14 +1,18 @@
-//! Past one node: two hint-server replicas share one Redis fed by the node SIMULATOR (1,000 nodes'
-//! synthetic windows per second, one client per node). Both replicas take part through the
-//! consumer group, every client's hint stays fresh, and the two replicas serve the same hint for
-//! the same client.
+//! Past one node: two hint-server replicas share one Redis — a single server, and a three-node
+//! Redis Cluster — fed by the node SIMULATOR (1,000 nodes' synthetic windows per second, one
+//! client per node). Both replicas take part through the consumer group, every client's hint stays
+//! fresh, and the two replicas serve the same hint for the same client.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokenflow_hint_server::simulate::{self, SimSettings};
-use tokenflow_schema::Hint;
-use tokenflow_tests::{hint_server::HintServer, redis_server::RedisServer, scrape_metrics};
+use tokenflow_schema::{Hint, store::Target};
+use tokenflow_tests::{
+    hint_server::HintServer,
+    redis_server::{RedisCluster, RedisServer},
+    scrape_metrics,
+};
 
 const NODES: usize = 1000;
 
@@ -36,10 +40,34 @@ fn same(a: &Hint, b: &Hint) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_serve_consistent_hints_for_a_thousand_simulated_nodes() -> Result<()> {
     let redis = RedisServer::start_ephemeral()?;
-    let a = HintServer::start(&redis.url(), "t", &["--consumer", "replica-a"])?;
-    let b = HintServer::start(&redis.url(), "t", &["--consumer", "replica-b"])?;
+    two_replicas(Target::Server(redis.url())).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_a_redis_cluster_for_a_thousand_simulated_nodes() -> Result<()> {
+    let cluster = RedisCluster::start(3)?;
+    two_replicas(Target::parse(&cluster.urls(), true).map_err(anyhow::Error::msg)?).await?;
+    // The nodes' streams, summaries and states, and the clients' hints, spread over every shard.
+    let keys = cluster.keys_per_node()?;
+    let total: u64 = keys.iter().sum();
+    eprintln!("keys per cluster node: {keys:?}");
+    anyhow::ensure!(
+        keys.iter().all(|&k| k as f64 > 0.2 * total as f64),
+        "keys not spread over the shards: {keys:?}"
+    );
+    Ok(())
+}
+
+async fn two_replicas(target: Target) -> Result<()> {
+    let (urls, extra): (String, &[&str]) = match &target {
+        Target::Server(u) => (u.clone(), &[]),
+        Target::Cluster(v) => (v.join(","), &["--redis-cluster"]),
+    };
+    let args = |name: &'static str| [&["--consumer", name][..], extra].concat();
+    let a = HintServer::start(&urls, "t", &args("replica-a"))?;
+    let b = HintServer::start(&urls, "t", &args("replica-b"))?;
     let settings = SimSettings {
-        redis: redis.url(),
+        redis: target,
         nodes: NODES,
         interval: Duration::from_secs(1),
         duration: Duration::from_secs(20),

@@ -5,6 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod openai;
+#[cfg(feature = "redis")]
+pub mod store;
 
 /// Version of the telemetry window format.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -152,17 +154,18 @@ pub struct SinkStats {
     pub redis_connected: bool,
 }
 
-/// Redis key names every process agrees on.
+/// Redis key names every process agrees on. A node's keys carry its id as a hash tag (`{node}`), so
+/// that in a Redis Cluster everything one node writes lives on one slot.
 pub mod keys {
     /// Set of node ids that have written telemetry.
     pub const NODES: &str = "tokenflow:nodes";
     /// Stream of `TelemetryWindow`s of one node (entry field `window`, JSON; IDs are window end times).
     pub fn telemetry_stream(node_id: &str) -> String {
-        format!("tokenflow:telemetry:{node_id}")
+        format!("tokenflow:telemetry:{{{node_id}}}")
     }
     /// The node's latest [`super::NodeSummary`] (JSON), expiring when the agent stops writing.
     pub fn latest(node_id: &str) -> String {
-        format!("tokenflow:latest:{node_id}")
+        format!("tokenflow:latest:{{{node_id}}}")
     }
     /// Field of a stream entry that holds the window.
     pub const WINDOW_FIELD: &str = "window";
@@ -175,8 +178,15 @@ pub mod keys {
     /// The hint server's per-node state (features' history, controller state), so that any
     /// replica can continue where another left off.
     pub fn hint_state(node_id: &str) -> String {
-        format!("tokenflow:hint-state:{node_id}")
+        format!("tokenflow:hint-state:{{{node_id}}}")
     }
+    /// Short lock a hint-server replica takes to do a node's periodic stale check.
+    pub fn stale_lock(node_id: &str) -> String {
+        format!("tokenflow:stale-lock:{{{node_id}}}")
+    }
+    /// Pub/sub channel on which agents announce a new window (the node id), so that in a Redis
+    /// Cluster a hint server reads just that node's stream.
+    pub const WINDOWS_CHANNEL: &str = "tokenflow:windows";
     /// Pub/sub channel on which every new hint is published (JSON).
     pub const HINTS_CHANNEL: &str = "tokenflow:hints";
     /// Consumer group of the hint servers on every telemetry stream.

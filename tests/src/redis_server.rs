@@ -15,6 +15,8 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     persist: bool,
+    /// Further `redis-server` arguments.
+    extra: Vec<String>,
 }
 
 /// A free loopback port (bound and released; good enough for a test).
@@ -45,9 +47,16 @@ impl RedisServer {
             dir,
             child: None,
             persist,
+            extra: Vec::new(),
         };
         s.restart()?;
         Ok(s)
+    }
+
+    /// Starts the server with extra arguments (cluster mode).
+    fn launch_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.extra = extra.iter().map(|a| a.to_string()).collect();
+        self.restart()
     }
 
     /// Process id of the running server.
@@ -77,6 +86,7 @@ impl RedisServer {
             })
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -109,5 +119,95 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real Redis Cluster on 127.0.0.1: three `redis-server` masters (no replicas, no persistence)
+/// joined with `redis-cli --cluster create`, the 16,384 slots split between them.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> Result<Self> {
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            let port = free_port()?;
+            let dir = std::env::temp_dir().join(format!(
+                "tokenflow-redis-cluster-{}-{port}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let mut s = RedisServer {
+                port,
+                dir,
+                child: None,
+                persist: false,
+                extra: Vec::new(),
+            };
+            s.launch_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])?;
+            nodes.push(s);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context(
+                "running redis-cli --cluster create (cargo xtask setup installs redis-tools)",
+            )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        let t0 = Instant::now();
+        while !cluster.is_ok()? {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the Redis Cluster did not reach cluster_state:ok within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(cluster)
+    }
+
+    /// Every node reports `cluster_state:ok` and knows every slot.
+    fn is_ok(&self) -> Result<bool> {
+        for n in &self.nodes {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut n.client()?)?;
+            if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The seed URLs, comma-separated (`--redis` with `--redis-cluster`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Keys held by each node (DBSIZE), in node order.
+    pub fn keys_per_node(&self) -> Result<Vec<u64>> {
+        self.nodes
+            .iter()
+            .map(|n| Ok(redis::cmd("DBSIZE").query(&mut n.client()?)?))
+            .collect()
     }
 }

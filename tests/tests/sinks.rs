@@ -17,7 +17,7 @@ use tokenflow_testbed::{
 use tokenflow_tests::{
     agent::Agent,
     privileged,
-    redis_server::{RedisServer, free_port},
+    redis_server::{RedisCluster, RedisServer, free_port},
     ss,
 };
 
@@ -234,5 +234,60 @@ fn config_errors_are_one_line_and_exit_2() -> Result<()> {
         );
         assert!(lines.len() <= 3, "{args:?}: not one clear line:\n{err}");
     }
+    Ok(())
+}
+
+#[test]
+fn windows_reach_a_redis_cluster_and_are_announced() -> Result<()> {
+    let Some(_lock) = privileged("windows_reach_a_redis_cluster") else {
+        return Ok(());
+    };
+    let cluster = RedisCluster::start(3)?;
+    // Classic pub/sub crosses the cluster: a subscriber on one node hears agents writing anywhere.
+    let mut sub = cluster.nodes[0].client()?;
+    let mut ps = sub.as_pubsub();
+    ps.subscribe(keys::WINDOWS_CHANNEL)?;
+    ps.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut agent = Agent::start(&[
+        "--node-id",
+        "cluster-node",
+        "--interval",
+        "500ms",
+        "--redis",
+        &cluster.urls(),
+        "--redis-cluster",
+        "--metrics-addr",
+        "off",
+        "--sink",
+        "stdout",
+    ])?;
+    agent.wait_windows(4, Duration::from_secs(15))?;
+    agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
+    let printed = agent.windows();
+    let mut announced = Vec::new();
+    while let Ok(m) = ps.get_message() {
+        announced.push(m.get_payload::<String>()?);
+    }
+
+    let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let mut c = redis::cluster::ClusterClient::new(seeds)?.get_connection()?;
+    let reply: redis::streams::StreamRangeReply =
+        c.xrange_all(keys::telemetry_stream("cluster-node"))?;
+    assert_eq!(
+        reply.ids.len(),
+        printed.len(),
+        "every printed window reached the cluster's stream"
+    );
+    let latest: String = c.get(keys::latest("cluster-node"))?;
+    let latest: NodeSummary = serde_json::from_str(&latest)?;
+    assert_eq!(Some(latest.seq), printed.last().map(|w| w.seq));
+    let nodes: Vec<String> = c.smembers(keys::NODES)?;
+    assert_eq!(nodes, ["cluster-node"]);
+    assert_eq!(
+        announced.len(),
+        printed.len(),
+        "one announcement per window: {announced:?}"
+    );
+    assert!(announced.iter().all(|n| n == "cluster-node"));
     Ok(())
 }

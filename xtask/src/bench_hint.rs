@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use tokenflow_schema::{ControllerKind, HINT_SCHEMA_VERSION, Hint, keys};
 use tokenflow_tests::{
     hint_server::http,
-    redis_server::{RedisServer, free_port},
+    redis_server::{RedisCluster, RedisServer, free_port},
 };
 
 use crate::{
@@ -29,8 +29,59 @@ pub fn measure() -> Result<Vec<Figure>> {
     let bin = root().join("target/release/tokenflow-hint-server");
     let mut figures = decision_cost(&bin, &root().join("hint-server/fixtures/trace.jsonl"))?;
     figures.extend(http_figures(&bin)?);
-    figures.extend(scale_figures(&bin)?);
+    figures.extend(scale_figures(&bin, &ScaleRedis::server()?)?);
+    figures.extend(scale_figures(&bin, &ScaleRedis::cluster()?)?);
     Ok(figures)
+}
+
+/// The Redis of a scale run: one server, or a local three-node Redis Cluster.
+enum ScaleRedis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl ScaleRedis {
+    fn server() -> Result<Self> {
+        Ok(Self::Server(RedisServer::start_ephemeral()?))
+    }
+
+    fn cluster() -> Result<Self> {
+        Ok(Self::Cluster(RedisCluster::start(3)?))
+    }
+
+    fn nodes(&self) -> Vec<&RedisServer> {
+        match self {
+            Self::Server(s) => vec![s],
+            Self::Cluster(c) => c.nodes.iter().collect(),
+        }
+    }
+
+    /// `--redis …` (and `--redis-cluster`).
+    fn args(&self) -> Vec<String> {
+        match self {
+            Self::Server(s) => vec!["--redis".into(), s.url()],
+            Self::Cluster(c) => vec!["--redis".into(), c.urls(), "--redis-cluster".into()],
+        }
+    }
+
+    /// Figure name prefix and what the Redis is, in words.
+    fn label(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Server(_) => ("hint.scale", "one Redis"),
+            Self::Cluster(_) => ("hint.scale_cluster", "a 3-node Redis Cluster"),
+        }
+    }
+
+    /// `INFO` counters summed over the Redis servers.
+    fn info(&self) -> Result<std::collections::HashMap<String, f64>> {
+        let mut sum = std::collections::HashMap::new();
+        for n in self.nodes() {
+            for (k, v) in redis_info(&mut n.client()?)? {
+                *sum.entry(k).or_insert(0.0) += v;
+            }
+        }
+        Ok(sum)
+    }
 }
 
 /// `INFO` fields of a Redis, as numbers.
@@ -54,17 +105,19 @@ fn windows_decided(metrics: SocketAddr) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Two replicas (release) against one Redis fed by the node SIMULATOR: 1,000 nodes' synthetic
-/// windows per second, one client per node. Measured over 20 s after a 12 s start: GET latency of
+/// Two replicas (release) against one Redis, or a three-node Redis Cluster, fed by the node
+/// SIMULATOR: 1,000 nodes' synthetic windows per second, one client per node. Measured over 20 s after a 12 s start: GET latency of
 /// random clients' hints alternating between the replicas, the age of the hints served, the
 /// windows both replicas decide per second, and Redis' load (commands/s, CPU, memory).
-fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
+fn scale_figures(bin: &Path, redis: &ScaleRedis) -> Result<Vec<Figure>> {
     const NODES: usize = 1000;
+    let (prefix, what) = redis.label();
     step(
         "bench",
-        format!("scale: 2 hint-server replicas, {NODES} simulated nodes (synthetic windows)"),
+        format!(
+            "scale: 2 hint-server replicas on {what}, {NODES} simulated nodes (synthetic windows)"
+        ),
     );
-    let redis = RedisServer::start_ephemeral()?;
     let mut children = Vec::new();
     let mut replicas = Vec::new();
     for name in ["replica-a", "replica-b"] {
@@ -72,13 +125,9 @@ fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         children.push(
             Command::new(bin)
-                .args([
-                    "serve",
-                    "--redis",
-                    &redis.url(),
-                    "--listen",
-                    &addr.to_string(),
-                ])
+                .arg("serve")
+                .args(redis.args())
+                .args(["--listen", &addr.to_string()])
                 .args(["--metrics-addr", &metrics.to_string(), "--consumer", name])
                 .env("RUST_LOG", "warn")
                 .spawn()
@@ -88,13 +137,9 @@ fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
     }
     children.push(
         Command::new(bin)
-            .args([
-                "simulate-nodes",
-                "--redis",
-                &redis.url(),
-                "--nodes",
-                &NODES.to_string(),
-            ])
+            .arg("simulate-nodes")
+            .args(redis.args())
+            .args(["--nodes", &NODES.to_string()])
             .args(["--duration", "40s"])
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -102,8 +147,7 @@ fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
     );
     let result = (|| -> Result<Vec<Figure>> {
         std::thread::sleep(Duration::from_secs(12));
-        let mut con = redis.client()?;
-        let before = redis_info(&mut con)?;
+        let before = redis.info()?;
         let decided0: f64 = replicas.iter().map(|r| windows_decided(r.1)).sum();
         let t0 = Instant::now();
         let (mut lat_us, mut age_ms, mut failed) = (Vec::new(), Vec::new(), 0usize);
@@ -128,7 +172,7 @@ fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
             std::thread::sleep(Duration::from_millis(5));
         }
         let secs = t0.elapsed().as_secs_f64();
-        let after = redis_info(&mut con)?;
+        let after = redis.info()?;
         let decided1: f64 = replicas.iter().map(|r| windows_decided(r.1)).sum();
         let delta =
             |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
@@ -150,48 +194,53 @@ fn scale_figures(bin: &Path) -> Result<Vec<Figure>> {
         step(
             "bench",
             format!(
-                "scale: {decided:.0} windows decided/s by 2 replicas; GET p50 {p50:.0} µs, p99 {p99:.0} µs ({} requests, {failed} failed); hint age p99 {age99:.0} ms; Redis {ops:.0} commands/s, {:.0} % of a core, {mem_mb:.0} MB",
+                "scale ({what}): {decided:.0} windows decided/s by 2 replicas; GET p50 {p50:.0} µs, p99 {p99:.0} µs ({} requests, {failed} failed); hint age p99 {age99:.0} ms; Redis {ops:.0} commands/s, {:.0} % of a core, {mem_mb:.0} MB",
                 lat_us.len(),
                 cpu * 100.0
             ),
         );
+        let name = |n: &str| format!("{prefix}_{n}");
         Ok(vec![
             Figure::new(
-                "hint.scale_windows_decided_per_s",
+                &name("windows_decided_per_s"),
                 decided,
                 "windows/s",
-                "2 replicas (release, one consumer group) on 1,000 simulated nodes at 1 window/s each",
+                &format!(
+                    "2 replicas (release, one consumer group) on {what}, 1,000 simulated nodes at 1 window/s each"
+                ),
             ),
             Figure::new(
-                "hint.scale_get_p50_us",
+                &name("get_p50_us"),
                 p50,
                 "µs",
                 "GET /v1/hints of random clients, alternating replicas, sequential, while both ingest 1,000 nodes",
             ),
-            Figure::new("hint.scale_get_p99_us", p99, "µs", "same, 99th percentile"),
+            Figure::new(&name("get_p99_us"), p99, "µs", "same, 99th percentile"),
             Figure::new(
-                "hint.scale_hint_age_p99_ms",
+                &name("hint_age_p99_ms"),
                 age99,
                 "ms",
                 "age of the hints served (now − issued_at); a window per second per node",
             ),
             Figure::new(
-                "hint.scale_redis_commands_per_s",
+                &name("redis_commands_per_s"),
                 ops,
                 "commands/s",
-                "Redis total_commands_processed rate (simulator + 2 replicas + reads)",
+                &format!(
+                    "total_commands_processed rate of {what} (simulator + 2 replicas + reads)"
+                ),
             ),
             Figure::new(
-                "hint.scale_redis_cpu_fraction",
+                &name("redis_cpu_fraction"),
                 cpu,
                 "cores",
-                "Redis used_cpu_sys + used_cpu_user per second",
+                "used_cpu_sys + used_cpu_user per second, summed over the Redis servers",
             ),
             Figure::new(
-                "hint.scale_redis_memory_mb",
+                &name("redis_memory_mb"),
                 mem_mb,
                 "MB",
-                "Redis used_memory at the end (streams capped at ~600 windows per node)",
+                "used_memory at the end, summed (streams capped at ~600 windows per node)",
             ),
         ])
     })();

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use crate::util::{is_root, output, run, step, succeeds};
 
 /// Debian packages: the LLVM that bpf-linker links against, and the tools the test bed, tests and
-/// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, bpftrace as the bench baseline,
+/// benchmarks call (tc/ip/ss, nft, bpftool, ethtool, redis-server, redis-cli for a local Redis Cluster, bpftrace as the bench baseline,
 /// protoc for the gRPC test server, a font for the demo's plots, docker-compose and a Python venv
 /// for validating the deployment files, Chromium and chromedriver for the dashboard's browser test).
 pub const PACKAGES: &[&str] = &[
@@ -19,6 +19,7 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "redis-server",
+    "redis-tools",
     "bpftrace",
     "protobuf-compiler",
     "wrk",

@@ -12,11 +12,10 @@ use std::{
     time::Duration,
 };
 
-use redis::{
-    Client,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+use tokenflow_schema::{
+    NodeSummary, SinkStats, TelemetryWindow, keys,
+    store::{Batch, Redis, Target, Timeouts},
 };
-use tokenflow_schema::{NodeSummary, SinkStats, TelemetryWindow, keys};
 use tokio::{
     sync::mpsc,
     task::JoinHandle,
@@ -25,7 +24,7 @@ use tokio::{
 
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    pub url: String,
+    pub target: Target,
     pub node_id: String,
     /// Stream entries older than this are trimmed.
     pub retention: Duration,
@@ -61,26 +60,13 @@ pub struct RedisSink {
     task: JoinHandle<()>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RedisSinkError {
-    #[error("invalid Redis URL {url:?}: {source} (expected e.g. redis://127.0.0.1:6379)")]
-    Url {
-        url: String,
-        source: redis::RedisError,
-    },
-}
-
 impl RedisSink {
-    /// Validates the URL and starts the writer task; connecting happens in the background.
-    pub fn start(cfg: RedisConfig) -> Result<Self, RedisSinkError> {
-        let client = Client::open(cfg.url.as_str()).map_err(|source| RedisSinkError::Url {
-            url: cfg.url.clone(),
-            source,
-        })?;
+    /// Starts the writer task; connecting happens in the background.
+    pub fn start(cfg: RedisConfig) -> Self {
         let stats = Arc::new(RedisStats::default());
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(writer(client, cfg, rx, stats.clone()));
-        Ok(Self { tx, stats, task })
+        let task = tokio::spawn(writer(cfg, rx, stats.clone()));
+        Self { tx, stats, task }
     }
 
     /// Hands a window to the writer without waiting; a writer that has fallen this far behind drops it.
@@ -97,22 +83,18 @@ impl RedisSink {
     }
 }
 
-async fn connect(client: &Client) -> redis::RedisResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(1)))
-        .set_number_of_retries(1);
-    ConnectionManager::new_with_config(client.clone(), config).await
+async fn connect(target: &Target) -> redis::RedisResult<Redis> {
+    target
+        .connect(Timeouts {
+            connect: Duration::from_secs(1),
+            response: Duration::from_secs(1),
+            retries: 1,
+        })
+        .await
 }
 
-async fn writer(
-    client: Client,
-    cfg: RedisConfig,
-    mut rx: mpsc::Receiver<TelemetryWindow>,
-    stats: Arc<RedisStats>,
-) {
+async fn writer(cfg: RedisConfig, mut rx: mpsc::Receiver<TelemetryWindow>, stats: Arc<RedisStats>) {
     let mut w = Writer {
-        client,
         cfg,
         conn: None,
         buf: VecDeque::new(),
@@ -154,9 +136,8 @@ async fn writer(
 }
 
 struct Writer {
-    client: Client,
     cfg: RedisConfig,
-    conn: Option<ConnectionManager>,
+    conn: Option<Redis>,
     buf: VecDeque<TelemetryWindow>,
     stats: Arc<RedisStats>,
     /// End time of the window whose write failed: Redis may have stored it before the connection
@@ -189,9 +170,9 @@ impl Writer {
     /// Writes buffered windows oldest first; true when the buffer is empty afterwards.
     async fn flush(&mut self) -> bool {
         if self.conn.is_none() {
-            match connect(&self.client).await {
+            match connect(&self.cfg.target).await {
                 Ok(c) => {
-                    tracing::info!(url = %self.cfg.url, "connected to Redis");
+                    tracing::info!(redis = %self.cfg.target, "connected to Redis");
                     self.conn = Some(c);
                 }
                 Err(e) => {
@@ -261,11 +242,7 @@ impl Writer {
 
 /// XADD with the window's end time as the entry ID (so ranges by time work), trimming by age; then
 /// the latest summary and the node set.
-async fn write(
-    c: &mut ConnectionManager,
-    cfg: &RedisConfig,
-    w: &TelemetryWindow,
-) -> redis::RedisResult<()> {
+async fn write(c: &mut Redis, cfg: &RedisConfig, w: &TelemetryWindow) -> redis::RedisResult<()> {
     let stream = keys::telemetry_stream(&w.node_id);
     let json =
         serde_json::to_string(w).map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
@@ -281,42 +258,40 @@ async fn write(
     };
     let summary = serde_json::to_string(&summary)
         .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
-    let xadd = |id: String| {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&stream)
+    // One round trip on a server: the entry, the latest summary, the announcement and the node set
+    // in a pipeline (in a cluster, the node's keys share a slot; the node set and the announcement
+    // go as pipelines of their own).
+    let ttl = cfg.latest_ttl.as_millis().max(1) as u64;
+    let batch = |id: String| {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&stream)
             .arg("MINID")
             .arg("~")
             .arg(min_id)
             .arg(id)
             .arg(keys::WINDOW_FIELD)
             .arg(&json);
-        cmd
+        let latest = keys::latest(&cfg.node_id);
+        let mut put = redis::cmd("PSETEX");
+        put.arg(&latest).arg(ttl).arg(&summary);
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(keys::NODES).arg(&cfg.node_id);
+        let mut announce = redis::cmd("PUBLISH");
+        announce.arg(keys::WINDOWS_CHANNEL).arg(&cfg.node_id);
+        let mut b = Batch::new();
+        b.keyed(&stream, xadd)
+            .keyed(&latest, put)
+            .keyed(keys::WINDOWS_CHANNEL, announce)
+            .keyed(keys::NODES, sadd);
+        b
     };
-    // One round trip: the entry, the latest summary and the node set in a pipeline.
-    let ttl = cfg.latest_ttl.as_millis().max(1) as u64;
-    let pipeline = |id: String| {
-        let mut p = redis::pipe();
-        p.add_command(xadd(id))
-            .cmd("PSETEX")
-            .arg(keys::latest(&cfg.node_id))
-            .arg(ttl)
-            .arg(&summary)
-            .ignore()
-            .cmd("SADD")
-            .arg(keys::NODES)
-            .arg(&cfg.node_id)
-            .ignore();
-        p
-    };
-    let written: redis::RedisResult<(String,)> = pipeline(format!("{}-*", w.end_unix_ms))
-        .query_async(c)
-        .await;
+    let written = batch(format!("{}-*", w.end_unix_ms)).exec(c, false).await;
     if let Err(e) = written {
         // The clock went back (or another writer used this key): let Redis pick the ID.
         if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
             return Err(e);
         }
-        let _: (String,) = pipeline("*".to_string()).query_async(c).await?;
+        batch("*".to_string()).exec(c, false).await?;
     }
     Ok(())
 }
@@ -348,26 +323,5 @@ mod tests {
         let mut b = Backoff::default();
         let seq: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
         assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-    }
-
-    #[test]
-    fn bad_url_is_a_clear_error() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let err = rt
-            .block_on(async {
-                RedisSink::start(RedisConfig {
-                    url: "http://nope".into(),
-                    node_id: "n".into(),
-                    retention: Duration::from_secs(60),
-                    buffer: 4,
-                    latest_ttl: Duration::from_secs(3),
-                })
-                .err()
-            })
-            .unwrap();
-        assert!(err.to_string().contains("redis://"), "{err}");
     }
 }
