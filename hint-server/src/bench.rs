@@ -37,6 +37,7 @@ pub fn decision(trace_path: &Path) -> Result<serde_json::Value> {
         min_rps: 0.5,
         max_rps: 50.0,
         max_concurrency: 64,
+        request_cost: 1.0,
         tokens_per_request: 128.0,
     };
     let clients = vec![

@@ -161,6 +161,8 @@ fn decide(
         } else {
             None
         };
+        // The group's rate is in cost units per second (requests weighted by `request_cost`):
+        // shared in those units, then turned back into each client's requests per second.
         let shares = share::share(
             d.rate_rps,
             &members
@@ -168,12 +170,13 @@ fn decide(
                 .map(|(_, c)| share::Member {
                     class: c.class,
                     weight: c.weight,
-                    min_rps: c.min_rps,
-                    max_rps: c.max_rps,
+                    min_rps: c.min_rps * c.request_cost,
+                    max_rps: c.max_rps * c.request_cost,
                 })
                 .collect::<Vec<_>>(),
         );
-        for (i, ((id, c), rate)) in members.iter().zip(shares).enumerate() {
+        for (i, ((id, c), cost_rate)) in members.iter().zip(shares).enumerate() {
+            let rate = cost_rate / c.request_cost;
             let mut h = hint(id, c, kind, &d, rate, st, now_ms, interval_ms);
             if let Some(cap) = caps.as_ref().and_then(|c| c.get(i)) {
                 h.max_concurrency = h.max_concurrency.min(*cap);
@@ -186,6 +189,8 @@ fn decide(
     hints
 }
 
+/// A group's target and bounds; its rates are in cost units per second (each client's requests
+/// times its `request_cost`; with the default cost of 1, requests per second).
 fn group_limits(members: &[&(String, ClientConfig)]) -> Limits {
     let interactive: Vec<f64> = members
         .iter()
@@ -202,8 +207,14 @@ fn group_limits(members: &[&(String, ClientConfig)]) -> Limits {
     };
     Limits {
         setpoint_ms: setpoint,
-        min_rps: members.iter().map(|(_, c)| c.min_rps).sum(),
-        max_rps: members.iter().map(|(_, c)| c.max_rps).sum(),
+        min_rps: members
+            .iter()
+            .map(|(_, c)| c.min_rps * c.request_cost)
+            .sum(),
+        max_rps: members
+            .iter()
+            .map(|(_, c)| c.max_rps * c.request_cost)
+            .sum(),
         max_concurrency: members.iter().map(|(_, c)| c.max_concurrency).sum(),
     }
 }
@@ -371,5 +382,81 @@ mod tests {
         assert!(get("batch").reason.contains("backend queue p95 2000 ms"));
         // The baseline controllers are the published algorithms, on RTT alone.
         assert!(!get("baseline").reason.contains("backend queue"));
+    }
+
+    #[test]
+    fn a_groups_rate_is_shared_by_request_cost() {
+        let with = |class, max_rps: f64, cost: f64| {
+            ClientConfig::merge(
+                None,
+                &ClientConfigInput {
+                    node_id: Some("n".into()),
+                    class: Some(class),
+                    max_rps: Some(max_rps),
+                    request_cost: Some(cost),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        // 100 KB uploads beside 0.4 KB chat prompts, priced in KB.
+        let clients = vec![
+            (
+                "uploads".to_string(),
+                with(ClientClass::Batch, 100.0, 100.0),
+            ),
+            (
+                "chat".to_string(),
+                with(ClientClass::Interactive, 10.0, 0.4),
+            ),
+        ];
+        let members: Vec<&(String, ClientConfig)> = clients.iter().collect();
+        let l = group_limits(&members);
+        assert!((l.max_rps - (100.0 * 100.0 + 10.0 * 0.4)).abs() < 1e-9);
+        // A congested start: the group starts at a fraction of its maximum, in KB/s.
+        let mut st = NodeState::default();
+        let obs = Observation {
+            now: 1.0,
+            p95_rtt_ms: Some(300.0),
+            predicted_p95_ms: None,
+            anomaly: 0.0,
+            inflight: None,
+            stale: false,
+        };
+        let hints = decide(&mut st, "n", &clients, &obs, None, 1_000, 1_000);
+        let rate = |hs: &[Hint], id: &str| {
+            hs.iter()
+                .find(|h| h.client_id == id)
+                .unwrap()
+                .rate_limit_rps
+        };
+        let (uploads, chat) = (rate(&hints, "uploads"), rate(&hints, "chat"));
+        let fraction = (uploads * 100.0 + chat * 0.4) / l.max_rps;
+        assert_eq!(chat, 10.0, "interactive first: {hints:?}");
+        assert!(fraction > 0.0 && fraction < 1.0, "{fraction}");
+        // The same start with every cost 1: the chat client's requests are reserved like uploads,
+        // and the uploads keep what is left of the same fraction.
+        let plain = vec![
+            ("uploads".to_string(), with(ClientClass::Batch, 100.0, 1.0)),
+            (
+                "chat".to_string(),
+                with(ClientClass::Interactive, 10.0, 1.0),
+            ),
+        ];
+        let h2 = decide(
+            &mut NodeState::default(),
+            "n",
+            &plain,
+            &obs,
+            None,
+            1_000,
+            1_000,
+        );
+        let up2 = rate(&h2, "uploads");
+        assert!(
+            (up2 + rate(&h2, "chat") - fraction * 110.0).abs() < 1e-6,
+            "{h2:?}"
+        );
+        assert!(uploads > up2, "with costs {uploads} req/s, without {up2}");
     }
 }

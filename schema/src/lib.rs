@@ -396,6 +396,15 @@ pub struct ClientConfig {
     pub max_concurrency: u32,
     /// Output tokens per request, for the advisory tokens/s.
     pub tokens_per_request: f64,
+    /// What one request of this client costs the node's bottleneck, relative to its other clients
+    /// (e.g. the typical upload in KB). A group's allowed load is shared in these units, so ten
+    /// small prompts are not charged like ten 100 KB uploads. Default 1: every request alike.
+    #[serde(default = "one")]
+    pub request_cost: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Body of `PUT /v1/clients/{client_id}`: every field optional; omitted fields keep their current
@@ -413,6 +422,7 @@ pub struct ClientConfigInput {
     pub max_rps: Option<f64>,
     pub max_concurrency: Option<u32>,
     pub tokens_per_request: Option<f64>,
+    pub request_cost: Option<f64>,
 }
 
 impl ClientConfig {
@@ -453,6 +463,7 @@ impl ClientConfig {
             max_rps: 100.0,
             max_concurrency: 64,
             tokens_per_request: 128.0,
+            request_cost: 1.0,
         });
         let c = ClientConfig {
             node_id,
@@ -464,6 +475,7 @@ impl ClientConfig {
             max_rps: input.max_rps.unwrap_or(d.max_rps),
             max_concurrency: input.max_concurrency.unwrap_or(d.max_concurrency),
             tokens_per_request: input.tokens_per_request.unwrap_or(d.tokens_per_request),
+            request_cost: input.request_cost.unwrap_or(d.request_cost),
         };
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(c.weight) {
@@ -486,6 +498,9 @@ impl ClientConfig {
         }
         if !positive(c.tokens_per_request) {
             return err("tokens_per_request", "must be > 0");
+        }
+        if !positive(c.request_cost) || c.request_cost > 1e9 {
+            return err("request_cost", "must be > 0 and ≤ 1e9");
         }
         Ok(c)
     }
