@@ -161,10 +161,16 @@ fn decide(
         } else {
             None
         };
-        // The group's rate is in cost units per second (requests weighted by `request_cost`):
-        // shared in those units, then turned back into each client's requests per second.
+        // The controller's rate is a fraction of the group's maximum; that fraction of the
+        // group's maximum cost (requests weighted by `request_cost`) is shared in cost units,
+        // then turned back into each client's requests per second. With every cost 1 this is
+        // the controller's rate, shared as requests.
+        let max_cost: f64 = members
+            .iter()
+            .map(|(_, c)| c.max_rps * c.request_cost)
+            .sum();
         let shares = share::share(
-            d.rate_rps,
+            d.rate_rps / limits.max_rps.max(1e-9) * max_cost,
             &members
                 .iter()
                 .map(|(_, c)| share::Member {
@@ -189,8 +195,6 @@ fn decide(
     hints
 }
 
-/// A group's target and bounds; its rates are in cost units per second (each client's requests
-/// times its `request_cost`; with the default cost of 1, requests per second).
 fn group_limits(members: &[&(String, ClientConfig)]) -> Limits {
     let interactive: Vec<f64> = members
         .iter()
@@ -410,9 +414,7 @@ mod tests {
                 with(ClientClass::Interactive, 10.0, 0.4),
             ),
         ];
-        let members: Vec<&(String, ClientConfig)> = clients.iter().collect();
-        let l = group_limits(&members);
-        assert!((l.max_rps - (100.0 * 100.0 + 10.0 * 0.4)).abs() < 1e-9);
+        let max_cost = 100.0 * 100.0 + 10.0 * 0.4;
         // A congested start: the group starts at a fraction of its maximum, in KB/s.
         let mut st = NodeState::default();
         let obs = Observation {
@@ -431,7 +433,7 @@ mod tests {
                 .rate_limit_rps
         };
         let (uploads, chat) = (rate(&hints, "uploads"), rate(&hints, "chat"));
-        let fraction = (uploads * 100.0 + chat * 0.4) / l.max_rps;
+        let fraction = (uploads * 100.0 + chat * 0.4) / max_cost;
         assert_eq!(chat, 10.0, "interactive first: {hints:?}");
         assert!(fraction > 0.0 && fraction < 1.0, "{fraction}");
         // The same start with every cost 1: the chat client's requests are reserved like uploads,

@@ -614,8 +614,6 @@ fn run_one(
                     "max_rps": c.max_rps,
                     "max_concurrency": c.max_concurrency,
                     "tokens_per_request": c.max_tokens,
-                    // What a request puts on the link: its upload, in KB.
-                    "request_cost": c.prompt_bytes as f64 / 1000.0,
                 }),
             )?;
             format!("hints:{hint_url}")
