@@ -51,15 +51,6 @@ impl Target {
         }
     }
 
-    /// The URL to use where one server is enough: the server, or the first seed node (a cluster
-    /// forwards classic pub/sub messages to every node, so any node serves a subscriber).
-    pub fn first_url(&self) -> &str {
-        match self {
-            Self::Server(u) => u,
-            Self::Cluster(v) => &v[0],
-        }
-    }
-
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
@@ -113,12 +104,6 @@ pub enum Redis {
     Cluster(ClusterConnection),
 }
 
-impl Redis {
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
-    }
-}
-
 impl ConnectionLike for Redis {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -164,15 +149,6 @@ impl Batch {
     pub fn keyed(&mut self, key: &str, cmd: Cmd) -> &mut Self {
         self.cmds.push((Slot::for_key(key), cmd));
         self
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cmds.is_empty()
-    }
-
-    /// The number of pipelines this batch takes in a cluster (its distinct slots).
-    pub fn slots(&self) -> usize {
-        self.groups().len()
     }
 
     fn groups(&self) -> Vec<(Slot, Vec<&Cmd>)> {
@@ -260,6 +236,6 @@ mod tests {
         ];
         slots.sort_by_key(|s| format!("{s:?}"));
         slots.dedup();
-        assert_eq!(b.slots(), slots.len());
+        assert_eq!(b.groups().len(), slots.len());
     }
 }
