@@ -115,18 +115,15 @@ impl Store {
         let mut set = redis::cmd("SET");
         set.arg(&state_key).arg(serde_json::to_string(st)?);
         b.keyed(&state_key, set);
-        let mut jsons = Vec::with_capacity(hints.len());
         for h in hints {
             let json = serde_json::to_string(h)?;
+            let key = keys::hint(&h.client_id);
+            let mut put = redis::cmd("PSETEX");
+            put.arg(&key).arg(h.ttl_ms.max(1)).arg(&json);
+            b.keyed(&key, put);
             let mut publish = redis::cmd("PUBLISH");
             publish.arg(keys::HINTS_CHANNEL).arg(&json);
             b.keyed(keys::HINTS_CHANNEL, publish);
-            jsons.push((keys::hint(&h.client_id), json, h.ttl_ms.max(1)));
-        }
-        for (key, json, ttl) in jsons {
-            let mut put = redis::cmd("PSETEX");
-            put.arg(&key).arg(ttl).arg(json);
-            b.keyed(&key, put);
         }
         b.exec(&mut self.con.clone(), true).await?;
         Ok(())

@@ -29,15 +29,16 @@ pub fn free_port() -> Result<u16> {
 impl RedisServer {
     /// With persistence (AOF, fsync always): a restart after SIGKILL loses nothing written.
     pub fn start() -> Result<Self> {
-        Self::launch(true)
+        Self::launch(true, &[])
     }
 
     /// Without persistence: for benchmarks, where fsync per write would be measured instead of Redis.
     pub fn start_ephemeral() -> Result<Self> {
-        Self::launch(false)
+        Self::launch(false, &[])
     }
 
-    fn launch(persist: bool) -> Result<Self> {
+    /// A server with further `redis-server` arguments (cluster mode).
+    fn launch(persist: bool, extra: &[&str]) -> Result<Self> {
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("tokenflow-redis-{}-{port}", std::process::id()));
@@ -47,16 +48,10 @@ impl RedisServer {
             dir,
             child: None,
             persist,
-            extra: Vec::new(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.restart()?;
         Ok(s)
-    }
-
-    /// Starts the server with extra arguments (cluster mode).
-    fn launch_with(&mut self, extra: &[&str]) -> Result<()> {
-        self.extra = extra.iter().map(|a| a.to_string()).collect();
-        self.restart()
     }
 
     /// Process id of the running server.
@@ -132,26 +127,15 @@ impl RedisCluster {
     pub fn start(masters: usize) -> Result<Self> {
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
-            let port = free_port()?;
-            let dir = std::env::temp_dir().join(format!(
-                "tokenflow-redis-cluster-{}-{port}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let mut s = RedisServer {
-                port,
-                dir,
-                child: None,
-                persist: false,
-                extra: Vec::new(),
-            };
-            s.launch_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])?;
+            let s = RedisServer::launch(
+                false,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ],
+            )?;
             nodes.push(s);
         }
         let addrs: Vec<String> = nodes
