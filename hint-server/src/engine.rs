@@ -72,6 +72,7 @@ pub fn on_window(
     let obs = |now_s: f64| Observation {
         now: now_s,
         p95_rtt_ms: f.p95_ms,
+        p50_rtt_ms: f.p50_ms,
         predicted_p95_ms: st.last_predicted_ms,
         anomaly: st.last_anomaly,
         inflight: None,
@@ -97,6 +98,7 @@ pub fn on_stale(
     let o = Observation {
         now: now_ms as f64 / 1000.0,
         p95_rtt_ms: st.last_p95_ms,
+        p50_rtt_ms: None,
         predicted_p95_ms: None,
         anomaly: st.last_anomaly,
         inflight: None,
@@ -420,6 +422,7 @@ mod tests {
         let obs = Observation {
             now: 1.0,
             p95_rtt_ms: Some(300.0),
+            p50_rtt_ms: None,
             predicted_p95_ms: None,
             anomaly: 0.0,
             inflight: None,

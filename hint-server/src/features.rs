@@ -45,6 +45,8 @@ pub struct Features {
     pub values: [f64; N_FEATURES],
     /// The window's own p95, when it had RTT samples.
     pub p95_ms: Option<f64>,
+    /// The window's own median, when it had RTT samples.
+    pub p50_ms: Option<f64>,
     pub end_unix_ms: u64,
 }
 
@@ -138,6 +140,7 @@ impl FeatureBuilder {
                 gpu_mem,
             ],
             p95_ms: own.map(|o| o.1),
+            p50_ms: own.map(|o| o.0),
             end_unix_ms: w.end_unix_ms,
         }
     }

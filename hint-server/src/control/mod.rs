@@ -29,6 +29,9 @@ pub struct Observation {
     pub now: f64,
     /// p95 RTT of the latest window, milliseconds; `None` when the window had no RTT samples.
     pub p95_rtt_ms: Option<f64>,
+    /// Median RTT of the same window, milliseconds, when known. Beside the p95 it tells a standing
+    /// queue (the median lifts off the path's base) from bursts that come and go (it stays there).
+    pub p50_rtt_ms: Option<f64>,
     /// Forecast of the p95 RTT one interval ahead, milliseconds.
     pub predicted_p95_ms: Option<f64>,
     /// Isolation Forest score, 0 … 1.

@@ -14,7 +14,13 @@
 //!   remembers the rate that did — so a group reaches the path's capacity in a few periods
 //!   instead of earning it at the slew limit from a tenth of the maximum;
 //! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
-//!   the rate probes upward multiplicatively at the slew limit;
+//!   the rate probes upward multiplicatively at the slew limit, and once well past the rate that
+//!   last built a queue it forgets that rate (the path has widened);
+//! - below the setpoint the median decides how the integral climbs: a median lifted off its base
+//!   is a standing queue, which grows by the rate's excess every second, so the integral moves on
+//!   seconds of error (the same gain as above the setpoint — no limit cycle around it); a median
+//!   at its base means bursts that drain between requests, and the integral moves on the error
+//!   relative to the setpoint, fast;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
 //!   and only while the p95 (or its forecast) nears the setpoint: the damping is not fed back into
 //!   the integrator, so a lasting anomaly score does not ratchet the rate down period after period.
@@ -104,6 +110,9 @@ pub struct Pid {
     prev_y: Option<f64>,
     prev_t: Option<f64>,
     base_ms: Option<f64>,
+    /// The lowest median seen (creeping up 1 % per period, as `base_ms`).
+    #[serde(default)]
+    base50_ms: Option<f64>,
     probe_step: f64,
     /// Rate (fraction of max) at which a queue above the setpoint was last seen.
     congested_u: Option<f64>,
@@ -149,6 +158,7 @@ impl Pid {
             prev_y: None,
             prev_t: None,
             base_ms: None,
+            base50_ms: None,
             probe_step: 0.0,
             congested_u: None,
             last_u: start,
@@ -187,6 +197,15 @@ impl Controller for Pid {
         // route change is eventually followed.
         let base = self.base_ms.map_or(y, |b| (b * 1.01).min(y));
         self.base_ms = Some(base);
+        // A standing queue: the median itself has lifted off its own base. Below the setpoint that
+        // is a queue the rate holds, so the integral moves on seconds of error as it does above
+        // it; with no standing queue (bursts that come and go) the p95 says little about the
+        // headroom and the integral moves on the relative error instead.
+        let standing = obs.p50_rtt_ms.is_some_and(|m| {
+            let b = self.base50_ms.map_or(m, |b| (b * 1.01).min(m));
+            self.base50_ms = Some(b);
+            m - b > self.g.probe_fraction * (sp - base)
+        });
         let d = -self.prev_y.map_or(0.0, |p| (y - p) / 1000.0 / dt);
         self.prev_y = Some(y);
         let e = ((sp - y) / 1000.0).clamp(-0.5, 0.5);
@@ -237,6 +256,11 @@ impl Controller for Pid {
             } else {
                 (self.probe_step * 2.0).min(self.g.slew_up)
             };
+            if self.congested_u.is_some_and(|c| self.last_u > 1.1 * c) {
+                // Well past the remembered overload rate with still no queue: the path has widened
+                // since, and the memory only slows the search (BIC-TCP's max probing).
+                self.congested_u = None;
+            }
             let step = match self.congested_u {
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
                     self.congested_u = Some(c * 1.02);
@@ -273,7 +297,7 @@ impl Controller for Pid {
             // Below the setpoint the integral grows on the error relative to the setpoint (the
             // RTT says little about headroom there, so seconds of error would crawl); above it,
             // on seconds of queueing, which a queue's growth makes large quickly.
-            let rise = if e > 0.0 {
+            let rise = if e > 0.0 && !standing {
                 self.g.ki_up * (e * 1000.0 / sp)
             } else {
                 self.g.ki * e

@@ -89,6 +89,7 @@ pub struct Period {
     pub capacity_rps: f64,
     pub rate_rps: f64,
     pub p95_ms: f64,
+    pub p50_ms: f64,
     pub delivered_rps: f64,
     pub dropped_bytes: f64,
 }
@@ -134,12 +135,18 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             t += dt;
         }
         samples.sort_by(f64::total_cmp);
-        let mut p95 = samples[((samples.len() as f64 * 0.95) as usize).min(samples.len() - 1)];
-        if plant.agent_buckets {
-            let us = (p95 * 1000.0).clamp(0.0, u32::MAX as f64) as u32;
-            let (lo, hi) = agent_common::hist::bucket_bounds(agent_common::hist::bucket_index(us));
-            p95 = (lo + (hi - lo) / 2) as f64 / 1000.0;
-        }
+        let quantile = |q: f64| {
+            let v = samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+            if plant.agent_buckets {
+                let us = (v * 1000.0).clamp(0.0, u32::MAX as f64) as u32;
+                let (lo, hi) =
+                    agent_common::hist::bucket_bounds(agent_common::hist::bucket_index(us));
+                (lo + (hi - lo) / 2) as f64 / 1000.0
+            } else {
+                v
+            }
+        };
+        let (p50, p95) = (quantile(0.5), quantile(0.95));
         let forecast = prev_p95.map_or(p95, |p| p95 + (p95 - p).max(0.0));
         prev_p95 = Some(p95);
         out.push(Period {
@@ -147,12 +154,14 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             capacity_rps: nominal / plant.request_bytes,
             rate_rps: rate,
             p95_ms: p95,
+            p50_ms: p50,
             delivered_rps: delivered / plant.request_bytes / plant.period_s,
             dropped_bytes: dropped,
         });
         let d = gov.update(&Observation {
             now: t,
             p95_rtt_ms: Some(p95),
+            p50_rtt_ms: Some(p50),
             predicted_p95_ms: Some(forecast),
             anomaly: 0.4,
             inflight: None,
@@ -198,8 +207,17 @@ pub fn figures(
             .capacity_steps
             .get(i + 1)
             .map_or(f64::INFINITY, |s| s.0);
-        let a = run.iter().position(|p| p.t > *start).unwrap_or(run.len());
-        let b = run.iter().position(|p| p.t > end).unwrap_or(run.len());
+        // A period belongs to the segment its start falls in (`t` is the period's end, summed
+        // from 10 ms steps: compare with a tolerance, or the period before a step joins it).
+        let starts_at_or_after = |p: &Period, s: f64| p.t - plant.period_s > s - 1e-6;
+        let a = run
+            .iter()
+            .position(|p| starts_at_or_after(p, *start))
+            .unwrap_or(run.len());
+        let b = run
+            .iter()
+            .position(|p| starts_at_or_after(p, end))
+            .unwrap_or(run.len());
         segments.push(&run[a..b]);
     }
     let mut settle = Vec::new();
