@@ -2,6 +2,7 @@
 
 use std::{
     net::SocketAddr,
+    ops::ControlFlow,
     path::PathBuf,
     sync::{
         Arc,
@@ -191,6 +192,16 @@ async fn shutdown() {
     }
 }
 
+/// How the ingest learns which streams hold new windows.
+enum Source {
+    /// One server: a single blocking read spans every node's stream.
+    Blocking(tokenflow_schema::store::Redis),
+    /// A cluster: each node's stream is its own slot, so no one read spans them. The streams of
+    /// the nodes that announced a window (`tokenflow:windows`) are read, and every stream once per
+    /// sweep, for announcements missed while unsubscribed.
+    Announced(tokio::sync::mpsc::Receiver<String>),
+}
+
 /// Reads every node's stream through the consumer group, one window at a time per node.
 async fn ingest_loop(app: Arc<App>) {
     let mut backoff = Duration::from_millis(200);
@@ -209,14 +220,13 @@ async fn ingest_loop(app: Arc<App>) {
 }
 
 async fn ingest(app: &App) -> Result<()> {
-    let mut reader = app.store.blocking_connection().await?;
+    let mut source = match app.store.blocking_connection().await? {
+        Some(reader) => Source::Blocking(reader),
+        None => Source::Announced(announcements(app.store.clone())),
+    };
     let mut con = app.store.con.clone();
     let mut nodes: Vec<String> = Vec::new();
     let mut refreshed = Instant::now() - Duration::from_secs(60);
-    let mut announced = match reader {
-        Some(_) => tokio::sync::mpsc::channel(1).1,
-        None => announcements(app.store.clone()),
-    };
     let mut last_sweep = Instant::now() - CLUSTER_SWEEP;
     let group = |block: Option<usize>| {
         let o = StreamReadOptions::default()
@@ -252,19 +262,15 @@ async fn ingest(app: &App) -> Result<()> {
             continue;
         }
         let streams: Vec<String> = nodes.iter().map(|n| keys::telemetry_stream(n)).collect();
-        let keys: Vec<StreamKey> = match reader.as_mut() {
-            // One server: a single blocking read over every node's stream.
-            Some(reader) => {
+        let keys: Vec<StreamKey> = match &mut source {
+            Source::Blocking(reader) => {
                 let ids: Vec<&str> = vec![">"; streams.len()];
                 let reply: Option<StreamReadReply> = reader
                     .xread_options(&streams, &ids, &group(Some(1000)))
                     .await?;
                 reply.map(|r| r.keys).unwrap_or_default()
             }
-            // A cluster: each node's stream is its own slot, so no one read spans them. Read the
-            // streams of the nodes that announced a window (`tokenflow:windows`), and every
-            // stream once per sweep, for announcements missed while unsubscribed.
-            None => {
+            Source::Announced(announced) => {
                 let due: Vec<String> = if last_sweep.elapsed() >= CLUSTER_SWEEP {
                     last_sweep = Instant::now();
                     streams
@@ -333,32 +339,60 @@ async fn ingest(app: &App) -> Result<()> {
 fn announcements(store: Store) -> tokio::sync::mpsc::Receiver<String> {
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     tokio::spawn(async move {
-        let mut attempt = 0;
-        while !tx.is_closed() {
-            let client = store.subscriber(attempt);
-            attempt += 1;
-            let r: Result<()> = async {
-                let mut ps = client.get_async_pubsub().await?;
-                ps.subscribe(keys::WINDOWS_CHANNEL).await?;
-                let mut s = ps.on_message();
-                while let Some(msg) = s.next().await {
-                    if let Ok(node) = msg.get_payload::<String>()
-                        && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                            tx.try_send(node)
-                    {
-                        return Ok(());
-                    }
-                }
-                Ok(())
-            }
-            .await;
-            if let Err(e) = r {
-                tracing::warn!("window announcements: {e:#}; resubscribing");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let on_node = |node| match tx.try_send(node) {
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        };
+        // The ingest that listened has ended (it starts a new listener when it restarts).
+        let gone = || tx.is_closed();
+        subscribe(
+            &store,
+            keys::WINDOWS_CHANNEL,
+            "window announcements",
+            on_node,
+            gone,
+        )
+        .await;
     });
     rx
+}
+
+/// Hands each message published on `channel` to `on_payload` until it breaks, subscribing again
+/// (on the next seed node, in a cluster) a second after the subscription fails or ends, unless
+/// `gone` says nobody listens any more.
+async fn subscribe(
+    store: &Store,
+    channel: &str,
+    what: &str,
+    mut on_payload: impl FnMut(String) -> ControlFlow<()>,
+    gone: impl Fn() -> bool,
+) {
+    for attempt in 0.. {
+        if gone() {
+            return;
+        }
+        let client = store.subscriber(attempt);
+        let r: Result<ControlFlow<()>> = async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(channel).await?;
+            let mut s = ps.on_message();
+            while let Some(msg) = s.next().await {
+                if let Ok(payload) = msg.get_payload::<String>()
+                    && on_payload(payload).is_break()
+                {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        }
+        .await;
+        match r {
+            Ok(ControlFlow::Break(())) => return,
+            Ok(ControlFlow::Continue(())) => {}
+            Err(e) => tracing::warn!("{what}: {e:#}; resubscribing"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// New entries of one stream for this consumer, without blocking.
@@ -446,25 +480,20 @@ async fn stale_pass(app: &App) -> Result<()> {
 
 /// New hints from every replica, for the SSE streams of this one.
 async fn pubsub_loop(app: Arc<App>) {
-    for attempt in 0.. {
-        let client = app.store.subscriber(attempt);
-        let r: Result<()> = async {
-            let mut ps = client.get_async_pubsub().await?;
-            ps.subscribe(keys::HINTS_CHANNEL).await?;
-            let mut s = ps.on_message();
-            while let Some(msg) = s.next().await {
-                if let Ok(h) = serde_json::from_str::<Hint>(&msg.get_payload::<String>()?) {
-                    app.remember(h);
-                }
-            }
-            Ok(())
+    let on_hint = |payload: String| {
+        if let Ok(h) = serde_json::from_str::<Hint>(&payload) {
+            app.remember(h);
         }
-        .await;
-        if let Err(e) = r {
-            tracing::warn!("hint subscription: {e:#}; resubscribing");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        ControlFlow::Continue(())
+    };
+    subscribe(
+        &app.store,
+        keys::HINTS_CHANNEL,
+        "hint subscription",
+        on_hint,
+        || false,
+    )
+    .await;
 }
 
 /// Refits the models on the newest windows of every node, in the background, and swaps them in

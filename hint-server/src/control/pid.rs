@@ -72,6 +72,12 @@ pub struct PidGains {
     /// wide, so one reading of 51.2 ms is noise around a 50 ms setpoint, not an overload.
     #[serde(default)]
     pub overload_margin: f64,
+    /// With no standing queue and the p95 under the setpoint, a window that delivered at least
+    /// this share of the link's ceiling (what it delivered when last seen saturated) shows the
+    /// link full: the rate stops growing there (0: never). The RTT of bursts that drain between requests barely moves
+    /// until the link is full; what the link delivers stops growing with the rate — BBR's signal.
+    #[serde(default)]
+    pub link_full: f64,
 }
 
 impl Default for PidGains {
@@ -94,12 +100,18 @@ impl Default for PidGains {
             creep: 0.06,
             anomaly_smoothing: 0.2,
             overload_margin: 0.2,
+            link_full: 0.95,
         }
     }
 }
 
 /// Periods after startup during which its overshoot's queue drains without further cuts.
 const STARTUP_DRAIN_PERIODS: u32 = 2;
+/// A rate rise (fraction) large enough to tell whether what the link delivers rose with it.
+const CEILING_RISE: f64 = 0.05;
+/// Periods a full link holds the rate before a step of `FULL_PROBE_STEP` past it.
+const FULL_PROBE_PERIODS: u32 = 16;
+const FULL_PROBE_STEP: f64 = 0.03;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
@@ -141,6 +153,15 @@ pub struct Pid {
     /// Smoothed anomaly score (`None` before the first).
     #[serde(default)]
     anomaly_ewma: Option<f64>,
+    /// What the link delivered, Mbit/s, in a window that showed it saturated.
+    #[serde(default)]
+    ceiling_mbit: Option<f64>,
+    /// What the previous window delivered, Mbit/s.
+    #[serde(default)]
+    prev_delivered: Option<f64>,
+    /// Periods the rate has been held at a full link since the last probe past it.
+    #[serde(default)]
+    full_held: u32,
     max_rps: f64,
     min_ln: f64,
 }
@@ -169,6 +190,9 @@ impl Pid {
             drain: 0,
             creep_step: 0.0,
             anomaly_ewma: None,
+            ceiling_mbit: None,
+            prev_delivered: None,
+            full_held: 0,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -239,6 +263,25 @@ impl Controller for Pid {
             reason = format!(
                 "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over, back to the last rate without a queue"
             );
+            // What the link delivered at the two rates places its capacity: the overloaded window
+            // delivered all the link could, the one before what was sent. Scale the last rate
+            // without a queue up to 90 % of that, but not past the hold under the remembered
+            // overload rate (delivery need not scale with the group's rate: a reserved share of
+            // small requests adds rate, not bytes).
+            if let (Some(over), Some(before)) = (obs.delivered_mbit_s, self.prev_delivered)
+                && before > 0.0
+                && over > before
+            {
+                let most = self.g.hold_fraction.max(0.5) * (growth / 2.0).exp();
+                let scale = (0.9 * over / before).clamp(1.0, most.max(1.0));
+                if scale > 1.0 {
+                    self.integral += scale.ln();
+                    reason = format!(
+                        "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over; the link delivered {over:.1} Mbit/s, \
+                         {before:.1} at the last rate without a queue: back to ×{scale:.2} that rate"
+                    );
+                }
+            }
         } else if self.drain > 0 && y > sp {
             // The queue startup's last doubling built drains at the rate it fell back to, which
             // showed no queue: cutting further would only empty the link.
@@ -333,11 +376,13 @@ impl Controller for Pid {
             .anomaly_ewma
             .map_or(obs.anomaly, |prev| a * obs.anomaly + (1.0 - a) * prev);
         self.anomaly_ewma = Some(anomaly);
-        // The score damps only while the delay says the path is filling (p95 past 80 % of the
+        // The score damps only while the delay says the path is congested (p95 at or past the
         // setpoint, or a forecast past it): a full-but-fast link under heavy load looks unusual to
-        // the forest, yet cutting it costs throughput and buys no latency, and random loss
-        // without a queue is not relieved by sending less.
-        let filling = y > 0.8 * sp || obs.predicted_p95_ms.is_some_and(|p| p > sp);
+        // the forest, yet cutting it costs throughput and buys no latency (on the test bed the
+        // score sits near 0.75 under any heavy load, and damping every p95 past 40 ms cut the rate
+        // by 14 % each time bursts reached that bucket), and random loss without a queue is not
+        // relieved by sending less.
+        let filling = y >= sp || obs.predicted_p95_ms.is_some_and(|p| p > sp);
         let damp = if filling {
             self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0)
         } else {
@@ -360,8 +405,18 @@ impl Controller for Pid {
         } else {
             self.hold.saturating_sub(1)
         };
+        // A link that delivers clearly less than its ceiling has room, whatever rate last built a
+        // queue: the delivery is the newer evidence (after startup the group's rate is no measure
+        // of its bytes — a reserved share of small requests adds rate, not bytes).
+        let room = !standing
+            && self.g.link_full > 0.0
+            && obs
+                .delivered_mbit_s
+                .zip(self.ceiling_mbit)
+                .is_some_and(|(d, c)| d < (2.0 * self.g.link_full - 1.0) * c);
         if !in_startup
             && y <= sp
+            && !room
             && self.g.hold_fraction > 0.0
             && let Some(c) = self.congested_u
         {
@@ -390,6 +445,55 @@ impl Controller for Pid {
                 } else {
                     "; creeping past the rate that last built a queue"
                 });
+            }
+        }
+        // The link's ceiling: what it delivered in a window that shows it saturated — the p95
+        // past the setpoint by the margin, or a rate that rose by `CEILING_RISE` or more while
+        // what was delivered hardly rose with it (a third of that or less). A window that
+        // delivers clearly more than the ceiling shows the path widened: the ceiling is forgotten.
+        // With some queue in the p95 but no standing one (bursts), under the setpoint, a window
+        // that delivers about the ceiling shows the link full while the RTT cannot: hold the rate,
+        // and every `FULL_PROBE_PERIODS` periods let it try a small step past.
+        if let Some(d) = obs.delivered_mbit_s.filter(|d| d.is_finite() && *d > 0.0) {
+            let rose = self.last_u / self.prev_u.max(1e-9) - 1.0;
+            let saturated = y > overloaded
+                || self
+                    .prev_delivered
+                    .is_some_and(|p| rose >= CEILING_RISE && d / p.max(1e-9) - 1.0 < rose / 3.0);
+            if saturated {
+                self.ceiling_mbit = Some(self.ceiling_mbit.map_or(d, |c| c.max(d)));
+            } else if self
+                .ceiling_mbit
+                .is_some_and(|c| d > c * (2.0 - self.g.link_full))
+            {
+                self.ceiling_mbit = None;
+            }
+            self.prev_delivered = Some(d);
+            let some_queue = y >= base + self.g.probe_fraction * (sp - base);
+            let full = self.g.link_full > 0.0
+                && self.ceiling_mbit.is_some_and(|c| d >= self.g.link_full * c)
+                && !in_startup
+                && !standing
+                && some_queue
+                && y < sp;
+            if full && u > self.last_u {
+                self.full_held += 1;
+                if self.full_held > FULL_PROBE_PERIODS {
+                    self.full_held = 0;
+                    u = u.min(self.last_u * (1.0 + FULL_PROBE_STEP));
+                    reason.push_str(&format!(
+                        "; link full ({d:.1} Mbit/s delivered): probing {:.0} % past it",
+                        FULL_PROBE_STEP * 100.0
+                    ));
+                } else {
+                    u = self.last_u;
+                    reason.push_str(&format!(
+                        "; link full ({d:.1} Mbit/s delivered, ceiling {:.1}): holding",
+                        self.ceiling_mbit.unwrap_or(d)
+                    ));
+                }
+            } else if !full {
+                self.full_held = 0;
             }
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));

@@ -162,6 +162,7 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             now: t,
             p95_rtt_ms: Some(p95),
             p50_rtt_ms: Some(p50),
+            delivered_mbit_s: Some(delivered * 8.0 / 1e6 / plant.period_s),
             predicted_p95_ms: Some(forecast),
             anomaly: 0.4,
             inflight: None,

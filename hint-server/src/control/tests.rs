@@ -103,6 +103,7 @@ fn stale_input_is_conservative_and_marked() {
                 now: k as f64,
                 p95_rtt_ms: Some(25.0),
                 p50_rtt_ms: None,
+                delivered_mbit_s: None,
                 ..Default::default()
             });
         }
@@ -147,7 +148,8 @@ proptest! {
         let mut last = g.last_rps();
         for (rtt, pred, anomaly, stale, dt) in steps {
             now += dt;
-            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None, predicted_p95_ms: pred, anomaly, inflight: None, stale });
+            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None,
+        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, stale });
             prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
             prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
             prop_assert!(d.max_concurrency >= 1 && d.max_concurrency <= l.max_concurrency);
@@ -215,6 +217,7 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
             // A standing queue just under the setpoint: no reason to cut.
             p95_rtt_ms: Some(45.0),
             p50_rtt_ms: None,
+            delivered_mbit_s: None,
             predicted_p95_ms: Some(45.0),
             anomaly: 1.0,
             inflight: None,
@@ -232,7 +235,7 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
 }
 
 #[test]
-fn the_anomaly_score_damps_only_while_the_path_is_filling() {
+fn the_anomaly_score_damps_only_while_the_path_is_congested() {
     use super::pid::{Pid, PidGains};
     let l = limits();
     // Two groups side by side, one with the forest alarmed, one calm; returns both rates.
@@ -245,6 +248,7 @@ fn the_anomaly_score_damps_only_while_the_path_is_filling() {
                     now: k as f64,
                     p95_rtt_ms: Some(p95),
                     p50_rtt_ms: None,
+                    delivered_mbit_s: None,
                     predicted_p95_ms: Some(p95),
                     anomaly,
                     inflight: None,
@@ -260,8 +264,11 @@ fn the_anomaly_score_damps_only_while_the_path_is_filling() {
     // A fast path (p95 well under the setpoint): the score alone cuts nothing.
     let [alarmed, calm] = run(20.0);
     assert_eq!(alarmed, calm);
-    // Near the setpoint the score damps.
+    // Nearing the setpoint, the score alone still cuts nothing.
     let [alarmed, calm] = run(45.0);
+    assert_eq!(alarmed, calm);
+    // Past the setpoint the score damps.
+    let [alarmed, calm] = run(55.0);
     assert!(alarmed < calm * 0.9, "{alarmed} vs {calm}");
 }
 
@@ -307,6 +314,13 @@ fn print_pid_variants() {
     use super::pid::{Pid, PidGains};
     let variants = [
         ("default", PidGains::default()),
+        (
+            "no link-full hold",
+            PidGains {
+                link_full: 0.0,
+                ..PidGains::default()
+            },
+        ),
         (
             "no startup",
             PidGains {
@@ -495,6 +509,7 @@ fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 
         now: k as f64,
         p95_rtt_ms: Some(p95),
         p50_rtt_ms: None,
+        delivered_mbit_s: None,
         predicted_p95_ms: Some(p95),
         anomaly: 0.0,
         inflight: None,
@@ -586,4 +601,63 @@ fn when_the_link_widens_the_old_overload_rate_is_left_behind() {
         .position(|p| p.delivered_rps >= 0.8 * p.capacity_rps)
         .unwrap_or(usize::MAX);
     assert!(reached <= 12, "80 % of capacity after {reached} periods");
+}
+
+#[test]
+fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    // Bursts: the p95 reads 38.9 ms (one histogram bucket) from half the link to past it and the
+    // median stays at the base; the link delivers 0.8 Mbit/s per request/s up to 18 Mbit/s.
+    let run = |g: PidGains| {
+        let mut pid = Pid::new(
+            PidGains {
+                startup_growth: 0.0,
+                ..g
+            },
+            &l,
+        );
+        // A new group starts at a tenth of its maximum.
+        let mut rate: f64 = l.max_rps * 0.1;
+        let mut rates = Vec::new();
+        for k in 0..30 {
+            let (p95, p50) = if k == 0 { (10.8, 10.8) } else { (38.9, 11.0) };
+            let obs = Observation {
+                now: k as f64,
+                p95_rtt_ms: Some(p95),
+                p50_rtt_ms: Some(p50),
+                delivered_mbit_s: Some((rate * 0.8).min(18.0)),
+                predicted_p95_ms: Some(p95),
+                ..Observation::default()
+            };
+            let (r, _) = pid.update(&obs, &l);
+            pid.applied(r);
+            rate = r;
+            rates.push(r);
+        }
+        rates
+    };
+    let held = run(PidGains::default());
+    let capacity = 18.0 / 0.8;
+    let past = held.iter().cloned().fold(0.0, f64::max);
+    // The rate may pass the capacity by the step that showed the link full, and by a probe.
+    assert!(
+        past < capacity * 1.4,
+        "the rate reached {past:.1} req/s (capacity {capacity})"
+    );
+    assert!(
+        held[29] > capacity * 0.9,
+        "the rate ended at {:.1} req/s",
+        held[29]
+    );
+    let blind = run(PidGains {
+        link_full: 0.0,
+        ..PidGains::default()
+    });
+    assert!(
+        blind[29] > held[29] * 1.3,
+        "without the hold the rate ended at {:.1} req/s, with it {:.1}",
+        blind[29],
+        held[29]
+    );
 }
