@@ -454,24 +454,31 @@ impl Controller for Pid {
         // With some queue in the p95 but no standing one (bursts), under the setpoint, a window
         // that delivers about the ceiling shows the link full while the RTT cannot: hold the rate,
         // and every `FULL_PROBE_PERIODS` periods let it try a small step past.
-        if let Some(d) = obs.delivered_mbit_s.filter(|d| d.is_finite() && *d > 0.0) {
+        let falling = d > 0.0;
+        if let Some(got) = obs.delivered_mbit_s.filter(|g| g.is_finite() && *g > 0.0) {
             let rose = self.last_u / self.prev_u.max(1e-9) - 1.0;
-            let saturated = y > overloaded
+            // A saturated window shows what the link delivers now (a narrowed link too), so it
+            // replaces the ceiling — but not one whose queue is draining, or that followed a cut
+            // (it delivered what the cut rate sent).
+            let uncut = self.last_u >= 0.95 * self.prev_u;
+            let saturated = (y > overloaded && !falling && uncut)
                 || self
                     .prev_delivered
-                    .is_some_and(|p| rose >= CEILING_RISE && d / p.max(1e-9) - 1.0 < rose / 3.0);
+                    .is_some_and(|p| rose >= CEILING_RISE && got / p.max(1e-9) - 1.0 < rose / 3.0);
             if saturated {
-                self.ceiling_mbit = Some(self.ceiling_mbit.map_or(d, |c| c.max(d)));
+                self.ceiling_mbit = Some(got);
             } else if self
                 .ceiling_mbit
-                .is_some_and(|c| d > c * (2.0 - self.g.link_full))
+                .is_some_and(|c| got > c * (2.0 - self.g.link_full))
             {
                 self.ceiling_mbit = None;
             }
-            self.prev_delivered = Some(d);
+            self.prev_delivered = Some(got);
             let some_queue = y >= base + self.g.probe_fraction * (sp - base);
             let full = self.g.link_full > 0.0
-                && self.ceiling_mbit.is_some_and(|c| d >= self.g.link_full * c)
+                && self
+                    .ceiling_mbit
+                    .is_some_and(|c| got >= self.g.link_full * c)
                 && !in_startup
                 && !standing
                 && some_queue
@@ -482,14 +489,14 @@ impl Controller for Pid {
                     self.full_held = 0;
                     u = u.min(self.last_u * (1.0 + FULL_PROBE_STEP));
                     reason.push_str(&format!(
-                        "; link full ({d:.1} Mbit/s delivered): probing {:.0} % past it",
+                        "; link full ({got:.1} Mbit/s delivered): probing {:.0} % past it",
                         FULL_PROBE_STEP * 100.0
                     ));
                 } else {
                     u = self.last_u;
                     reason.push_str(&format!(
-                        "; link full ({d:.1} Mbit/s delivered, ceiling {:.1}): holding",
-                        self.ceiling_mbit.unwrap_or(d)
+                        "; link full ({got:.1} Mbit/s delivered, ceiling {:.1}): holding",
+                        self.ceiling_mbit.unwrap_or(got)
                     ));
                 }
             } else if !full {
