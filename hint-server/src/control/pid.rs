@@ -457,16 +457,17 @@ impl Controller for Pid {
         let falling = d > 0.0;
         if let Some(got) = obs.delivered_mbit_s.filter(|g| g.is_finite() && *g > 0.0) {
             let rose = self.last_u / self.prev_u.max(1e-9) - 1.0;
-            // A saturated window shows what the link delivers now (a narrowed link too), so it
-            // replaces the ceiling — but not one whose queue is draining, or that followed a cut
-            // (it delivered what the cut rate sent).
+            // A saturated window shows what the link can deliver — but not one whose queue is
+            // draining, or that followed a cut (it delivered what the cut rate sent). The ceiling
+            // is the most such windows showed: lowering it on a narrowed link would hold the rate
+            // there after the link widens again, where the delivery cannot show the room.
             let uncut = self.last_u >= 0.95 * self.prev_u;
             let saturated = (y > overloaded && !falling && uncut)
                 || self
                     .prev_delivered
                     .is_some_and(|p| rose >= CEILING_RISE && got / p.max(1e-9) - 1.0 < rose / 3.0);
             if saturated {
-                self.ceiling_mbit = Some(got);
+                self.ceiling_mbit = Some(self.ceiling_mbit.map_or(got, |c| c.max(got)));
             } else if self
                 .ceiling_mbit
                 .is_some_and(|c| got > c * (2.0 - self.g.link_full))

@@ -464,16 +464,10 @@ fn startups_drain_grace_ends_with_its_queue() {
 
 #[test]
 fn one_reading_a_bucket_over_the_setpoint_is_not_an_overload() {
-    use super::pid::{Pid, PidGains};
+    use super::pid::PidGains;
     let l = limits();
     let run = |g: PidGains| {
-        let mut pid = Pid::new(
-            PidGains {
-                startup_growth: 0.0,
-                ..g
-            },
-            &l,
-        );
+        let mut pid = without_startup(g, &l);
         let mut rate = 0.0;
         // 43.0 ms, then one 51.2 ms reading (the next bucket of the agent's histogram past
         // 50 ms), then 43.0 ms again for 6 periods.
@@ -502,6 +496,17 @@ fn one_reading_a_bucket_over_the_setpoint_is_not_an_overload() {
     );
 }
 
+/// A PID that starts in its normal loop (no startup doubling).
+fn without_startup(g: super::pid::PidGains, l: &Limits) -> super::pid::Pid {
+    super::pid::Pid::new(
+        super::pid::PidGains {
+            startup_growth: 0.0,
+            ..g
+        },
+        l,
+    )
+}
+
 /// One control period of a bare PID at second `k` with this p95 (forecast = the p95, no
 /// anomaly); returns the rate applied.
 fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 {
@@ -522,19 +527,13 @@ fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 
 
 #[test]
 fn below_the_setpoint_a_standing_queue_climbs_slower_than_bursts() {
-    use super::pid::{Pid, PidGains};
+    use super::pid::PidGains;
     let l = limits();
     // Ten periods at p95 40 ms (base 20 ms) after a settled start: once with the median beside
     // the p95 (a standing queue of 20 ms, close to the setpoint's 30), once with the median at
     // the base (bursts that drain between requests: no queue the rate holds).
     let climb = |p50: f64| {
-        let mut pid = Pid::new(
-            PidGains {
-                startup_growth: 0.0,
-                ..PidGains::default()
-            },
-            &l,
-        );
+        let mut pid = without_startup(PidGains::default(), &l);
         let mut rates = Vec::new();
         for k in 0..12 {
             let (p95, p50) = if k < 2 { (20.0, 20.0) } else { (40.0, p50) };
@@ -605,18 +604,12 @@ fn when_the_link_widens_the_old_overload_rate_is_left_behind() {
 
 #[test]
 fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
-    use super::pid::{Pid, PidGains};
+    use super::pid::PidGains;
     let l = limits();
     // Bursts: the p95 reads 38.9 ms (one histogram bucket) from half the link to past it and the
     // median stays at the base; the link delivers 0.8 Mbit/s per request/s up to 18 Mbit/s.
     let run = |g: PidGains| {
-        let mut pid = Pid::new(
-            PidGains {
-                startup_growth: 0.0,
-                ..g
-            },
-            &l,
-        );
+        let mut pid = without_startup(g, &l);
         // A new group starts at a tenth of its maximum.
         let mut rate: f64 = l.max_rps * 0.1;
         let mut rates = Vec::new();
