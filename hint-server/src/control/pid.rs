@@ -21,8 +21,11 @@
 //!   seconds of error (the same gain as above the setpoint — no limit cycle around it); a median
 //!   at its base means bursts that drain between requests, and the integral moves on the error
 //!   relative to the setpoint, fast;
+//! - the link's ceiling — what the node's connections delivered in a window that showed the link
+//!   saturated — holds the rate where bursts hide a full link from the RTT, lets a link with room
+//!   skip the hold under the overload rate, and scales startup's fallback;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
-//!   and only while the p95 (or its forecast) nears the setpoint: the damping is not fed back into
+//!   and only while the p95 is at or past the setpoint (or its forecast past it): the damping is not fed back into
 //!   the integrator, so a lasting anomaly score does not ratchet the rate down period after period.
 
 use super::{Controller, Limits, Observation};
