@@ -25,8 +25,9 @@
 //!   saturated — holds the rate where bursts hide a full link from the RTT, lets a link with room
 //!   skip the hold under the overload rate, and scales startup's fallback;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
-//!   and only while the p95 is at or past the setpoint (or its forecast past it): the damping is not fed back into
-//!   the integrator, so a lasting anomaly score does not ratchet the rate down period after period.
+//!   and only while the p95 is at or past the setpoint (or its forecast past it): the damping is
+//!   not fed back into the integrator, so a lasting anomaly score does not ratchet the rate down
+//!   period after period.
 
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;
@@ -77,8 +78,9 @@ pub struct PidGains {
     pub overload_margin: f64,
     /// With no standing queue and the p95 under the setpoint, a window that delivered at least
     /// this share of the link's ceiling (what it delivered when last seen saturated) shows the
-    /// link full: the rate stops growing there (0: never). The RTT of bursts that drain between requests barely moves
-    /// until the link is full; what the link delivers stops growing with the rate — BBR's signal.
+    /// link full: the rate stops growing there (0: never). The RTT of bursts that drain between
+    /// requests barely moves until the link is full; what the link delivers stops growing with the
+    /// rate — BBR's signal.
     #[serde(default)]
     pub link_full: f64,
 }
@@ -228,10 +230,13 @@ impl Controller for Pid {
         // is a queue the rate holds, so the integral moves on seconds of error as it does above
         // it; with no standing queue (bursts that come and go) the p95 says little about the
         // headroom and the integral moves on the relative error instead.
+        // Queueing delay under which the p95 shows no queue at all (a share of the room between
+        // the base and the setpoint).
+        let no_queue_ms = self.g.probe_fraction * (sp - base);
         let standing = obs.p50_rtt_ms.is_some_and(|m| {
             let b = self.base50_ms.map_or(m, |b| (b * 1.01).min(m));
             self.base50_ms = Some(b);
-            m - b > self.g.probe_fraction * (sp - base)
+            m - b > no_queue_ms
         });
         let d = -self.prev_y.map_or(0.0, |p| (y - p) / 1000.0 / dt);
         self.prev_y = Some(y);
@@ -292,7 +297,7 @@ impl Controller for Pid {
             terms = 0.0;
             reason =
                 format!("p95 {y:.1} ms: draining startup's queue at the last rate without one");
-        } else if y < base + self.g.probe_fraction * (sp - base) {
+        } else if y < base + no_queue_ms {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to
             // the slew limit — but near the rate at which a queue last appeared, creep (the
@@ -478,7 +483,7 @@ impl Controller for Pid {
                 self.ceiling_mbit = None;
             }
             self.prev_delivered = Some(got);
-            let some_queue = y >= base + self.g.probe_fraction * (sp - base);
+            let some_queue = y >= base + no_queue_ms;
             let full = self.g.link_full > 0.0
                 && self
                     .ceiling_mbit
