@@ -25,7 +25,8 @@
 //!   saturated — holds the rate where bursts hide a full link from the RTT, lets a link with room
 //!   skip the hold under the overload rate, and scales startup's fallback;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
-//!   and only while the p95 is at or past the setpoint (or its forecast past it): the damping is
+//!   and only while the p95 is past the setpoint (or its forecast past it), ramping in up to the
+//!   overload margin (no relay around the setpoint): the damping is
 //!   not fed back into the integrator, so a lasting anomaly score does not ratchet the rate down
 //!   period after period.
 
@@ -167,6 +168,10 @@ pub struct Pid {
     /// Periods the rate has been held at a full link since the last probe past it.
     #[serde(default)]
     full_held: u32,
+    /// The last window showed the link full: the next one stays full down to the `room` threshold
+    /// (hysteresis, so a window delivering a little less does not release the rate to climb).
+    #[serde(default)]
+    was_full: bool,
     max_rps: f64,
     min_ln: f64,
 }
@@ -198,6 +203,7 @@ impl Pid {
             ceiling_mbit: None,
             prev_delivered: None,
             full_held: 0,
+            was_full: false,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -390,12 +396,12 @@ impl Controller for Pid {
         // score sits near 0.75 under any heavy load, and damping every p95 past 40 ms cut the rate
         // by 14 % each time bursts reached that bucket), and random loss without a queue is not
         // relieved by sending less.
-        let filling = y >= sp || obs.predicted_p95_ms.is_some_and(|p| p > sp);
-        let damp = if filling {
-            self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        // It ramps in from nothing at the setpoint to all of it at the overload margin: a damping
+        // that switched fully on at the setpoint would be a relay around it — on the test bed a
+        // 16 % cut at p95 51 ms and none at 47 ms swung the rate between 19 and 26 req/s.
+        let worst = obs.predicted_p95_ms.map_or(y, |p| p.max(y));
+        let past = ((worst - sp) / (overloaded - sp).max(1e-9)).clamp(0.0, 1.0);
+        let damp = self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0) * past;
         self.last_damp_ln = (1.0 - damp).max(1e-6).ln();
         if damp > 0.0 {
             u *= 1.0 - damp;
@@ -484,10 +490,15 @@ impl Controller for Pid {
             }
             self.prev_delivered = Some(got);
             let some_queue = y >= base + no_queue_ms;
+            // Once full, a window stays full down to the threshold under which the link has room:
+            // a link delivering 95 % one window and 94 % the next has not emptied.
+            let share = if self.was_full {
+                2.0 * self.g.link_full - 1.0
+            } else {
+                self.g.link_full
+            };
             let full = self.g.link_full > 0.0
-                && self
-                    .ceiling_mbit
-                    .is_some_and(|c| got >= self.g.link_full * c)
+                && self.ceiling_mbit.is_some_and(|c| got >= share * c)
                 && !in_startup
                 && !standing
                 && some_queue
@@ -511,6 +522,7 @@ impl Controller for Pid {
             } else if !full {
                 self.full_held = 0;
             }
+            self.was_full = full;
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
         if u > ceiling && !in_startup {

@@ -790,7 +790,10 @@ mod tests {
         let names = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>();
         let quick = DemoArgs::quick_check();
         assert_eq!(names(arms_of(&quick, &sc("network-bound"), &all)), all);
-        assert_eq!(names(arms_of(&quick, &sc("bandwidth-step"), &all)), ["off", "pid"]);
+        assert_eq!(
+            names(arms_of(&quick, &sc("bandwidth-step"), &all)),
+            ["off", "pid"]
+        );
         // Named arms, or the full run, run every arm everywhere.
         let mut named = quick.clone();
         named.arms = all.clone();
