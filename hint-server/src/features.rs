@@ -47,6 +47,8 @@ pub struct Features {
     pub p95_ms: Option<f64>,
     /// The window's own median, when it had RTT samples.
     pub p50_ms: Option<f64>,
+    /// The window's mean RTT, when it had RTT samples.
+    pub mean_ms: Option<f64>,
     pub end_unix_ms: u64,
 }
 
@@ -141,6 +143,7 @@ impl FeatureBuilder {
             ],
             p95_ms: own.map(|o| o.1),
             p50_ms: own.map(|o| o.0),
+            mean_ms: (w.node.rtt.samples > 0).then(|| ms(w.node.rtt.mean_us)),
             end_unix_ms: w.end_unix_ms,
         }
     }

@@ -1,7 +1,10 @@
 //! Netflix concurrency-limits' Gradient2, applied to a rate instead of a concurrency limit.
 //!
 //! A long-term RTT (exponential average over `long_window` samples) is compared with the latest
-//! one: `gradient = clamp(tolerance · long / short, 0.5, 1)`; the new limit is
+//! one: `gradient = clamp(tolerance · long / short, 0.5, 1)`; a sample is the window's *mean* RTT,
+//! as in concurrency-limits, whose windowed limits average a window's RTTs by default
+//! (`AverageSampleWindow`) — fed the p95, Gradient2 read every burst of a busy link as a 3×
+//! gradient and held the link half empty (the p95 when the window has no mean); the new limit is
 //! `limit · gradient + queue_size`, smoothed by `smoothing`. When the short RTT falls far below
 //! the long one (long / short > 2) the long average decays by 5 % per sample so that it can
 //! follow the path down. When the group uses less than half its limit, the limit is held
@@ -42,7 +45,7 @@ impl Controller for Gradient2 {
     }
 
     fn update(&mut self, obs: &Observation, _: &Limits) -> (f64, String) {
-        let Some(short) = obs.p95_rtt_ms.filter(|r| *r > 0.0) else {
+        let Some(short) = obs.mean_rtt_ms.or(obs.p95_rtt_ms).filter(|r| *r > 0.0) else {
             return (self.limit, "no RTT samples: holding".into());
         };
         self.samples += 1;

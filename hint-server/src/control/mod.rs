@@ -32,6 +32,9 @@ pub struct Observation {
     /// Median RTT of the same window, milliseconds, when known. Beside the p95 it tells a standing
     /// queue (the median lifts off the path's base) from bursts that come and go (it stays there).
     pub p50_rtt_ms: Option<f64>,
+    /// Mean RTT of the same window, milliseconds, when known (Gradient2's sample: Netflix's
+    /// windowed limits average a window's RTTs).
+    pub mean_rtt_ms: Option<f64>,
     /// What the node's connections delivered in the window (bytes acknowledged), Mbit/s.
     pub delivered_mbit_s: Option<f64>,
     /// Forecast of the p95 RTT one interval ahead, milliseconds.

@@ -134,6 +134,8 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             samples.push(plant.base_rtt_ms + q / cap * 1000.0 + (rng.f64() - 0.5) * 2.0);
             t += dt;
         }
+        // The agent's mean is exact (a sum over the samples), not read from its buckets.
+        let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
         samples.sort_by(f64::total_cmp);
         let quantile = |q: f64| {
             let v = samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
@@ -162,6 +164,7 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             now: t,
             p95_rtt_ms: Some(p95),
             p50_rtt_ms: Some(p50),
+            mean_rtt_ms: Some(mean),
             delivered_mbit_s: Some(delivered * 8.0 / 1e6 / plant.period_s),
             predicted_p95_ms: Some(forecast),
             anomaly: 0.4,

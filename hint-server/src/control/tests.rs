@@ -103,6 +103,7 @@ fn stale_input_is_conservative_and_marked() {
                 now: k as f64,
                 p95_rtt_ms: Some(25.0),
                 p50_rtt_ms: None,
+                mean_rtt_ms: None,
                 delivered_mbit_s: None,
                 ..Default::default()
             });
@@ -148,7 +149,7 @@ proptest! {
         let mut last = g.last_rps();
         for (rtt, pred, anomaly, stale, dt) in steps {
             now += dt;
-            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None,
+            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None, mean_rtt_ms: None,
         delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, stale });
             prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
             prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
@@ -217,6 +218,7 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
             // A standing queue just under the setpoint: no reason to cut.
             p95_rtt_ms: Some(45.0),
             p50_rtt_ms: None,
+            mean_rtt_ms: None,
             delivered_mbit_s: None,
             predicted_p95_ms: Some(45.0),
             anomaly: 1.0,
@@ -248,6 +250,7 @@ fn the_anomaly_score_damps_only_while_the_path_is_congested() {
                     now: k as f64,
                     p95_rtt_ms: Some(p95),
                     p50_rtt_ms: None,
+                    mean_rtt_ms: None,
                     delivered_mbit_s: None,
                     predicted_p95_ms: Some(p95),
                     anomaly,
@@ -521,6 +524,7 @@ fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 
         now: k as f64,
         p95_rtt_ms: Some(p95),
         p50_rtt_ms: None,
+        mean_rtt_ms: None,
         delivered_mbit_s: None,
         predicted_p95_ms: Some(p95),
         anomaly: 0.0,
@@ -548,6 +552,7 @@ fn below_the_setpoint_a_standing_queue_climbs_slower_than_bursts() {
                 now: k as f64,
                 p95_rtt_ms: Some(p95),
                 p50_rtt_ms: Some(p50),
+                mean_rtt_ms: None,
                 predicted_p95_ms: Some(p95),
                 ..Observation::default()
             };
@@ -626,6 +631,7 @@ fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
                 now: k as f64,
                 p95_rtt_ms: Some(p95),
                 p50_rtt_ms: Some(p50),
+                mean_rtt_ms: None,
                 delivered_mbit_s: Some((rate * 0.8).min(18.0)),
                 predicted_p95_ms: Some(p95),
                 ..Observation::default()
@@ -660,4 +666,52 @@ fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
         blind[29],
         held[29]
     );
+}
+
+#[test]
+fn gradient2_samples_the_windows_mean_rtt_as_concurrency_limits_does() {
+    use super::{Controller, Gradient2};
+    let l = limits();
+    // Ten windows at the base RTT, then ten in which bursts lift the p95 threefold while the
+    // mean stays near the base, then ten with a standing queue (the mean itself doubled).
+    let run = |phases: &[(f64, f64)]| {
+        let mut g = Gradient2::new(&l);
+        let mut rates = Vec::new();
+        for (k, &(mean, p95)) in phases
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, 10))
+            .enumerate()
+        {
+            let obs = Observation {
+                now: k as f64,
+                p95_rtt_ms: Some(p95),
+                mean_rtt_ms: Some(mean),
+                ..Observation::default()
+            };
+            let (rate, _) = g.update(&obs, &l);
+            g.applied(rate);
+            rates.push(rate);
+        }
+        rates
+    };
+    let bursts = run(&[(12.0, 14.0), (13.0, 40.0)]);
+    assert!(bursts[19] > bursts[9], "bursts alone cut: {bursts:?}");
+    let queue = run(&[(12.0, 14.0), (30.0, 40.0)]);
+    assert!(
+        queue[19] < queue[9],
+        "a standing queue did not cut: {queue:?}"
+    );
+    // Without a mean the p95 is the sample.
+    let mut g = Gradient2::new(&l);
+    let obs = |p95| Observation {
+        p95_rtt_ms: Some(p95),
+        ..Observation::default()
+    };
+    for _ in 0..10 {
+        let (r, _) = g.update(&obs(14.0), &l);
+        g.applied(r);
+    }
+    let before = g.update(&obs(14.0), &l).0;
+    g.applied(before);
+    assert!(g.update(&obs(40.0), &l).0 < before);
 }
