@@ -143,7 +143,7 @@ impl FeatureBuilder {
             ],
             p95_ms: own.map(|o| o.1),
             p50_ms: own.map(|o| o.0),
-            mean_ms: (w.node.rtt.samples > 0).then(|| ms(w.node.rtt.mean_us)),
+            mean_ms: own.map(|_| ms(w.node.rtt.mean_us)),
             end_unix_ms: w.end_unix_ms,
         }
     }

@@ -1,14 +1,16 @@
 //! Netflix concurrency-limits' Gradient2, applied to a rate instead of a concurrency limit.
 //!
 //! A long-term RTT (exponential average over `long_window` samples) is compared with the latest
-//! one: `gradient = clamp(tolerance · long / short, 0.5, 1)`; a sample is the window's *mean* RTT,
-//! as in concurrency-limits, whose windowed limits average a window's RTTs by default
-//! (`AverageSampleWindow`) — fed the p95, Gradient2 read every burst of a busy link as a 3×
-//! gradient and held the link half empty (the p95 when the window has no mean); the new limit is
+//! one: `gradient = clamp(tolerance · long / short, 0.5, 1)`; the new limit is
 //! `limit · gradient + queue_size`, smoothed by `smoothing`. When the short RTT falls far below
 //! the long one (long / short > 2) the long average decays by 5 % per sample so that it can
 //! follow the path down. When the group uses less than half its limit, the limit is held
 //! (the application, not the network, is the bottleneck).
+//!
+//! A sample is the window's *mean* RTT (its p95 when the window has no mean), as in
+//! concurrency-limits, whose windowed limits average a window's RTTs by default
+//! (`AverageSampleWindow`): fed the p95, Gradient2 read every burst of a busy link as a 3×
+//! gradient and held the link half empty.
 
 use super::{Controller, Limits, Observation};
 use tokenflow_schema::ControllerKind;

@@ -111,6 +111,14 @@ impl Default for PidGains {
     }
 }
 
+impl PidGains {
+    /// Share of the ceiling under which a link has room (as far under `link_full` as it is under
+    /// 1): it skips the hold under the overload rate, and a full link stays full down to it.
+    fn room_share(&self) -> f64 {
+        2.0 * self.link_full - 1.0
+    }
+}
+
 /// Periods after startup during which its overshoot's queue drains without further cuts.
 const STARTUP_DRAIN_PERIODS: u32 = 2;
 /// A rate rise (fraction) large enough to tell whether what the link delivers rose with it.
@@ -427,7 +435,7 @@ impl Controller for Pid {
             && obs
                 .delivered_mbit_s
                 .zip(self.ceiling_mbit)
-                .is_some_and(|(d, c)| d < (2.0 * self.g.link_full - 1.0) * c);
+                .is_some_and(|(d, c)| d < (self.g.room_share()) * c);
         if !in_startup
             && y <= sp
             && !room
@@ -493,7 +501,7 @@ impl Controller for Pid {
             // Once full, a window stays full down to the threshold under which the link has room:
             // a link delivering 95 % one window and 94 % the next has not emptied.
             let share = if self.was_full {
-                2.0 * self.g.link_full - 1.0
+                self.g.room_share()
             } else {
                 self.g.link_full
             };

@@ -103,7 +103,6 @@ fn stale_input_is_conservative_and_marked() {
                 now: k as f64,
                 p95_rtt_ms: Some(25.0),
                 p50_rtt_ms: None,
-                mean_rtt_ms: None,
                 delivered_mbit_s: None,
                 ..Default::default()
             });
@@ -552,7 +551,6 @@ fn below_the_setpoint_a_standing_queue_climbs_slower_than_bursts() {
                 now: k as f64,
                 p95_rtt_ms: Some(p95),
                 p50_rtt_ms: Some(p50),
-                mean_rtt_ms: None,
                 predicted_p95_ms: Some(p95),
                 ..Observation::default()
             };
@@ -631,7 +629,6 @@ fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
                 now: k as f64,
                 p95_rtt_ms: Some(p95),
                 p50_rtt_ms: Some(p50),
-                mean_rtt_ms: None,
                 delivered_mbit_s: Some((rate * 0.8).min(18.0)),
                 predicted_p95_ms: Some(p95),
                 ..Observation::default()
@@ -672,8 +669,8 @@ fn a_full_link_holds_the_rate_where_the_rtt_cannot_tell() {
 fn gradient2_samples_the_windows_mean_rtt_as_concurrency_limits_does() {
     use super::{Controller, Gradient2};
     let l = limits();
-    // Ten windows at the base RTT, then ten in which bursts lift the p95 threefold while the
-    // mean stays near the base, then ten with a standing queue (the mean itself doubled).
+    // Ten windows at the base RTT, then ten more: either bursts that lift the p95 threefold while
+    // the mean stays near the base, or a standing queue (the mean itself more than doubled).
     let run = |phases: &[(f64, f64)]| {
         let mut g = Gradient2::new(&l);
         let mut rates = Vec::new();
@@ -714,4 +711,52 @@ fn gradient2_samples_the_windows_mean_rtt_as_concurrency_limits_does() {
     let before = g.update(&obs(14.0), &l).0;
     g.applied(before);
     assert!(g.update(&obs(40.0), &l).0 < before);
+}
+
+#[test]
+fn a_full_link_stays_full_until_it_delivers_clearly_less() {
+    use super::pid::PidGains;
+    let l = limits();
+    // The bursty link of the test above (0.8 Mbit/s per request/s, at most 18 Mbit/s) until the
+    // hold is set; then windows that deliver `share` of the ceiling at the held rate.
+    let after = |share: f64| {
+        let mut pid = without_startup(PidGains::default(), &l);
+        let mut rate: f64 = l.max_rps * 0.1;
+        let mut k = 0;
+        let mut period = |pid: &mut super::pid::Pid, delivered: f64| {
+            let (p95, p50) = if k == 0 { (10.8, 10.8) } else { (38.9, 11.0) };
+            let obs = Observation {
+                now: k as f64,
+                p95_rtt_ms: Some(p95),
+                p50_rtt_ms: Some(p50),
+                delivered_mbit_s: Some(delivered),
+                predicted_p95_ms: Some(p95),
+                ..Observation::default()
+            };
+            k += 1;
+            let (r, _) = pid.update(&obs, &l);
+            pid.applied(r);
+            r
+        };
+        for _ in 0..30 {
+            rate = period(&mut pid, (rate * 0.8).min(18.0));
+        }
+        let held = rate;
+        assert!(
+            held * 0.8 >= 0.95 * 18.0,
+            "no full link to hold: {held:.1} req/s"
+        );
+        let next: Vec<f64> = (0..3).map(|_| period(&mut pid, share * 18.0)).collect();
+        (held, next)
+    };
+    // 93 % of the ceiling, a window after 95 % or more: still full, the rate holds (a 3 % probe
+    // at most).
+    let (held, next) = after(0.93);
+    assert!(
+        next.iter().all(|r| *r <= held * 1.031),
+        "held {held:.1}, then {next:?}"
+    );
+    // 85 %: the link has room, the rate climbs again.
+    let (held, next) = after(0.85);
+    assert!(next[2] > held * 1.05, "held {held:.1}, then {next:?}");
 }
