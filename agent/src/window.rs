@@ -34,11 +34,20 @@ pub struct Snapshot {
     pub probe_lat: BTreeMap<u32, LatencyHist>,
 }
 
+/// Snapshots a vanished flow's last live copy is kept waiting for its final state.
+const VANISHED_SNAPSHOTS: u32 = 3;
+
 /// Keeps the previous snapshot so each window holds only its own interval.
 #[derive(Default)]
 pub struct WindowBuilder {
     node_id: String,
     prev_flows: HashMap<u64, FlowState>,
+    /// Flows that left the map without their final state having arrived yet, with the number
+    /// of snapshots since: a flow that closes after the snapshot drained the ring buffer but
+    /// before it listed the map is in neither, and its final state comes with the next snapshot.
+    /// Without its last live copy as the baseline, that final state would count the flow's
+    /// whole life into one window.
+    vanished: HashMap<(u64, u64), (FlowState, u32)>,
     prev_counters: Counters,
     next_seq: u64,
     /// (label, target) of each uprobe, by probe id.
@@ -123,26 +132,53 @@ impl WindowBuilder {
     /// Builds the window for the interval that `snap` closes and remembers it as the new baseline.
     pub fn build(&mut self, snap: Snapshot) -> TelemetryWindow {
         let secs = (snap.end_unix_ms.saturating_sub(snap.start_unix_ms) as f64 / 1000.0).max(1e-3);
-        let mut deltas: BTreeMap<u64, Delta> = BTreeMap::new();
+        // Keyed by socket and birth: the kernel reuses a closed socket's memory, so a new flow
+        // can carry the key of one whose final state arrives in the same snapshot.
+        let mut deltas: BTreeMap<(u64, u64), Delta> = BTreeMap::new();
         let mut next_prev = HashMap::with_capacity(snap.live.len());
         for cur in &snap.live {
             deltas.insert(
-                cur.sk,
+                (cur.sk, cur.first_seen_ns),
                 Delta::between(self.prev_flows.get(&cur.sk), cur, false),
             );
             next_prev.insert(cur.sk, *cur);
         }
         for cur in &snap.closed {
-            // Seen live in this same snapshot: the baseline is that live copy.
+            let id = (cur.sk, cur.first_seen_ns);
+            let same = |f: &&FlowState| f.first_seen_ns == cur.first_seen_ns;
+            // The flow's newest live copy: in this same snapshot, else the last one, else the one
+            // kept when it vanished from the map before its final state arrived.
             let base = next_prev
-                .remove(&cur.sk)
-                .or_else(|| self.prev_flows.get(&cur.sk).copied());
+                .get(&cur.sk)
+                .filter(same)
+                .or_else(|| self.prev_flows.get(&cur.sk).filter(same))
+                .or_else(|| self.vanished.get(&id).map(|v| &v.0))
+                .copied();
+            if next_prev.get(&cur.sk).is_some_and(|f| same(&f)) {
+                next_prev.remove(&cur.sk);
+            }
+            self.vanished.remove(&id);
             let d = Delta::between(base.as_ref(), cur, true);
-            match deltas.get_mut(&cur.sk) {
+            match deltas.get_mut(&id) {
                 Some(existing) => existing.add(d),
                 None => {
-                    deltas.insert(cur.sk, d);
+                    deltas.insert(id, d);
                 }
+            }
+        }
+        for v in self.vanished.values_mut() {
+            v.1 += 1;
+        }
+        // A final state still missing after this many snapshots was lost (a full ring buffer
+        // counts it in `closed_dropped`).
+        self.vanished.retain(|_, v| v.1 < VANISHED_SNAPSHOTS);
+        for (sk, f) in self.prev_flows.drain() {
+            let id = (sk, f.first_seen_ns);
+            let still_live = next_prev
+                .get(&sk)
+                .is_some_and(|n: &FlowState| n.first_seen_ns == f.first_seen_ns);
+            if !still_live && !deltas.get(&id).is_some_and(|d| d.closed) {
+                self.vanished.insert(id, (f, 0));
             }
         }
         self.prev_flows = next_prev;

@@ -150,6 +150,72 @@ fn flow_seen_live_and_closed_in_one_snapshot_is_merged() {
 }
 
 #[test]
+fn a_flow_that_closes_between_the_ring_drain_and_the_map_read_counts_only_its_last_interval() {
+    // The snapshot drains the ring buffer, then lists the map: a flow closing in between is in
+    // neither, and its final state arrives with the next snapshot. Its lifetime (1000 samples,
+    // 10 MB) must not land in that window; only what it did since its last live copy.
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(7, [198, 18, 2, 2], 10);
+    sample(&mut f, 5000, 1000);
+    f.bytes_acked = 10_000_000;
+    b.build(snap(vec![f], vec![], 0));
+    let w = b.build(snap(vec![], vec![], 1000));
+    assert!(w.flows.is_empty());
+    sample(&mut f, 5000, 3);
+    f.bytes_acked += 4000;
+    f.state = TCP_CLOSE as u32;
+    let w = b.build(snap(vec![], vec![f], 2000));
+    assert_eq!(w.flows.len(), 1);
+    assert_eq!(w.node.rtt.samples, 3);
+    assert_eq!(w.node.bytes_acked, 4000);
+    assert!(w.flows[0].closed);
+    assert!(
+        b.vanished.is_empty(),
+        "nothing of it is kept once its final state came"
+    );
+}
+
+#[test]
+fn a_new_flow_on_a_closed_sockets_key_keeps_both_flows_apart() {
+    // The kernel reuses a closed socket's memory: the new flow has the old key, and the old
+    // flow's final state arrives in the same snapshot (seen on the test bed when 12 connections
+    // closed and 12 opened at once: each old flow's whole life landed in one window).
+    let mut b = WindowBuilder::new("n1");
+    let mut old = flow(7, [198, 18, 2, 2], 10);
+    sample(&mut old, 5000, 1000);
+    old.bytes_acked = 2_000_000;
+    b.build(snap(vec![old], vec![], 0));
+    sample(&mut old, 5000, 2);
+    old.bytes_acked += 3000;
+    old.state = TCP_CLOSE as u32;
+    let mut new = flow(7, [198, 18, 2, 2], 99);
+    sample(&mut new, 5000, 5);
+    new.bytes_acked = 7000;
+    let w = b.build(snap(vec![new], vec![old], 1000));
+    assert_eq!(w.node.rtt.samples, 7);
+    assert_eq!(w.node.bytes_acked, 10_000);
+    assert_eq!(w.flows.len(), 2);
+    assert_eq!(w.flows.iter().filter(|f| f.closed).count(), 1);
+    assert_eq!(w.node.active_flows, 1);
+    // The new flow's baseline survived the old one's final state.
+    sample(&mut new, 5000, 1);
+    let w = b.build(snap(vec![new], vec![], 2000));
+    assert_eq!(w.node.rtt.samples, 1);
+}
+
+#[test]
+fn a_vanished_flow_whose_final_state_never_comes_is_forgotten() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(7, [198, 18, 2, 2], 10);
+    sample(&mut f, 5000, 10);
+    b.build(snap(vec![f], vec![], 0));
+    for t in 1..=VANISHED_SNAPSHOTS as u64 + 1 {
+        b.build(snap(vec![], vec![], t * 1000));
+    }
+    assert!(b.vanished.is_empty());
+}
+
+#[test]
 fn reused_key_is_a_new_flow() {
     let mut b = WindowBuilder::new("n1");
     let mut f = flow(9, [198, 18, 2, 2], 10);

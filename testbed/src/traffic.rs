@@ -204,6 +204,72 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// A user that submits whole requests (an upload each, like a long prompt) with Poisson
+    /// arrivals: exponential gaps whose mean makes the offered load the current value of `rate`
+    /// (bytes/s; 0 pauses it), sizes exponential around `mean_request` bytes (clipped to 1/16–8×).
+    /// Open loop: a request due while the previous one is still being written is written right
+    /// after it, so a congested link backs requests up in the socket, as it does for real clients.
+    pub fn start_requests(
+        ns: &str,
+        to: SocketAddr,
+        rate: Arc<AtomicU64>,
+        mean_request: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut stream = connect_from(ns, to)?;
+        stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+        let local_port = stream.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mean = mean_request.max(1) as f64;
+            let exp = |rng: &mut fastrand::Rng| -(1.0f64 - rng.f64()).ln();
+            let buf = vec![0x5au8; 64 * 1024];
+            let mut due = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let r = rate.load(Ordering::Relaxed) as f64;
+                if r <= 0.0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    due = Instant::now();
+                    continue;
+                }
+                due += Duration::from_secs_f64(exp(&mut rng) * mean / r);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    // Sleep in short steps so that a stop or a new rate is seen promptly.
+                    if wait > Duration::from_millis(100) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        due = Instant::now();
+                        continue;
+                    }
+                    std::thread::sleep(wait);
+                }
+                let size = (exp(&mut rng) * mean).clamp(mean / 16.0, mean * 8.0) as usize;
+                let mut left = size;
+                while left > 0 && !s.load(Ordering::Relaxed) {
+                    match stream.write(&buf[..left.min(buf.len())]) {
+                        Ok(w) => {
+                            left -= w;
+                            n.fetch_add(w as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            local_port,
+            stop,
+            sent,
+            thread: Some(thread),
+        })
+    }
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -54,9 +54,27 @@ pub struct RecordArgs {
     /// Seed of the phase order (the same seed gives the same schedule).
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// What makes the load: `requests` — users submitting whole uploads with Poisson arrivals
+    /// and exponential sizes (LLM prompts; the RTT is as bursty as real traffic makes it), or
+    /// `flows` — constant-rate paced flows (a smooth, nearly noise-free RTT). Unlimited bulk flows
+    /// (the `bloat` phase) are the same in both.
+    #[arg(long, value_enum, default_value_t = Load::Requests)]
+    pub load: Load,
+    /// Request users sharing the offered load (`--load requests`).
+    #[arg(long, default_value_t = 12)]
+    pub users: usize,
+    /// Mean upload per request, bytes (`--load requests`).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub request_bytes: usize,
     /// Output JSONL file (default: results/trace-<unix time>.jsonl).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Load {
+    Requests,
+    Flows,
 }
 
 /// One setting of the test bed, held for a phase.
@@ -208,25 +226,49 @@ pub fn record(a: &RecordArgs) -> Result<()> {
         let nominal_bytes_per_s = a.rate_kbit as f64 * 1000.0 / 8.0;
         // Load varies inside a phase too: ±20 % per phase, so the forecaster sees more than steps.
         let jitter = 0.8 + 0.4 * rng.f64();
-        let ramp_rate = Arc::new(AtomicU64::new(0));
-        let per_flow = |load: f64| (load * nominal_bytes_per_s / p.bulk_flows.max(1) as f64) as u64;
-        for _ in 0..p.bulk_flows {
-            if p.ramp.is_some() {
-                bulk.push(Sender::start_variable(
-                    &bed.client,
-                    server(BULK_PORT),
-                    ramp_rate.clone(),
-                    16 * 1024,
-                )?);
-            } else {
-                let rate = p.load.map(|l| per_flow(l * jitter));
+        // The phase's offered load (fraction of the nominal rate) `elapsed` into it; `None`:
+        // unlimited bulk flows.
+        let load_at =
+            |elapsed: Duration| ramp_load(p, elapsed, a.phase).or(p.load.map(|l| l * jitter));
+        // Each paced sender's share of the offered load, bytes/s (ramps move it below).
+        let per_sender = Arc::new(AtomicU64::new(0));
+        let senders = match (load_at(Duration::ZERO), a.load) {
+            (None, _) => 0,
+            (Some(_), Load::Requests) => a.users,
+            (Some(_), Load::Flows) => p.bulk_flows,
+        };
+        let set_rate = |elapsed: Duration| {
+            let total = load_at(elapsed).unwrap_or(0.0) * nominal_bytes_per_s;
+            per_sender.store((total / senders.max(1) as f64) as u64, Ordering::Relaxed);
+        };
+        set_rate(Duration::ZERO);
+        if load_at(Duration::ZERO).is_none() {
+            // Unlimited bulk flows: as fast as the network takes them.
+            for _ in 0..p.bulk_flows {
                 bulk.push(Sender::start(
                     &bed.client,
                     server(BULK_PORT),
-                    rate,
+                    None,
                     16 * 1024,
                 )?);
             }
+        }
+        for u in 0..senders {
+            bulk.push(match a.load {
+                Load::Requests => Sender::start_requests(
+                    &bed.client,
+                    server(BULK_PORT),
+                    per_sender.clone(),
+                    a.request_bytes,
+                    a.seed ^ ((i as u64) << 16) ^ u as u64,
+                )?,
+                Load::Flows => Sender::start_variable(
+                    &bed.client,
+                    server(BULK_PORT),
+                    per_sender.clone(),
+                    16 * 1024,
+                )?,
+            });
         }
         timeline.push((unix_ms(), *p));
         step(
@@ -249,8 +291,8 @@ pub fn record(a: &RecordArgs) -> Result<()> {
         );
         let started = Instant::now();
         while started.elapsed() < a.phase && !stopped() {
-            if let Some(l) = ramp_load(p, started.elapsed(), a.phase) {
-                ramp_rate.store(per_flow(l), Ordering::Relaxed);
+            if p.ramp.is_some() {
+                set_rate(started.elapsed());
             }
             std::thread::sleep(Duration::from_millis(250));
             let (t, w) = flush(&agent, &timeline, taken, a, &mut file)?;
@@ -297,7 +339,11 @@ fn flush(
             anomalous: p.anomalous || ramp.is_some_and(|l| l > 1.0),
             bottleneck_kbit: (a.rate_kbit as f64 * p.rate) as u64,
             loss_per_mille: p.loss_per_mille,
-            bulk_flows: p.bulk_flows as u32,
+            // Flows, not request users: with `--load requests` only the unlimited ones.
+            bulk_flows: match (a.load, p.load.or(p.ramp.map(|r| r.0))) {
+                (Load::Requests, Some(_)) => 0,
+                _ => p.bulk_flows as u32,
+            },
         };
         serde_json::to_writer(&mut *f, &Line { label, window: w })?;
         f.write_all(b"\n")?;
