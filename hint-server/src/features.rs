@@ -6,7 +6,7 @@
 
 use tokenflow_schema::TelemetryWindow;
 
-pub const FEATURE_NAMES: [&str; 15] = [
+pub const FEATURE_NAMES: [&str; 20] = [
     "rtt_p50_ms",
     "rtt_p95_ms",
     "rtt_p99_ms",
@@ -22,6 +22,11 @@ pub const FEATURE_NAMES: [&str; 15] = [
     "request_p95_ms",
     "gpu_utilization",
     "gpu_memory_fraction",
+    "rtt_mean_ms",
+    "rtt_p95_mean5_ms",
+    "rtt_p95_max5_ms",
+    "throughput_ewma_mbit_s",
+    "rtt_samples_per_s",
 ];
 pub const N_FEATURES: usize = FEATURE_NAMES.len();
 
@@ -39,6 +44,9 @@ pub const ANOMALY_FEATURES: [usize; 6] = [0, 1, 2, 5, 6, 8];
 
 /// Smoothing of the p95 EWMA (weight of the newest window).
 pub const EWMA_ALPHA: f64 = 0.3;
+/// Windows in the short rolling p95 statistics (mean and max): under bursty load one window's
+/// p95 is a noisy reading of the queue, a few windows together a steadier one.
+pub const ROLLING: usize = 5;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Features {
@@ -66,6 +74,13 @@ pub struct FeatureBuilder {
     last_rtt: Option<(f64, f64, f64)>,
     prev_p95: Option<f64>,
     ewma: Option<f64>,
+    /// The newest [`ROLLING`] p95 values (carried forward like the others), oldest first.
+    #[serde(default)]
+    recent_p95: std::collections::VecDeque<f64>,
+    #[serde(default)]
+    last_mean: Option<f64>,
+    #[serde(default)]
+    throughput_ewma: Option<f64>,
 }
 
 impl FeatureBuilder {
@@ -82,11 +97,25 @@ impl FeatureBuilder {
             self.last_rtt = own;
         }
         let (p50, p95, p99) = self.last_rtt.unwrap_or((0.0, 0.0, 0.0));
+        if own.is_some() {
+            self.last_mean = Some(ms(w.node.rtt.mean_us));
+        }
+        self.recent_p95.push_back(p95);
+        while self.recent_p95.len() > ROLLING {
+            self.recent_p95.pop_front();
+        }
+        let mean5 = self.recent_p95.iter().sum::<f64>() / self.recent_p95.len() as f64;
+        let max5 = self.recent_p95.iter().copied().fold(0.0, f64::max);
         let delta = self.prev_p95.map_or(0.0, |p| p95 - p);
         self.prev_p95 = Some(p95);
         let ewma = self.ewma.map_or(p95, |e| e + EWMA_ALPHA * (p95 - e));
         self.ewma = Some(ewma);
         let secs = ((w.end_unix_ms.saturating_sub(w.start_unix_ms)) as f64 / 1000.0).max(1e-3);
+        let throughput = w.node.bytes_acked as f64 * 8.0 / secs / 1e6;
+        let throughput_ewma = self
+            .throughput_ewma
+            .map_or(throughput, |e| e + EWMA_ALPHA * (throughput - e));
+        self.throughput_ewma = Some(throughput_ewma);
         let inflight: u64 = w.flows.iter().map(|f| f.bytes_in_flight as u64).sum();
         let accept: u64 = w
             .backlog
@@ -132,7 +161,7 @@ impl FeatureBuilder {
                 ewma,
                 p95 - ewma,
                 w.node.retransmit_rate_per_s,
-                w.node.bytes_acked as f64 * 8.0 / secs / 1e6,
+                throughput,
                 inflight as f64 / 1000.0,
                 w.node.active_flows as f64,
                 accept as f64,
@@ -140,6 +169,11 @@ impl FeatureBuilder {
                 req_p95,
                 gpu_util,
                 gpu_mem,
+                self.last_mean.unwrap_or(p50),
+                mean5,
+                max5,
+                throughput_ewma,
+                w.node.rtt.samples as f64 / secs,
             ],
             p95_ms: own.map(|o| o.1),
             p50_ms: own.map(|o| o.0),
