@@ -121,17 +121,33 @@ pub struct Sender {
 }
 
 impl Sender {
-    pub fn start(ns: &str, to: SocketAddr, rate: Option<u64>, chunk: usize) -> Result<Self> {
-        let mut stream = connect_from(ns, to)?;
+    /// Connects from inside `ns` and runs `body` on its own thread until the sender is dropped;
+    /// `body` gets the stream, the stop flag and the counter of bytes written.
+    fn spawn(
+        ns: &str,
+        to: SocketAddr,
+        body: impl FnOnce(TcpStream, &AtomicBool, &AtomicU64) + Send + 'static,
+    ) -> Result<Self> {
+        let stream = connect_from(ns, to)?;
         stream.set_write_timeout(Some(Duration::from_millis(100)))?;
         let local_port = stream.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (s, n) = (stop.clone(), sent.clone());
-        let thread = std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || body(stream, &s, &n));
+        Ok(Self {
+            local_port,
+            stop,
+            sent,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn start(ns: &str, to: SocketAddr, rate: Option<u64>, chunk: usize) -> Result<Self> {
+        Self::spawn(ns, to, move |mut stream, stop, n| {
             let buf = vec![0x5au8; chunk];
             let t0 = Instant::now();
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Some(r) = rate {
                     // Next write is due when the bytes so far have had their time at `rate`.
                     let due = Duration::from_secs_f64(n.load(Ordering::Relaxed) as f64 / r as f64);
@@ -140,25 +156,13 @@ impl Sender {
                         continue;
                     }
                 }
-                match stream.write(&buf) {
-                    Ok(w) => {
-                        n.fetch_add(w as u64, Ordering::Relaxed);
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(_) => return,
+                if write_some(&mut stream, &buf, n).is_none() {
+                    return;
                 }
             }
-        });
-        Ok(Self {
-            local_port,
-            stop,
-            sent,
-            thread: Some(thread),
         })
     }
-}
 
-impl Sender {
     /// A sender whose rate (bytes/s) can change while it runs: a token bucket refilled at the
     /// current value of `rate` (0 pauses it), holding at most 100 ms of credit.
     pub fn start_variable(
@@ -167,16 +171,10 @@ impl Sender {
         rate: Arc<AtomicU64>,
         chunk: usize,
     ) -> Result<Self> {
-        let mut stream = connect_from(ns, to)?;
-        stream.set_write_timeout(Some(Duration::from_millis(100)))?;
-        let local_port = stream.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (s, n) = (stop.clone(), sent.clone());
-        let thread = std::thread::spawn(move || {
+        Self::spawn(ns, to, move |mut stream, stop, n| {
             let buf = vec![0x5au8; chunk];
             let (mut credit, mut last) = (0.0f64, Instant::now());
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let r = rate.load(Ordering::Relaxed) as f64;
                 let now = Instant::now();
                 credit = (credit + r * (now - last).as_secs_f64()).min((r * 0.1).max(chunk as f64));
@@ -185,26 +183,14 @@ impl Sender {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
-                match stream.write(&buf) {
-                    Ok(w) => {
-                        credit -= w as f64;
-                        n.fetch_add(w as u64, Ordering::Relaxed);
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(_) => return,
+                match write_some(&mut stream, &buf, n) {
+                    Some(w) => credit -= w as f64,
+                    None => return,
                 }
             }
-        });
-        Ok(Self {
-            local_port,
-            stop,
-            sent,
-            thread: Some(thread),
         })
     }
-}
 
-impl Sender {
     /// A user that submits whole requests (an upload each, like a long prompt) with Poisson
     /// arrivals: exponential gaps whose mean makes the offered load the current value of `rate`
     /// (bytes/s; 0 pauses it), sizes exponential around `mean_request` bytes (clipped to 1/16–8×).
@@ -217,19 +203,13 @@ impl Sender {
         mean_request: usize,
         seed: u64,
     ) -> Result<Self> {
-        let mut stream = connect_from(ns, to)?;
-        stream.set_write_timeout(Some(Duration::from_millis(100)))?;
-        let local_port = stream.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (s, n) = (stop.clone(), sent.clone());
-        let thread = std::thread::spawn(move || {
+        Self::spawn(ns, to, move |mut stream, stop, n| {
             let mut rng = fastrand::Rng::with_seed(seed);
             let mean = mean_request.max(1) as f64;
             let exp = |rng: &mut fastrand::Rng| -(1.0f64 - rng.f64()).ln();
             let buf = vec![0x5au8; 64 * 1024];
             let mut due = Instant::now();
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let r = rate.load(Ordering::Relaxed) as f64;
                 if r <= 0.0 {
                     std::thread::sleep(Duration::from_millis(20));
@@ -238,7 +218,8 @@ impl Sender {
                 }
                 due += Duration::from_secs_f64(exp(&mut rng) * mean / r);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    // Sleep in short steps so that a stop or a new rate is seen promptly.
+                    // A long gap is slept in steps, so that a stop or a new rate is seen
+                    // promptly; the gaps are memoryless, so the next one is drawn afresh.
                     if wait > Duration::from_millis(100) {
                         std::thread::sleep(Duration::from_millis(100));
                         due = Instant::now();
@@ -246,27 +227,28 @@ impl Sender {
                     }
                     std::thread::sleep(wait);
                 }
-                let size = (exp(&mut rng) * mean).clamp(mean / 16.0, mean * 8.0) as usize;
-                let mut left = size;
-                while left > 0 && !s.load(Ordering::Relaxed) {
-                    match stream.write(&buf[..left.min(buf.len())]) {
-                        Ok(w) => {
-                            left -= w;
-                            n.fetch_add(w as u64, Ordering::Relaxed);
-                        }
-                        Err(e)
-                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                        Err(_) => return,
+                let mut left = (exp(&mut rng) * mean).clamp(mean / 16.0, mean * 8.0) as usize;
+                while left > 0 && !stop.load(Ordering::Relaxed) {
+                    match write_some(&mut stream, &buf[..left.min(buf.len())], n) {
+                        Some(w) => left -= w,
+                        None => return,
                     }
                 }
             }
-        });
-        Ok(Self {
-            local_port,
-            stop,
-            sent,
-            thread: Some(thread),
         })
+    }
+}
+
+/// One write, counted into `n`: what it wrote (0 when the socket was full for the write
+/// timeout), or `None` once the connection failed.
+fn write_some(stream: &mut TcpStream, buf: &[u8], n: &AtomicU64) -> Option<usize> {
+    match stream.write(buf) {
+        Ok(w) => {
+            n.fetch_add(w as u64, Ordering::Relaxed);
+            Some(w)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Some(0),
+        Err(_) => None,
     }
 }
 
