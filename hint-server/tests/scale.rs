@@ -16,6 +16,11 @@ use tokenflow_tests::{
 
 const NODES: usize = 1000;
 
+/// The two tests take turns: each is two replicas deciding 1,000 windows a second, and side by
+/// side on a 2-core machine (debug builds) the pair fell behind the 3 s freshness bound — the
+/// machine's speed, not what the test checks (capacity is measured by `cargo xtask bench`).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn hint(s: &HintServer, client: &str) -> Result<Hint> {
     let (code, body) = s.request("GET", &format!("/v1/hints/{client}"), None, None)?;
     anyhow::ensure!(code == 200, "GET /v1/hints/{client}: {code} {body}");
@@ -59,6 +64,7 @@ async fn two_replicas_share_a_redis_cluster_for_a_thousand_simulated_nodes() -> 
 }
 
 async fn two_replicas(target: Target) -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let (urls, extra): (String, &[&str]) = match &target {
         Target::Server(u) => (u.clone(), &[]),
         Target::Cluster(v) => (v.join(","), &["--redis-cluster"]),
