@@ -146,18 +146,16 @@ impl WindowBuilder {
         for cur in &snap.closed {
             let id = (cur.sk, cur.first_seen_ns);
             let same = |f: &&FlowState| f.first_seen_ns == cur.first_seen_ns;
-            // The flow's newest live copy: in this same snapshot, else the last one, else the one
-            // kept when it vanished from the map before its final state arrived.
-            let base = next_prev
-                .get(&cur.sk)
-                .filter(same)
-                .or_else(|| self.prev_flows.get(&cur.sk).filter(same))
-                .or_else(|| self.vanished.get(&id).map(|v| &v.0))
-                .copied();
-            if next_prev.get(&cur.sk).is_some_and(|f| same(&f)) {
+            // The flow's newest live copy: in this same snapshot (it is closed now, so it leaves
+            // the baselines), else the last one, else the one kept when it vanished from the map
+            // before its final state arrived.
+            let live_now = next_prev.get(&cur.sk).filter(same).copied();
+            if live_now.is_some() {
                 next_prev.remove(&cur.sk);
             }
-            self.vanished.remove(&id);
+            let base = live_now
+                .or_else(|| self.prev_flows.get(&cur.sk).filter(same).copied())
+                .or_else(|| self.vanished.remove(&id).map(|v| v.0));
             let d = Delta::between(base.as_ref(), cur, true);
             match deltas.get_mut(&id) {
                 Some(existing) => existing.add(d),
@@ -173,11 +171,9 @@ impl WindowBuilder {
         // counts it in `closed_dropped`).
         self.vanished.retain(|_, v| v.1 < VANISHED_SNAPSHOTS);
         for (sk, f) in self.prev_flows.drain() {
+            // Neither live nor closed in this snapshot (a live flow has its delta under the same id).
             let id = (sk, f.first_seen_ns);
-            let still_live = next_prev
-                .get(&sk)
-                .is_some_and(|n: &FlowState| n.first_seen_ns == f.first_seen_ns);
-            if !still_live && !deltas.get(&id).is_some_and(|d| d.closed) {
+            if !deltas.contains_key(&id) {
                 self.vanished.insert(id, (f, 0));
             }
         }

@@ -56,8 +56,8 @@ pub struct RecordArgs {
     pub seed: u64,
     /// What makes the load: `requests` — users submitting whole uploads with Poisson arrivals
     /// and exponential sizes (LLM prompts; the RTT is as bursty as real traffic makes it), or
-    /// `flows` — constant-rate paced flows (a smooth, nearly noise-free RTT). Unlimited bulk flows
-    /// (the `bloat` phase) are the same in both.
+    /// `flows` — paced flows, each a token bucket holding at most 100 ms of credit (a smooth,
+    /// nearly noise-free RTT). Unlimited bulk flows (the `bloat` phase) are the same in both.
     #[arg(long, value_enum, default_value_t = Load::Requests)]
     pub load: Load,
     /// Request users sharing the offered load (`--load requests`).
@@ -132,6 +132,13 @@ const PHASES: [Phase; 9] = [
         ..phase("ramp-down", None, 2, 1.0, 0, false)
     },
 ];
+
+impl Phase {
+    /// The phase's load is unlimited bulk flows (no offered rate, fixed or ramped).
+    fn unlimited(&self) -> bool {
+        self.load.is_none() && self.ramp.is_none()
+    }
+}
 
 /// Offered load (fraction of the nominal rate) `elapsed` into a ramp phase of length `len`.
 fn ramp_load(p: &Phase, elapsed: Duration, len: Duration) -> Option<f64> {
@@ -226,23 +233,23 @@ pub fn record(a: &RecordArgs) -> Result<()> {
         let nominal_bytes_per_s = a.rate_kbit as f64 * 1000.0 / 8.0;
         // Load varies inside a phase too: ±20 % per phase, so the forecaster sees more than steps.
         let jitter = 0.8 + 0.4 * rng.f64();
-        // The phase's offered load (fraction of the nominal rate) `elapsed` into it; `None`:
-        // unlimited bulk flows.
+        // The phase's offered load (fraction of the nominal rate) `elapsed` into it (none for
+        // unlimited bulk flows).
         let load_at =
             |elapsed: Duration| ramp_load(p, elapsed, a.phase).or(p.load.map(|l| l * jitter));
         // Each paced sender's share of the offered load, bytes/s (ramps move it below).
         let per_sender = Arc::new(AtomicU64::new(0));
-        let senders = match (load_at(Duration::ZERO), a.load) {
-            (None, _) => 0,
-            (Some(_), Load::Requests) => a.users,
-            (Some(_), Load::Flows) => p.bulk_flows,
+        let senders = match a.load {
+            _ if p.unlimited() => 0,
+            Load::Requests => a.users,
+            Load::Flows => p.bulk_flows,
         };
         let set_rate = |elapsed: Duration| {
             let total = load_at(elapsed).unwrap_or(0.0) * nominal_bytes_per_s;
             per_sender.store((total / senders.max(1) as f64) as u64, Ordering::Relaxed);
         };
         set_rate(Duration::ZERO);
-        if load_at(Duration::ZERO).is_none() {
+        if p.unlimited() {
             // Unlimited bulk flows: as fast as the network takes them.
             for _ in 0..p.bulk_flows {
                 bulk.push(Sender::start(
@@ -340,9 +347,10 @@ fn flush(
             bottleneck_kbit: (a.rate_kbit as f64 * p.rate) as u64,
             loss_per_mille: p.loss_per_mille,
             // Flows, not request users: with `--load requests` only the unlimited ones.
-            bulk_flows: match (a.load, p.load.or(p.ramp.map(|r| r.0))) {
-                (Load::Requests, Some(_)) => 0,
-                _ => p.bulk_flows as u32,
+            bulk_flows: if a.load == Load::Flows || p.unlimited() {
+                p.bulk_flows as u32
+            } else {
+                0
             },
         };
         serde_json::to_writer(&mut *f, &Line { label, window: w })?;
