@@ -13,7 +13,8 @@
 //!   at least, so requests stop piling up in the backend and wait in the pacer instead, where
 //!   classes are served in order;
 //! - *calm* (p95 within the objective): after [`PROBE_PERIODS`] calm windows the limit grows by one,
-//!   to find room the backend gained. A probe that brings the queue back doubles the wait before
+//!   to find room the backend gained — after every window while the queue's p95 stays under
+//!   [`ROOM_QUEUE_MS`] and no probe has failed since the last calm one. A probe that brings the queue back doubles the wait before
 //!   the next (up to [`MAX_PROBE_PERIODS`]): a backend whose sequences finish in step makes a request
 //!   one over its slots wait for a whole generation, and the interactive users pay for every probe;
 //!   a probe that stays calm resets the wait;
@@ -35,6 +36,8 @@ pub const QUEUE_OBJECTIVE_MS: f64 = 100.0;
 pub const PROBE_PERIODS: u32 = 3;
 /// … doubled after each probe that brought the queue back, up to this.
 pub const MAX_PROBE_PERIODS: u32 = 24;
+/// A queue p95 under this, ms, shows room: the limit probes every window (see `update`).
+pub const ROOM_QUEUE_MS: f64 = QUEUE_OBJECTIVE_MS / 4.0;
 /// Calm windows in a row with the backend under half the limit before the limit lapses.
 pub const LAPSE_PERIODS: u32 = 5;
 /// Weight of the newest window in the smoothed busy-slot count: one window sees only the
@@ -164,7 +167,15 @@ impl ComputeLimit {
             self.probe_every = PROBE_PERIODS;
         }
         let mut next = l;
-        if self.calm >= self.probe_every.max(PROBE_PERIODS) {
+        // A backend that hardly queues at all has room: while no probe has failed since the last
+        // calm one, probe every window — a limit cut by a burst (a group's start, say) is back
+        // within a few windows instead of earning a request every few.
+        let every = if load.queue_p95_ms < ROOM_QUEUE_MS && self.probe_every <= PROBE_PERIODS {
+            1
+        } else {
+            self.probe_every.max(PROBE_PERIODS)
+        };
+        if self.calm >= every {
             self.calm = 0;
             self.probing = true;
             next = l + 1.0;
@@ -231,11 +242,11 @@ mod tests {
         assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
         // A small queue still cuts, by half a request at least.
         assert_eq!(c.update(load(150.0, Some(8.0)), 26.0), Some(7.5));
-        // Calm: one more after PROBE_PERIODS windows.
+        // Calm, with some queue: one more after PROBE_PERIODS windows.
         for _ in 1..PROBE_PERIODS {
-            assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(7.5));
+            assert_eq!(c.update(load(40.0, Some(7.0)), 26.0), Some(7.5));
         }
-        assert_eq!(c.update(load(20.0, Some(7.0)), 26.0), Some(8.5));
+        assert_eq!(c.update(load(40.0, Some(7.0)), 26.0), Some(8.5));
         // A probe that queued one request for the whole window: back under it.
         let one_waiting = Some(ServerLoad {
             queue_p95_ms: 900.0,
@@ -263,7 +274,7 @@ mod tests {
         let until_probe = |c: &mut ComputeLimit| {
             let before = c.update(None, 26.0).unwrap();
             (1..=100)
-                .find(|_| c.update(load(10.0, Some(8.0)), 26.0).unwrap() > before)
+                .find(|_| c.update(load(40.0, Some(8.0)), 26.0).unwrap() > before)
                 .unwrap()
         };
         assert_eq!(until_probe(&mut c), PROBE_PERIODS);
@@ -273,6 +284,25 @@ mod tests {
         assert_eq!(until_probe(&mut c), 4 * PROBE_PERIODS);
         // This probe stays calm: the next comes at the base pace.
         assert_eq!(until_probe(&mut c), PROBE_PERIODS);
+    }
+
+    #[test]
+    fn with_hardly_any_queue_the_limit_climbs_every_window_until_a_probe_fails() {
+        let mut c = ComputeLimit::default();
+        // A burst queued the backend: cut to the 3 it served.
+        assert_eq!(c.update(load(300.0, Some(3.0)), 26.0), Some(3.0));
+        // Then no queue at all, the backend busy up to the limit: one more every window.
+        for want in [4.0, 5.0, 6.0, 7.0] {
+            assert_eq!(c.update(load(5.0, Some(want - 1.0)), 26.0), Some(want));
+        }
+        // The probe to 7 queued: back under it, and from now on the slow pace even without a
+        // queue, until a probe stays calm.
+        assert_eq!(c.update(load(400.0, Some(6.0)), 26.0), Some(6.5));
+        let mut windows = 0;
+        while c.update(load(5.0, Some(6.0)), 26.0) == Some(6.5) {
+            windows += 1;
+        }
+        assert_eq!(windows, 2 * PROBE_PERIODS - 1);
     }
 
     #[test]
