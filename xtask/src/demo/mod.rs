@@ -627,6 +627,7 @@ fn run_one(
                     "max_rps": c.max_rps,
                     "max_concurrency": c.max_concurrency,
                     "tokens_per_request": c.max_tokens,
+                    "request_cost": c.request_cost,
                 }),
             )?;
             format!("hints:{hint_url}")

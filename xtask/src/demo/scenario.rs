@@ -36,6 +36,11 @@ pub struct ClientSpec {
     pub truncate_prompt_tokens: Option<u32>,
     /// Highest rate the hint server may grant this client.
     pub max_rps: f64,
+    /// What one of its requests costs the scenario's bottleneck, relative to a batch request
+    /// (the hint server's `request_cost`): over a network bottleneck, its bytes on the wire. A
+    /// group's allowed load is shared in these units, so the interactive client's reserve of small
+    /// prompts is not counted as if each were a 100 KB upload.
+    pub request_cost: f64,
     pub max_concurrency: u32,
     /// TTFT objective for goodput, ms; infinite for batch clients, whose goodput is every
     /// completed request.
@@ -80,6 +85,9 @@ pub const NAMES: &[&str] = &[
     "bandwidth-step",
 ];
 
+/// An interactive prompt (400 B) beside a batch upload (100 KB) on the wire.
+const UPLOAD_SHARE: f64 = 400.0 / 100_000.0;
+
 fn batch_uploads(users: u32) -> ClientSpec {
     ClientSpec {
         role: Role::Batch,
@@ -90,6 +98,7 @@ fn batch_uploads(users: u32) -> ClientSpec {
         max_tokens: 4,
         truncate_prompt_tokens: Some(64),
         max_rps: 100.0,
+        request_cost: 1.0,
         max_concurrency: users,
         slo_ttft_ms: f64::INFINITY,
         second_address: false,
@@ -97,7 +106,8 @@ fn batch_uploads(users: u32) -> ClientSpec {
     }
 }
 
-fn interactive(users: u32, slo_ttft_ms: f64) -> ClientSpec {
+/// `request_cost`: one interactive request's cost relative to the scenario's batch request.
+fn interactive(users: u32, slo_ttft_ms: f64, request_cost: f64) -> ClientSpec {
     ClientSpec {
         role: Role::Interactive,
         users: Some(users),
@@ -107,6 +117,7 @@ fn interactive(users: u32, slo_ttft_ms: f64) -> ClientSpec {
         truncate_prompt_tokens: None,
         // About what two users of 32-token answers ask for: strict priority reserves it first.
         max_rps: 10.0,
+        request_cost,
         max_concurrency: users,
         slo_ttft_ms,
         second_address: true,
@@ -131,7 +142,7 @@ pub fn scenario(
             steps: vec![],
             max_running: 16,
             max_waiting: 256,
-            clients: vec![batch_uploads(32), interactive(2, 500.0)],
+            clients: vec![batch_uploads(32), interactive(2, 500.0, UPLOAD_SHARE)],
             duration,
             warmup,
         },
@@ -152,12 +163,14 @@ pub fn scenario(
                     max_tokens: 32,
                     truncate_prompt_tokens: None,
                     max_rps: 100.0,
+                    request_cost: 1.0,
                     max_concurrency: 24,
                     slo_ttft_ms: f64::INFINITY,
                     second_address: false,
                     max_wait_ms: None,
                 },
-                interactive(2, 500.0),
+                // The same prompts and answers as the batch users': the same cost to the backend.
+                interactive(2, 500.0, 1.0),
             ],
             duration,
             warmup,
@@ -178,6 +191,7 @@ pub fn scenario(
                 max_tokens: 32,
                 truncate_prompt_tokens: None,
                 max_rps: 100.0,
+                request_cost: 1.0,
                 max_concurrency: 64,
                 slo_ttft_ms: 1_000.0,
                 second_address: false,
@@ -195,7 +209,7 @@ pub fn scenario(
             steps: vec![(1.0 / 3.0, rate_kbit / 4), (2.0 / 3.0, rate_kbit)],
             max_running: 16,
             max_waiting: 256,
-            clients: vec![batch_uploads(32), interactive(2, 500.0)],
+            clients: vec![batch_uploads(32), interactive(2, 500.0, UPLOAD_SHARE)],
             duration: step_duration,
             warmup,
         },
