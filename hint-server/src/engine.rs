@@ -196,8 +196,12 @@ fn decide(
             hints.push(h);
         }
     }
-    // Groups nobody uses any more are forgotten.
+    // Groups nobody uses any more are forgotten, and with the `pid` group its backend limit: a
+    // later group starts without the last one's.
     st.groups.retain(|k, _| in_use.contains(k));
+    if !st.groups.contains_key(ControllerKind::Pid.as_str()) {
+        st.compute = ComputeLimit::default();
+    }
     hints
 }
 
@@ -378,10 +382,10 @@ mod tests {
         ];
         let mut st = NodeState::default();
         // A few calm windows, so the RTT controllers climb out of their start-up rates; then the
-        // backend queues for 2 s.
+        // backend queues for 2 s, two windows in a row (one alone is a burst).
         let mut hints = Vec::new();
         for seq in 1..=12 {
-            let queue_us = if seq < 12 { 20_000 } else { 2_000_000 };
+            let queue_us = if seq < 11 { 20_000 } else { 2_000_000 };
             let now = 10_000 + seq * 1_000;
             hints = on_window(&mut st, &window(seq, queue_us), &clients, None, now, 1_000).hints;
         }
@@ -392,6 +396,41 @@ mod tests {
         assert!(get("batch").reason.contains("backend queue p95 2000 ms"));
         // The baseline controllers are the published algorithms, on RTT alone.
         assert!(!get("baseline").reason.contains("backend queue"));
+    }
+
+    #[test]
+    fn the_backend_limit_goes_with_the_pid_group() {
+        let pid = vec![(
+            "batch".to_string(),
+            client(ClientClass::Batch, ControllerKind::Pid, 24),
+        )];
+        let other = vec![(
+            "baseline".to_string(),
+            client(ClientClass::Batch, ControllerKind::Gradient2, 24),
+        )];
+        let mut st = NodeState::default();
+        let mut seq = 0;
+        let mut next = |st: &mut NodeState, clients: &[(String, ClientConfig)], queue_us| {
+            seq += 1;
+            on_window(
+                st,
+                &window(seq, queue_us),
+                clients,
+                None,
+                10_000 + seq * 1_000,
+                1_000,
+            )
+            .hints
+        };
+        next(&mut st, &pid, 2_000_000);
+        let h = next(&mut st, &pid, 2_000_000);
+        assert_eq!(h[0].max_concurrency, 8, "{h:?}");
+        // The pid client leaves (another arm's client in its place), then a new pid client comes:
+        // it starts as on a node that never had a limit.
+        next(&mut st, &other, 20_000);
+        let h = next(&mut st, &pid, 20_000);
+        assert!(!h[0].reason.contains("backend queue"), "{h:?}");
+        assert_eq!(st.compute.describe(), None, "no limit");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! the kernel with `--span` on the backend's markers: `queue` (request accepted → scheduled) and
 //! `service` (scheduled → finished). From them, each window:
 //!
-//! - *overloaded*: the queue's p95 exceeds [`QUEUE_OBJECTIVE_MS`] — the concurrency limit drops to
+//! - *overloaded*: the queue's p95 exceeds [`QUEUE_OBJECTIVE_MS`] (with no limit yet, in
+//!   [`CONFIRM_WINDOWS`] windows in a row: one is a burst) — the concurrency limit drops to
 //!   the number of requests the backend was actually serving (Little's law over the `service`
 //!   spans: busy slot-seconds per second, smoothed over windows) or to the limit less the requests
 //!   that waited (Little's law over the `queue` spans), whichever is higher, and by half a request
@@ -36,6 +37,8 @@ pub const QUEUE_OBJECTIVE_MS: f64 = 100.0;
 pub const PROBE_PERIODS: u32 = 3;
 /// … doubled after each probe that brought the queue back, up to this.
 pub const MAX_PROBE_PERIODS: u32 = 24;
+/// Windows in a row over the objective before a first limit is set.
+pub const CONFIRM_WINDOWS: u32 = 2;
 /// A queue p95 under this, ms, shows room: the limit probes every window (see `update`).
 pub const ROOM_QUEUE_MS: f64 = QUEUE_OBJECTIVE_MS / 4.0;
 /// Calm windows in a row with the backend under half the limit before the limit lapses.
@@ -104,6 +107,9 @@ pub struct ComputeLimit {
     idle: u32,
     /// The last window's reading, for the hint's reason.
     last_queue_ms: Option<f64>,
+    /// Windows in a row over the objective while there is no limit.
+    #[serde(default)]
+    over: u32,
 }
 
 impl ComputeLimit {
@@ -117,7 +123,19 @@ impl ComputeLimit {
         if let Some(b) = load.busy {
             self.busy = Some(self.busy.map_or(b, |e| e + BUSY_ALPHA * (b - e)));
         }
+        if load.queue_p95_ms > QUEUE_OBJECTIVE_MS && self.limit.is_none() {
+            self.over += 1;
+            if self.over < CONFIRM_WINDOWS {
+                // One window of queue with no limit yet is a burst (a group's start doubling its
+                // rate), not a backend that cannot keep up: cutting to the slots it was serving
+                // then would hold a link-bound load to a few requests in flight.
+                return None;
+            }
+        } else if self.limit.is_none() {
+            self.over = 0;
+        }
         if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
+            self.over = 0;
             self.idle = 0;
             let every = self.probe_every.max(PROBE_PERIODS);
             let l = self.limit.unwrap_or(max).min(max);
@@ -231,7 +249,22 @@ mod tests {
         let mut c = ComputeLimit::default();
         assert_eq!(c.update(None, 26.0), None);
         assert_eq!(c.update(load(5.0, Some(3.0)), 26.0), None, "calm: no limit");
-        assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
+        assert_eq!(
+            c.update(load(1800.0, Some(8.0)), 26.0),
+            None,
+            "one window: a burst"
+        );
+        assert_eq!(c.update(load(5.0, Some(3.0)), 26.0), None, "calm again");
+        assert_eq!(
+            c.update(load(1800.0, Some(8.0)), 26.0),
+            None,
+            "a burst again"
+        );
+        assert_eq!(
+            c.update(load(1800.0, Some(8.0)), 26.0),
+            Some(8.0),
+            "two in a row"
+        );
         assert_eq!(c.update(None, 26.0), Some(8.0), "no requests: holds");
     }
 
@@ -239,6 +272,11 @@ mod tests {
     fn a_queue_cuts_to_what_the_backend_serves_and_calm_probes_back_up() {
         let mut c = ComputeLimit::default();
         // 26 allowed, the backend runs 8 and queues the rest.
+        assert_eq!(
+            c.update(load(1800.0, Some(8.0)), 26.0),
+            None,
+            "a first window over the objective is a burst"
+        );
         assert_eq!(c.update(load(1800.0, Some(8.0)), 26.0), Some(8.0));
         // A small queue still cuts, by half a request at least.
         assert_eq!(c.update(load(150.0, Some(8.0)), 26.0), Some(7.5));
@@ -270,6 +308,7 @@ mod tests {
     fn a_probe_that_brings_the_queue_back_waits_twice_as_long_for_the_next() {
         let mut c = ComputeLimit::default();
         c.update(load(900.0, Some(8.0)), 26.0);
+        c.update(load(900.0, Some(8.0)), 26.0);
         // Calm windows until the limit moves; returns how many it took.
         let until_probe = |c: &mut ComputeLimit| {
             let before = c.update(None, 26.0).unwrap();
@@ -290,6 +329,11 @@ mod tests {
     fn with_hardly_any_queue_the_limit_climbs_every_window_until_a_probe_fails() {
         let mut c = ComputeLimit::default();
         // A burst queued the backend: cut to the 3 it served.
+        assert_eq!(
+            c.update(load(300.0, Some(3.0)), 26.0),
+            None,
+            "a first window over the objective is a burst"
+        );
         assert_eq!(c.update(load(300.0, Some(3.0)), 26.0), Some(3.0));
         // Then no queue at all, the backend busy up to the limit: one more every window.
         for want in [4.0, 5.0, 6.0, 7.0] {
@@ -308,6 +352,11 @@ mod tests {
     #[test]
     fn the_limit_lapses_when_the_backend_serves_far_below_it() {
         let mut c = ComputeLimit::default();
+        assert_eq!(
+            c.update(load(900.0, Some(8.0)), 34.0),
+            None,
+            "a first window over the objective is a burst"
+        );
         assert_eq!(c.update(load(900.0, Some(8.0)), 34.0), Some(8.0));
         // The load moved to a link-bound phase: one request at a time in the backend. The
         // smoothed count falls under half the limit within a few windows, then it must stay there.
@@ -319,7 +368,8 @@ mod tests {
             "{windows}"
         );
         assert_eq!(c.describe(), None);
-        // A new queue sets a new limit at once.
+        // A new queue, two windows of it, sets a new limit.
+        assert_eq!(c.update(load(500.0, Some(12.0)), 34.0), None);
         assert_eq!(c.update(load(500.0, Some(12.0)), 34.0), Some(12.0));
     }
 
