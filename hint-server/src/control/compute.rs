@@ -107,7 +107,7 @@ pub struct ComputeLimit {
     idle: u32,
     /// The last window's reading, for the hint's reason.
     last_queue_ms: Option<f64>,
-    /// Windows in a row over the objective while there is no limit.
+    /// Windows in a row over the objective while there is no limit (reset when a limit lapses).
     #[serde(default)]
     over: u32,
 }
@@ -123,19 +123,17 @@ impl ComputeLimit {
         if let Some(b) = load.busy {
             self.busy = Some(self.busy.map_or(b, |e| e + BUSY_ALPHA * (b - e)));
         }
-        if load.queue_p95_ms > QUEUE_OBJECTIVE_MS && self.limit.is_none() {
-            self.over += 1;
-            if self.over < CONFIRM_WINDOWS {
+        let queued = load.queue_p95_ms > QUEUE_OBJECTIVE_MS;
+        if self.limit.is_none() {
+            self.over = if queued { self.over + 1 } else { 0 };
+            if queued && self.over < CONFIRM_WINDOWS {
                 // One window of queue with no limit yet is a burst (a group's start doubling its
                 // rate), not a backend that cannot keep up: cutting to the slots it was serving
                 // then would hold a link-bound load to a few requests in flight.
                 return None;
             }
-        } else if self.limit.is_none() {
-            self.over = 0;
         }
-        if load.queue_p95_ms > QUEUE_OBJECTIVE_MS {
-            self.over = 0;
+        if queued {
             self.idle = 0;
             let every = self.probe_every.max(PROBE_PERIODS);
             let l = self.limit.unwrap_or(max).min(max);

@@ -85,8 +85,11 @@ pub const NAMES: &[&str] = &[
     "bandwidth-step",
 ];
 
-/// An interactive prompt (400 B) beside a batch upload (100 KB) on the wire.
-const UPLOAD_SHARE: f64 = 400.0 / 100_000.0;
+/// The batch users' upload and the interactive users' prompt, bytes.
+const UPLOAD_BYTES: usize = 100_000;
+const CHAT_BYTES: usize = 400;
+/// An interactive prompt beside a batch upload on the wire.
+const UPLOAD_SHARE: f64 = CHAT_BYTES as f64 / UPLOAD_BYTES as f64;
 
 fn batch_uploads(users: u32) -> ClientSpec {
     ClientSpec {
@@ -94,7 +97,7 @@ fn batch_uploads(users: u32) -> ClientSpec {
         users: Some(users),
         open_loop_x_capacity: None,
         // A retrieval-sized context: the upload loads the link; the model keeps its last 64 tokens.
-        prompt_bytes: 100_000,
+        prompt_bytes: UPLOAD_BYTES,
         max_tokens: 4,
         truncate_prompt_tokens: Some(64),
         max_rps: 100.0,
@@ -112,7 +115,7 @@ fn interactive(users: u32, slo_ttft_ms: f64, request_cost: f64) -> ClientSpec {
         role: Role::Interactive,
         users: Some(users),
         open_loop_x_capacity: None,
-        prompt_bytes: 400,
+        prompt_bytes: CHAT_BYTES,
         max_tokens: 32,
         truncate_prompt_tokens: None,
         // About what two users of 32-token answers ask for: strict priority reserves it first.
