@@ -43,6 +43,10 @@ pub struct Observation {
     pub anomaly: f64,
     /// Requests in flight for the group, when known.
     pub inflight: Option<f64>,
+    /// The node's backend queued past its objective in this window (its model server cannot keep
+    /// up): more rate only lengthens its queue, whatever the RTT says. Only TokenFlow's `pid`
+    /// reads it; the baselines are the published algorithms, on RTT alone.
+    pub backend_queued: bool,
     /// No window arrived for 3 intervals.
     pub stale: bool,
 }

@@ -24,6 +24,8 @@
 //! - the link's ceiling — what the node's connections delivered in a window that showed the link
 //!   saturated — holds the rate where bursts hide a full link from the RTT, lets a link with room
 //!   skip the hold under the overload rate, and scales startup's fallback;
+//! - a backend that queues past its objective (the node's model server cannot keep up) ends
+//!   startup as a queue on the path does, and holds the rate from rising while it lasts;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
 //!   and only while the p95 is past the setpoint (or its forecast past it), ramping in up to the
 //!   overload margin (no relay around the setpoint): the damping is
@@ -264,13 +266,27 @@ impl Controller for Pid {
         let overloaded = sp * (1.0 + self.g.overload_margin.max(0.0));
         let growth = (1.0 + self.g.startup_growth).ln();
         let in_startup = self.startup;
-        if in_startup && y < sp {
+        if in_startup && y < sp && !obs.backend_queued {
             // Slow start: below the setpoint, double (the slew limit does not apply yet). At the
             // maximum the path has room for the whole group, and the loop takes over.
             self.integral = (self.integral + growth).min(0.0);
             self.startup = self.integral < 0.0;
             terms = 0.0;
             reason = format!("p95 {y:.1} ms below setpoint {sp:.0} ms: startup, doubling");
+        } else if in_startup && y < sp {
+            // The backend queued before the path did: this rate overloads the node's model server
+            // (a link with room never shows it in the RTT). Back to the rate before; each doubling
+            // past it would have added its requests to the backend's queue, which drains only as
+            // fast as the backend serves — on the compute-bound test bed, startup's last two
+            // doublings queued interactive users behind 2 s of batch requests.
+            self.startup = false;
+            self.congested_u = Some((self.integral - growth / 2.0).exp());
+            self.integral -= growth;
+            self.probe_step = 0.0;
+            terms = 0.0;
+            reason = format!(
+                "p95 {y:.1} ms below setpoint {sp:.0} ms, but the backend queued: startup over, back to the last rate"
+            );
         } else if in_startup {
             // The first queue: this rate overloads the path and the one before it (a factor
             // `1 + startup_growth` lower) did not. Fall back to that one; the capacity lies
@@ -531,6 +547,12 @@ impl Controller for Pid {
                 self.full_held = 0;
             }
             self.was_full = full;
+        }
+        if obs.backend_queued && !in_startup && u > self.last_u {
+            // The backend cannot keep up: a higher rate would only wait in its queue (or, under
+            // its concurrency limit, wind this loop up against a cap the RTT never shows).
+            u = self.last_u;
+            reason.push_str("; the backend queued: holding");
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
         if u > ceiling && !in_startup {

@@ -169,6 +169,7 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             predicted_p95_ms: Some(forecast),
             anomaly: 0.4,
             inflight: None,
+            backend_queued: false,
             stale: false,
         });
         pending.push_back(d.rate_rps);

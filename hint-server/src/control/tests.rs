@@ -149,7 +149,7 @@ proptest! {
         for (rtt, pred, anomaly, stale, dt) in steps {
             now += dt;
             let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None, mean_rtt_ms: None,
-        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, stale });
+        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, backend_queued: false, stale });
             prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
             prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
             prop_assert!(d.max_concurrency >= 1 && d.max_concurrency <= l.max_concurrency);
@@ -222,6 +222,7 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
             predicted_p95_ms: Some(45.0),
             anomaly: 1.0,
             inflight: None,
+            backend_queued: false,
             stale: false,
         };
         let (rate, _) = pid.update(&obs, &l);
@@ -254,6 +255,7 @@ fn the_anomaly_score_damps_only_while_the_path_is_congested() {
                     predicted_p95_ms: Some(p95),
                     anomaly,
                     inflight: None,
+                    backend_queued: false,
                     stale: false,
                 };
                 let (rate, _) = pid.update(&obs, &l);
@@ -528,6 +530,7 @@ fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 
         predicted_p95_ms: Some(p95),
         anomaly: 0.0,
         inflight: None,
+        backend_queued: false,
         stale: false,
     };
     let (rate, _) = pid.update(&obs, l);
@@ -759,4 +762,56 @@ fn a_full_link_stays_full_until_it_delivers_clearly_less() {
     // 85 %: the link has room, the rate climbs again.
     let (held, next) = after(0.85);
     assert!(next[2] > held * 1.05, "held {held:.1}, then {next:?}");
+}
+
+/// One period of a bare PID at second `k`: p95 20 ms on its base (a link with room), the backend
+/// queued or not; returns the rate applied.
+fn backend_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, queued: bool) -> f64 {
+    let obs = Observation {
+        now: k as f64,
+        p95_rtt_ms: Some(20.0),
+        p50_rtt_ms: Some(20.0),
+        predicted_p95_ms: Some(20.0),
+        backend_queued: queued,
+        ..Observation::default()
+    };
+    let (rate, _) = pid.update(&obs, l);
+    pid.applied(rate);
+    rate
+}
+
+#[test]
+fn a_queueing_backend_ends_startup_and_holds_the_rate() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    // Startup doubles while the link has room and the backend keeps up …
+    let r1 = backend_period(&mut pid, &l, 0, false);
+    let r2 = backend_period(&mut pid, &l, 1, false);
+    assert!(r2 > 1.9 * r1, "startup did not double: {r1} → {r2}");
+    // … the backend queues: back to the rate before, although the RTT shows no queue.
+    let r3 = backend_period(&mut pid, &l, 2, true);
+    assert!(
+        (r3 - r1).abs() < 1e-6 * r1,
+        "startup not over at the backend's queue: {r2} → {r3}"
+    );
+    // While it keeps queueing the rate does not climb, though the link still has room.
+    let mut last = r3;
+    for k in 3..10 {
+        let r = backend_period(&mut pid, &l, k, true);
+        assert!(
+            r <= last + 1e-9,
+            "period {k}: rate rose {last} → {r} with the backend queued"
+        );
+        last = r;
+    }
+    // Once the backend keeps up again the link's room is probed as before.
+    let mut r = last;
+    for k in 10..16 {
+        r = backend_period(&mut pid, &l, k, false);
+    }
+    assert!(
+        r > 1.2 * last,
+        "no probing after the backend's queue: {last} → {r}"
+    );
 }
