@@ -97,29 +97,37 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
         f.cookie = field(&ctx, tp::SOCK_COOKIE);
         f.sport = field(&ctx, tp::SPORT);
     }
-    f.rtt_samples += 1;
-    f.srtt_sum_us += srtt as u64;
     f.last_srtt_us = srtt;
     f.snd_cwnd = field(&ctx, tp::SND_CWND);
     f.bytes_in_flight = nxt.wrapping_sub(una);
+    // tcp_probe fires on every segment the socket receives, but srtt only moves when an ACK covers
+    // new data. A socket that mostly receives (a server taking an upload) would otherwise repeat the
+    // srtt of its last reply once per incoming segment — seconds stale, and weighted by the upload's
+    // size. Only an ACK that advanced snd_una is an RTT sample.
+    let mut fresh = false;
     if f.flags & FLOW_HAVE_UNA != 0 {
         let acked = una.wrapping_sub(f.last_snd_una);
         // A backwards step (reordered sample) is not new data acknowledged.
         if acked < (1 << 31) {
             f.bytes_acked += acked as u64;
+            fresh = acked > 0;
         }
     }
     f.last_snd_una = una;
     f.flags |= FLOW_HAVE_UNA;
+    if fresh {
+        f.rtt_samples += 1;
+        f.srtt_sum_us += srtt as u64;
+        if let Some(slot) = f.rtt_hist.get_mut(bucket) {
+            *slot += 1;
+        }
+    }
     // A request reaching a connection this host accepted, with no response pending: its clock starts.
     if f.req_start_ns == 0 && f.states_seen & (1 << TCP_SYN_RECV) != 0 {
         let data_len: u16 = field(&ctx, tp::DATA_LEN);
         if data_len > 0 {
             f.req_start_ns = flow::now_ns();
         }
-    }
-    if let Some(slot) = f.rtt_hist.get_mut(bucket) {
-        *slot += 1;
     }
     0
 }

@@ -220,7 +220,7 @@ pub struct RttSummary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlowWindow {
-    /// Kernel socket cookie (0 when the flow had no RTT sample yet).
+    /// Kernel socket cookie (0 until tcp_probe has seen the socket receive a segment).
     pub cookie: u64,
     /// `ip:port`, IPv6 in brackets.
     pub local: String,

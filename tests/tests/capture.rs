@@ -90,6 +90,52 @@ fn rtt_agrees_with_ss_at_20_and_80_ms() -> Result<()> {
     Ok(())
 }
 
+/// tcp_probe fires on every segment a socket receives, but the kernel only takes an RTT sample when
+/// an ACK covers new data. A server socket that only receives (an upload) must report no RTT
+/// samples — repeating its handshake-time srtt once per incoming segment would put a stale figure in
+/// every window, weighted by the upload's size.
+#[test]
+fn a_socket_that_only_receives_reports_no_rtt_samples() -> Result<()> {
+    let Some(_lock) = privileged("receive_only_no_rtt") else {
+        return Ok(());
+    };
+    let mut bed = Testbed::create("rxonly")?;
+    bed.set_delay(Duration::from_millis(20))?;
+    let srv = DiscardServer::start(&bed.server, server(5206))?;
+    let netns = format!("/run/netns/{}", bed.server);
+    let agent = Agent::start(&["--interval", "1s", "--netns", &netns, "--port", "5206"])?;
+    let mut stream = connect_from(&bed.client, server(5206))?;
+    send_paced(&mut stream, 200_000, 2_000, Duration::from_secs(3))?;
+    wait_acked(&stream, Duration::from_secs(10))?;
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 1, Duration::from_secs(5))?;
+    let local = format!("{SERVER_ADDR}:5206");
+    let flows: Vec<FlowWindow> = windows
+        .iter()
+        .flat_map(|w| w.flows.iter().filter(|f| f.local == local).cloned())
+        .collect();
+    let received = srv.received.load(std::sync::atomic::Ordering::Relaxed);
+    let samples: u64 = flows.iter().map(|f| f.rtt.samples).sum();
+    eprintln!(
+        "server socket: {} window entries, {received} bytes received, {samples} RTT samples",
+        flows.len()
+    );
+    assert!(
+        received >= 500_000,
+        "the upload did not reach the server: {received} bytes"
+    );
+    assert!(
+        flows.iter().any(|f| f.cookie != 0),
+        "tcp_probe never saw the receiving socket: {windows:#?}"
+    );
+    assert_eq!(
+        samples, 0,
+        "a socket that sent no data reported RTT samples: {flows:#?}"
+    );
+    drop(stream);
+    Ok(())
+}
+
 #[test]
 fn retransmits_equal_kernel_total_retrans_under_5_percent_loss() -> Result<()> {
     let Some(_lock) = privileged("retransmits_equal_kernel") else {
