@@ -815,3 +815,59 @@ fn a_queueing_backend_ends_startup_and_holds_the_rate() {
         "no probing after the backend's queue: {last} → {r}"
     );
 }
+
+#[test]
+fn a_narrowed_link_cuts_a_rate_that_no_longer_binds_to_what_fits() {
+    let l = limits();
+    let mut pid = without_startup(super::pid::PidGains::default(), &l);
+    // The link delivers 0.55 Mbit/s per request/s, up to 19 Mbit/s; from second 40 up to 4.7.
+    // Closed-loop users are throttled by the link itself, so while the rate is past what the
+    // narrowed link carries, cutting it changes nothing that is sent: the queue stands.
+    let per_rps = 0.55;
+    let (wide, narrow) = (19.0, 4.7);
+    let fits = narrow / per_rps;
+    let mut rate: f64 = l.max_rps * 0.1;
+    let (mut before, mut after) = (0.0, Vec::new());
+    for k in 0..50 {
+        let link = if k < 40 { wide } else { narrow };
+        let (p95, p50) = match k {
+            0 => (10.8, 10.8),
+            // Bursts on the wide link: the p95 reads one bucket under the setpoint.
+            1..40 => (38.9, 11.0),
+            _ if rate > fits => (118.8, 100.0),
+            _ => (30.0, 12.0),
+        };
+        let obs = Observation {
+            now: k as f64,
+            p95_rtt_ms: Some(p95),
+            p50_rtt_ms: Some(p50),
+            delivered_mbit_s: Some((rate * per_rps).min(link)),
+            predicted_p95_ms: Some(p95),
+            ..Observation::default()
+        };
+        let (r, _) = pid.update(&obs, &l);
+        pid.applied(r);
+        rate = r;
+        if k == 39 {
+            before = r;
+        } else if k >= 40 {
+            after.push(r);
+        }
+    }
+    // Before the narrowing the rate filled the wide link.
+    assert!(
+        before > 3.0 * fits,
+        "the wide link was never filled: {before:.1} req/s"
+    );
+    // Within two periods of the first window that shows the narrowed link, the rate is cut to
+    // about what it carries (the RTT's error alone took 10 or more periods), and not far under.
+    let cut = after.iter().position(|r| *r <= 1.25 * fits);
+    assert!(
+        cut.is_some_and(|k| k <= 2),
+        "rate {after:?}, fits {fits:.1}"
+    );
+    assert!(
+        after.iter().all(|r| *r >= 0.5 * fits),
+        "cut far under the link: {after:?}, fits {fits:.1}"
+    );
+}
