@@ -24,9 +24,6 @@
 //! - the link's ceiling — what the node's connections delivered in a window that showed the link
 //!   saturated — holds the rate where bursts hide a full link from the RTT, lets a link with room
 //!   skip the hold under the overload rate, and scales startup's fallback;
-//! - a queue past the overload margin on a link delivering under three quarters of its ceiling
-//!   shows the link narrowed: a rate far above the one that fits it (the rate that filled the
-//!   ceiling, scaled by what the link delivers now) no longer binds, and is cut to that one;
 //! - a backend that queues past its objective (the node's model server cannot keep up) ends
 //!   startup as a queue on the path does, and holds the rate from rising while it lasts;
 //! - an anomaly score above 0.5 damps the rate by up to `anomaly_damping`, for that period only
@@ -131,12 +128,6 @@ const CEILING_RISE: f64 = 0.05;
 /// Periods a full link holds the rate before a step of `FULL_PROBE_STEP` past it.
 const FULL_PROBE_PERIODS: u32 = 16;
 const FULL_PROBE_STEP: f64 = 0.03;
-/// A queue past the overload margin while the link delivers under this share of its
-/// ceiling: the link has narrowed (a capacity step, or cross traffic taking its share).
-const NARROWED_SHARE: f64 = 0.75;
-/// After a narrowing, a rate this many times the one that fits the narrowed link is cut to it:
-/// far above what the link carries, the rate no longer binds and the RTT's error cannot tell.
-const UNFIT: f64 = 1.5;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
@@ -181,9 +172,6 @@ pub struct Pid {
     /// What the link delivered, Mbit/s, in a window that showed it saturated.
     #[serde(default)]
     ceiling_mbit: Option<f64>,
-    /// The lowest rate (fraction of max) seen filling the ceiling: what a unit of rate delivers.
-    #[serde(default)]
-    ceiling_u: Option<f64>,
     /// What the previous window delivered, Mbit/s.
     #[serde(default)]
     prev_delivered: Option<f64>,
@@ -223,7 +211,6 @@ impl Pid {
             creep_step: 0.0,
             anomaly_ewma: None,
             ceiling_mbit: None,
-            ceiling_u: None,
             prev_delivered: None,
             full_held: 0,
             was_full: false,
@@ -507,29 +494,6 @@ impl Controller for Pid {
         // and every `FULL_PROBE_PERIODS` periods let it try a small step past.
         let falling = d > 0.0;
         if let Some(got) = obs.delivered_mbit_s.filter(|g| g.is_finite() && *g > 0.0) {
-            // A queue past the margin, yet the link delivers well under its ceiling: the link
-            // narrowed (a queue that comes only in bursts counts too: closed-loop users send in
-            // bursts as the link lets them). The rate that fits it is the one that filled the
-            // ceiling, scaled by what the link delivers now (BBR's bandwidth estimate). Far above
-            // it the rate does not bind — closed-loop users are throttled by the link itself — and
-            // the RTT's error winds the rate down only slowly through a range where no cut
-            // changes what is sent: on the test bed after 20 → 5 Mbit/s the rate stayed at
-            // 17 req/s against a link carrying about 6 uploads a second, and the queue stood for
-            // the whole step. The ceiling itself stays: it is where the rate holds once the link
-            // widens again.
-            if !in_startup
-                && y > overloaded
-                && let (Some(c), Some(cu)) = (self.ceiling_mbit, self.ceiling_u)
-                && got < NARROWED_SHARE * c
-            {
-                let fit = (cu * got / c).max(self.min_ln.exp());
-                if u > UNFIT * fit {
-                    u = fit;
-                    reason.push_str(&format!(
-                        "; the link narrowed ({got:.1} Mbit/s delivered, ceiling {c:.1}): cut to the rate that fits it"
-                    ));
-                }
-            }
             let rose = self.last_u / self.prev_u.max(1e-9) - 1.0;
             // A saturated window shows what the link can deliver — but not one whose queue is
             // draining, or that followed a cut (it delivered what the cut rate sent). The ceiling
@@ -547,14 +511,6 @@ impl Controller for Pid {
                 .is_some_and(|c| got > c * (2.0 - self.g.link_full))
             {
                 self.ceiling_mbit = None;
-                self.ceiling_u = None;
-            }
-            if !in_startup
-                && self
-                    .ceiling_mbit
-                    .is_some_and(|c| got >= self.g.link_full * c)
-            {
-                self.ceiling_u = Some(self.ceiling_u.map_or(self.last_u, |cu| cu.min(self.last_u)));
             }
             self.prev_delivered = Some(got);
             let some_queue = y >= base + no_queue_ms;
