@@ -128,6 +128,17 @@ const CEILING_RISE: f64 = 0.05;
 /// Periods a full link holds the rate before a step of `FULL_PROBE_STEP` past it.
 const FULL_PROBE_PERIODS: u32 = 16;
 const FULL_PROBE_STEP: f64 = 0.03;
+/// Half-width of the band around the setpoint the loop holds the p95 in (fraction).
+const BAND: f64 = 0.2;
+/// A p95 moving by less than this (seconds per second) shows a steady queue.
+const STEADY_DRIFT: f64 = 0.01;
+/// Growth per period of the remembered rate per Mbit/s, so that it follows a change in what a
+/// request costs on the wire.
+const KAPPA_CREEP: f64 = 1.005;
+/// A rate this far over the one that fits the link is cut to it.
+const FIT_MARGIN: f64 = 0.1;
+/// Most of a period's rate given up to drain a queue.
+const MAX_DRAIN: f64 = 0.5;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
@@ -136,14 +147,21 @@ pub struct Pid {
     integral: f64,
     last_terms: f64,
     prev_y: Option<f64>,
+    /// The p95 of the window before the newest.
+    #[serde(default)]
+    prev_y_before: Option<f64>,
     prev_t: Option<f64>,
     base_ms: Option<f64>,
-    /// The lowest median seen (creeping up 1 % per period, as `base_ms`).
+    /// The lowest median seen (creeping up as `base_ms` does).
     #[serde(default)]
     base50_ms: Option<f64>,
     probe_step: f64,
     /// Rate (fraction of max) at which a queue above the setpoint was last seen.
     congested_u: Option<f64>,
+    /// `congested_u` is the rate measured to fit the link (what it delivered, saturated), not a
+    /// guess between two rates.
+    #[serde(default)]
+    fit_bound: bool,
     last_u: f64,
     /// The rate applied the period before `last_u`: a window's queue was built by the rates of
     /// the last two periods, not only by the newest.
@@ -182,6 +200,25 @@ pub struct Pid {
     /// (hysteresis, so a window delivering a little less does not release the rate to climb).
     #[serde(default)]
     was_full: bool,
+    /// Rate (fraction of max) per Mbit/s the link delivered, the lowest seen in a window whose
+    /// queue neither grew nor drained (what was sent was what got through), creeping up 0.5 %
+    /// with each such window (so a cheaper request on the wire is followed). Times what a saturated link delivers now, it is the rate that fits the link.
+    #[serde(default)]
+    u_per_mbit: Option<f64>,
+    /// The last window showed a standing queue that held steady.
+    #[serde(default)]
+    was_standing: bool,
+    /// The last window's queue vanished at a held rate: if the next shows none either, the
+    /// path widened.
+    #[serde(default)]
+    widening: bool,
+    /// The lowest p95 ever seen (unlike `base_ms`, it does not creep up under a queue that
+    /// stands for long).
+    #[serde(default)]
+    floor_ms: Option<f64>,
+    /// The last period drained a queue at a chosen rate: the next one reads no trend.
+    #[serde(default)]
+    drained: bool,
     max_rps: f64,
     min_ln: f64,
 }
@@ -197,11 +234,13 @@ impl Pid {
             integral: start.max(1e-6).ln(),
             last_terms: 0.0,
             prev_y: None,
+            prev_y_before: None,
             prev_t: None,
             base_ms: None,
             base50_ms: None,
             probe_step: 0.0,
             congested_u: None,
+            fit_bound: false,
             last_u: start,
             prev_u: start,
             last_damp_ln: 0.0,
@@ -214,6 +253,11 @@ impl Pid {
             prev_delivered: None,
             full_held: 0,
             was_full: false,
+            u_per_mbit: None,
+            was_standing: false,
+            widening: false,
+            floor_ms: None,
+            drained: false,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -239,8 +283,16 @@ impl Controller for Pid {
             return (u * l.max_rps, "no RTT samples: growing".into());
         };
         // The path's base RTT: the lowest p95 seen, allowed to creep up 1 % per period so that a
-        // route change is eventually followed.
-        let base = self.base_ms.map_or(y, |b| (b * 1.01).min(y));
+        // route change is eventually followed — but not while the p95 is in the band around the
+        // setpoint: that is the queue the loop holds there, and a base that crept up to it would
+        // read the queue as none (on a quiet simulated link, after about 90 s at the setpoint the
+        // loop probed past the link's rate).
+        let creep = if (y - sp).abs() <= BAND * sp {
+            1.0
+        } else {
+            1.01
+        };
+        let base = self.base_ms.map_or(y, |b| (b * creep).min(y));
         self.base_ms = Some(base);
         // A standing queue: the median itself has lifted off its own base. Below the setpoint that
         // is a queue the rate holds, so the integral moves on seconds of error as it does above
@@ -250,11 +302,18 @@ impl Controller for Pid {
         // the base and the setpoint).
         let no_queue_ms = self.g.probe_fraction * (sp - base);
         let standing = obs.p50_rtt_ms.is_some_and(|m| {
-            let b = self.base50_ms.map_or(m, |b| (b * 1.01).min(m));
+            let b = self.base50_ms.map_or(m, |b| (b * creep).min(m));
             self.base50_ms = Some(b);
             m - b > no_queue_ms
         });
-        let d = -self.prev_y.map_or(0.0, |p| (y - p) / 1000.0 / dt);
+        // After a drain the p95's fall is the drain's doing, not a trend to act on.
+        let after_drain = std::mem::take(&mut self.drained);
+        let d = if after_drain {
+            0.0
+        } else {
+            -self.prev_y.map_or(0.0, |p| (y - p) / 1000.0 / dt)
+        };
+        self.prev_y_before = self.prev_y;
         self.prev_y = Some(y);
         let e = ((sp - y) / 1000.0).clamp(-0.5, 0.5);
         let ff = obs
@@ -262,10 +321,56 @@ impl Controller for Pid {
             .map_or(0.0, |p| -((p - y).max(0.0) / 1000.0));
 
         let mut reason;
-        let terms;
+        let mut terms;
+        // Back to a rate chosen from what the link delivers after a period under it to drain
+        // a queue: not a probe, so the slew limit does not apply.
+        let mut returning = false;
         let overloaded = sp * (1.0 + self.g.overload_margin.max(0.0));
         let growth = (1.0 + self.g.startup_growth).ln();
+        // The rate that fits the link: in a window whose queue neither grew nor drained, at a
+        // rate held steady, what was sent got through — the rate per Mbit/s delivered. Times what
+        // the link delivers now, it is the rate the link carries. (A rate the users did not fill
+        // reads high, so the fit errs toward cutting too little, never too much.)
+        let got = obs.delivered_mbit_s.filter(|g| g.is_finite() && *g > 0.0);
+        let steady_rate = self.last_u >= 0.95 * self.prev_u && self.last_u <= 1.05 * self.prev_u;
+        self.u_per_mbit = match got {
+            Some(g) if steady_rate && y <= overloaded && d.abs() < STEADY_DRIFT => Some(
+                self.u_per_mbit
+                    .map_or(self.last_u / g, |k| (k * KAPPA_CREEP).min(self.last_u / g)),
+            ),
+            _ => self.u_per_mbit,
+        };
+        let fit = self.u_per_mbit.zip(got).map(|(k, g)| (k * g).min(1.0));
+        // A standing queue gone at once, the rate not cut, and still none after a probe past
+        // that rate: the path widened, and the rate that fitted it says nothing about the new
+        // one. Search again as startup does. (One period without the queue is not enough: on a
+        // link whose cross traffic wanders, a queue at the setpoint vanishes now and then, and
+        // doubling then fills the buffer.)
+        let empty = self
+            .floor_ms
+            .is_some_and(|f| y < f + self.g.probe_fraction * (sp - f));
+        let widening = std::mem::take(&mut self.widening);
+        if !self.startup && self.g.startup_growth > 0.0 && self.drain == 0 && empty {
+            let held = (0.98..=1.02).contains(&(self.last_u / self.prev_u.max(1e-9)));
+            if widening && self.last_u >= 0.98 * self.prev_u {
+                self.startup = true;
+                self.congested_u = None;
+                self.fit_bound = false;
+            } else if held
+                && self.was_standing
+                && self
+                    .prev_y_before
+                    .is_some_and(|p| p >= (1.0 - BAND) * sp && p <= overloaded)
+            {
+                self.widening = true;
+            }
+        }
+        // A standing queue that held steady (a queue already draining does not count).
+        self.was_standing = standing && d.abs() < STEADY_DRIFT && !after_drain;
+        self.floor_ms = Some(self.floor_ms.map_or(y, |f| f.min(y)));
         let in_startup = self.startup;
+        // Seconds of queue above the setpoint to drain within one period.
+        let excess = ((y - sp) / 1000.0 / dt).clamp(0.0, MAX_DRAIN);
         if in_startup && y < sp && !obs.backend_queued {
             // Slow start: below the setpoint, double (the slew limit does not apply yet). At the
             // maximum the path has room for the whole group, and the loop takes over.
@@ -281,6 +386,7 @@ impl Controller for Pid {
             // doublings queued interactive users behind 2 s of batch requests.
             self.startup = false;
             self.congested_u = Some((self.integral - growth / 2.0).exp());
+            self.fit_bound = false;
             self.integral -= growth;
             self.probe_step = 0.0;
             terms = 0.0;
@@ -294,6 +400,7 @@ impl Controller for Pid {
             // overloads and creeps rather than probes near it.
             self.startup = false;
             self.congested_u = Some((self.integral - growth / 2.0).exp());
+            self.fit_bound = false;
             self.integral -= growth;
             self.probe_step = 0.0;
             self.drain = STARTUP_DRAIN_PERIODS;
@@ -320,13 +427,61 @@ impl Controller for Pid {
                     );
                 }
             }
+            // What the link delivers now, times the rate per Mbit/s, is the rate that fits it:
+            // where that is known and under the rate that overloaded, go to it rather than to
+            // the rate before the doubling, less the share that drains the doubling's queue
+            // within a period (BBR's drain).
+            if let Some(f) = fit.filter(|&f| f < self.last_u) {
+                self.integral = f.max(1e-6).ln();
+                terms = (1.0 - excess).ln();
+                self.drain = 1;
+                // The rate that overloads is the fit, not the mean of the last two doublings.
+                self.congested_u = Some(f / self.g.hold_fraction.max(0.5));
+                self.fit_bound = true;
+                reason = format!(
+                    "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over; the link delivered {:.1} Mbit/s: {:.1} req/s fit it, {:.0} % under that for a period to drain",
+                    got.unwrap_or(0.0),
+                    f * self.max_rps,
+                    excess * 100.0
+                );
+            }
+        } else if let Some(f) = fit.filter(|&f| {
+            y > overloaded && standing && d < 0.005 && self.last_u > f * (1.0 + FIT_MARGIN)
+        }) {
+            // A standing queue past the margin, not draining (also while a drain was meant to
+            // be under way: a window that straddled the step delivered more than the link now
+            // carries, so the first cut was not deep enough): the rate (or, when the link has
+            // narrowed, the rate that fits what it delivers now, if lower) less the share that
+            // drains the queue's excess within a period; after a cut to the fit, hold there while
+            // the window still shows the queue. The PID would trim a few per cent a period, and a
+            // full buffer hides how far over the rate is.
+            let to = f.min(self.last_u);
+            self.integral = to.max(1e-6).ln();
+            terms = (1.0 - excess).ln();
+            self.probe_step = 0.0;
+            if f < self.last_u {
+                self.drain = 1;
+                self.congested_u = Some(f / self.g.hold_fraction.max(0.5));
+                self.fit_bound = true;
+            }
+            returning = true;
+            reason = format!(
+                "p95 {y:.1} ms, the link delivering {:.1} Mbit/s ({:.1} req/s fit it): {:.1} req/s, {:.0} % under {:.1} for a period to drain",
+                got.unwrap_or(0.0),
+                f * self.max_rps,
+                to * (1.0 - excess) * self.max_rps,
+                excess * 100.0,
+                to * self.max_rps,
+            );
         } else if self.drain > 0 && y > sp {
-            // The queue startup's last doubling built drains at the rate it fell back to, which
-            // showed no queue: cutting further would only empty the link.
+            // The queue built before a cut (startup's last doubling, or a link that narrowed)
+            // drains at the rate the cut chose: the window still shows it, and cutting further
+            // would only empty the link.
             self.drain -= 1;
             terms = 0.0;
-            reason =
-                format!("p95 {y:.1} ms: draining startup's queue at the last rate without one");
+            returning = true;
+            self.drained = true;
+            reason = format!("p95 {y:.1} ms: draining the queue at the rate chosen for it");
         } else if y < base + no_queue_ms {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to
@@ -341,6 +496,7 @@ impl Controller for Pid {
                 // Well past the remembered overload rate with still no queue: the path has widened
                 // since, and the memory only slows the search (BIC-TCP's max probing).
                 self.congested_u = None;
+                self.fit_bound = false;
             }
             let step = match self.congested_u {
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
@@ -446,7 +602,11 @@ impl Controller for Pid {
         // A link that delivers clearly less than its ceiling has room, whatever rate last built a
         // queue: the delivery is the newer evidence (after startup the group's rate is no measure
         // of its bytes — a reserved share of small requests adds rate, not bytes).
+        // Not, though, under a rate measured to fit the link since it narrowed: the ceiling is
+        // the most the link ever delivered, which a narrowed link no longer reaches (lowering
+        // the ceiling instead held the rate where bursts hide the room after the link widened).
         let room = !standing
+            && !self.fit_bound
             && self.g.link_full > 0.0
             && obs
                 .delivered_mbit_s
@@ -470,7 +630,9 @@ impl Controller for Pid {
                 (self.last_u * (1.0 + step).powf(dt.min(1.0))).max(under)
             };
             if self.hold == 0 && u > cap {
-                self.creep_step = if y < sp * 0.9 {
+                // Well under the setpoint the step doubles, leaving a stale memory behind — but
+                // not a rate measured to fit the link (it holds until the link shows it widened).
+                self.creep_step = if y < sp * 0.9 && !self.fit_bound {
                     (step * 2.0).min(self.g.slew_up.max(self.g.creep))
                 } else {
                     step
@@ -555,7 +717,7 @@ impl Controller for Pid {
             reason.push_str("; the backend queued: holding");
         }
         let ceiling = self.last_u * (1.0 + self.g.slew_up).powf(dt.min(1.0));
-        if u > ceiling && !in_startup {
+        if u > ceiling && !in_startup && !returning {
             u = ceiling;
             reason.push_str("; slew-limited");
         }
