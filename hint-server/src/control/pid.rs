@@ -212,6 +212,9 @@ pub struct Pid {
     /// path widened.
     #[serde(default)]
     widening: bool,
+    /// Consecutive windows without a queue at the rate measured to fit the narrowed link.
+    #[serde(default)]
+    empties_at_fit: u32,
     /// The lowest p95 ever seen (unlike `base_ms`, it does not creep up under a queue that
     /// stands for long).
     #[serde(default)]
@@ -256,6 +259,7 @@ impl Pid {
             u_per_mbit: None,
             was_standing: false,
             widening: false,
+            empties_at_fit: 0,
             floor_ms: None,
             drained: false,
             max_rps: limits.max_rps,
@@ -350,19 +354,33 @@ impl Controller for Pid {
             .floor_ms
             .is_some_and(|f| y < f + self.g.probe_fraction * (sp - f));
         let widening = std::mem::take(&mut self.widening);
+        let empties_at_fit = std::mem::take(&mut self.empties_at_fit);
         if !self.startup && self.g.startup_growth > 0.0 && self.drain == 0 && empty {
             let held = (0.98..=1.02).contains(&(self.last_u / self.prev_u.max(1e-9)));
-            if widening && self.last_u >= 0.98 * self.prev_u {
+            // At (or past) the rate measured to fill the narrowed link — held there, not just
+            // drained under it — and no queue at all.
+            let at_fit = self.fit_bound
+                && !after_drain
+                && self
+                    .congested_u
+                    .is_some_and(|c| self.last_u >= 0.95 * self.g.hold_fraction.max(0.5) * c);
+            let not_cut = self.last_u >= 0.98 * self.prev_u;
+            if not_cut && (widening || (at_fit && empties_at_fit >= 2)) {
                 self.startup = true;
                 self.congested_u = None;
                 self.fit_bound = false;
-            } else if held
-                && self.was_standing
-                && self
-                    .prev_y_before
-                    .is_some_and(|p| p >= (1.0 - BAND) * sp && p <= overloaded)
-            {
-                self.widening = true;
+            } else {
+                self.widening = held
+                    && self.was_standing
+                    && self
+                        .prev_y_before
+                        .is_some_and(|p| p >= (1.0 - BAND) * sp && p <= overloaded);
+                // A rate that filled the link building no queue for three windows: it widened.
+                // (Three, not two: on a link whose cross traffic wanders, two empty windows at the
+                // fit happen, and doubling then fills the buffer.)
+                if at_fit {
+                    self.empties_at_fit = empties_at_fit + 1;
+                }
             }
         }
         // A standing queue that held steady (a queue already draining does not count).

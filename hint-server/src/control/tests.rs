@@ -929,3 +929,30 @@ fn a_queue_held_at_the_setpoint_for_minutes_is_not_taken_for_the_base() {
         .collect();
     assert!(out.is_empty(), "out of the band after settling: {out:?}");
 }
+
+#[test]
+fn a_narrowed_link_that_widens_again_is_searched_again() {
+    use super::pid::PidGains;
+    let l = limits();
+    let (mut pid, mut k, r0) = pid_at_the_setpoint(PidGains::default());
+    // Narrowed to a quarter: cut to the fit and drained (as in the test above).
+    let fit_mbit = r0 * 0.8 / 4.0;
+    pid_window(&mut pid, &l, k, (320.0, 320.0), fit_mbit);
+    let mut rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), fit_mbit);
+    k += 2;
+    // Held at the fit with bursts (the median at the base: no standing queue to lose)…
+    for _ in 0..3 {
+        rate = pid_window(&mut pid, &l, k, (45.0, 20.0), rate * 0.8);
+        k += 1;
+    }
+    let held = rate;
+    // …then the link widens: at the rate that filled it, no queue at all, three windows running.
+    let first = pid_window(&mut pid, &l, k, (20.0, 20.0), held * 0.8);
+    let second = pid_window(&mut pid, &l, k + 1, (20.0, 20.0), first * 0.8);
+    assert!(second < first * 1.3, "{first:.2} → {second:.2} after two");
+    let third = pid_window(&mut pid, &l, k + 2, (20.0, 20.0), second * 0.8);
+    assert!(
+        third > second * 1.9,
+        "held {held:.2}: {first:.2} → {second:.2} → {third:.2} after the queue stayed gone"
+    );
+}
