@@ -132,8 +132,8 @@ const FULL_PROBE_STEP: f64 = 0.03;
 const BAND: f64 = 0.2;
 /// A p95 moving by less than this (seconds per second) shows a steady queue.
 const STEADY_DRIFT: f64 = 0.01;
-/// Growth per period of the remembered rate per Mbit/s, so that it follows a change in what a
-/// request costs on the wire.
+/// Growth of the remembered rate per Mbit/s with each window that measures it, so that it follows
+/// a request that became cheaper on the wire.
 const KAPPA_CREEP: f64 = 1.005;
 /// A rate this far over the one that fits the link is cut to it.
 const FIT_MARGIN: f64 = 0.1;
@@ -202,7 +202,8 @@ pub struct Pid {
     was_full: bool,
     /// Rate (fraction of max) per Mbit/s the link delivered, the lowest seen in a window whose
     /// queue neither grew nor drained (what was sent was what got through), creeping up 0.5 %
-    /// with each such window (so a cheaper request on the wire is followed). Times what a saturated link delivers now, it is the rate that fits the link.
+    /// with each such window. Times what a saturated link delivers now, it is the rate that fits
+    /// the link.
     #[serde(default)]
     u_per_mbit: Option<f64>,
     /// The last window showed a standing queue that held steady.
@@ -265,6 +266,21 @@ impl Pid {
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
+    }
+}
+
+impl Pid {
+    /// Remembers the rate measured to fit the link as the one the loop holds under (the hold cap
+    /// is `hold_fraction` of the remembered overload rate, so the cap is the fit itself).
+    fn remember_fit(&mut self, fit_u: f64) {
+        self.congested_u = Some(fit_u / self.g.hold_fraction.max(0.5));
+        self.fit_bound = true;
+    }
+
+    /// Remembers a rate guessed to overload the path (`None`: forgets it).
+    fn remember_overload(&mut self, u: Option<f64>) {
+        self.congested_u = u;
+        self.fit_bound = false;
     }
 }
 
@@ -367,8 +383,7 @@ impl Controller for Pid {
             let not_cut = self.last_u >= 0.98 * self.prev_u;
             if not_cut && (widening || (at_fit && empties_at_fit >= 2)) {
                 self.startup = true;
-                self.congested_u = None;
-                self.fit_bound = false;
+                self.remember_overload(None);
             } else {
                 self.widening = held
                     && self.was_standing
@@ -403,8 +418,7 @@ impl Controller for Pid {
             // fast as the backend serves — on the compute-bound test bed, startup's last two
             // doublings queued interactive users behind 2 s of batch requests.
             self.startup = false;
-            self.congested_u = Some((self.integral - growth / 2.0).exp());
-            self.fit_bound = false;
+            self.remember_overload(Some((self.integral - growth / 2.0).exp()));
             self.integral -= growth;
             self.probe_step = 0.0;
             terms = 0.0;
@@ -417,8 +431,7 @@ impl Controller for Pid {
             // between the two, so the loop remembers their geometric mean as the rate that
             // overloads and creeps rather than probes near it.
             self.startup = false;
-            self.congested_u = Some((self.integral - growth / 2.0).exp());
-            self.fit_bound = false;
+            self.remember_overload(Some((self.integral - growth / 2.0).exp()));
             self.integral -= growth;
             self.probe_step = 0.0;
             self.drain = STARTUP_DRAIN_PERIODS;
@@ -454,8 +467,7 @@ impl Controller for Pid {
                 terms = (1.0 - excess).ln();
                 self.drain = 1;
                 // The rate that overloads is the fit, not the mean of the last two doublings.
-                self.congested_u = Some(f / self.g.hold_fraction.max(0.5));
-                self.fit_bound = true;
+                self.remember_fit(f);
                 reason = format!(
                     "p95 {y:.1} ms reached setpoint {sp:.0} ms: startup over; the link delivered {:.1} Mbit/s: {:.1} req/s fit it, {:.0} % under that for a period to drain",
                     got.unwrap_or(0.0),
@@ -466,30 +478,23 @@ impl Controller for Pid {
         } else if let Some(f) = fit.filter(|&f| {
             y > overloaded && standing && d < 0.005 && self.last_u > f * (1.0 + FIT_MARGIN)
         }) {
-            // A standing queue past the margin, not draining (also while a drain was meant to
-            // be under way: a window that straddled the step delivered more than the link now
-            // carries, so the first cut was not deep enough): the rate (or, when the link has
-            // narrowed, the rate that fits what it delivers now, if lower) less the share that
-            // drains the queue's excess within a period; after a cut to the fit, hold there while
-            // the window still shows the queue. The PID would trim a few per cent a period, and a
-            // full buffer hides how far over the rate is.
-            let to = f.min(self.last_u);
-            self.integral = to.max(1e-6).ln();
+            // A standing queue past the margin, not draining, at a rate clearly over what the link
+            // now carries (it narrowed; also while a drain was meant to be under way: a window
+            // that straddled the step delivered more than the link now carries, so the first cut
+            // was not deep enough): the rate that fits, less the share that drains the queue's
+            // excess within a period, then held at the fit while the window still shows the queue.
+            // The PID would trim a few per cent a period, and a full buffer hides how far over
+            // the rate is.
+            self.integral = f.max(1e-6).ln();
             terms = (1.0 - excess).ln();
             self.probe_step = 0.0;
-            if f < self.last_u {
-                self.drain = 1;
-                self.congested_u = Some(f / self.g.hold_fraction.max(0.5));
-                self.fit_bound = true;
-            }
-            returning = true;
+            self.drain = 1;
+            self.remember_fit(f);
             reason = format!(
-                "p95 {y:.1} ms, the link delivering {:.1} Mbit/s ({:.1} req/s fit it): {:.1} req/s, {:.0} % under {:.1} for a period to drain",
+                "p95 {y:.1} ms, the link delivering {:.1} Mbit/s: {:.1} req/s fit it; {:.0} % under that for a period to drain",
                 got.unwrap_or(0.0),
                 f * self.max_rps,
-                to * (1.0 - excess) * self.max_rps,
                 excess * 100.0,
-                to * self.max_rps,
             );
         } else if self.drain > 0 && y > sp {
             // The queue built before a cut (startup's last doubling, or a link that narrowed)
@@ -513,8 +518,7 @@ impl Controller for Pid {
             if self.congested_u.is_some_and(|c| self.last_u > 1.1 * c) {
                 // Well past the remembered overload rate with still no queue: the path has widened
                 // since, and the memory only slows the search (BIC-TCP's max probing).
-                self.congested_u = None;
-                self.fit_bound = false;
+                self.remember_overload(None);
             }
             let step = match self.congested_u {
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
@@ -541,6 +545,7 @@ impl Controller for Pid {
             if y > overloaded {
                 // Rising: this rate overloads the path. Falling: this rate drains it, so the
                 // capacity is above it — but not above a rate remembered to overload it.
+                // (A rate measured to fit the link stays marked so: this only raises it.)
                 self.congested_u = Some(if d < 0.0 {
                     self.last_u.max(self.prev_u)
                 } else {

@@ -521,17 +521,26 @@ fn without_startup(g: super::pid::PidGains, l: &Limits) -> super::pid::Pid {
 /// One control period of a bare PID at second `k` with this p95 (forecast = the p95, no
 /// anomaly); returns the rate applied.
 fn pid_period(pid: &mut super::pid::Pid, l: &Limits, k: usize, p95: f64) -> f64 {
+    observe(pid, l, k, p95, None, None)
+}
+
+/// One control period of a bare PID at second `k`: the window's p95 (also its forecast), median
+/// and what the link delivered, when known, no anomaly; returns the rate applied.
+fn observe(
+    pid: &mut super::pid::Pid,
+    l: &Limits,
+    k: usize,
+    p95: f64,
+    p50_rtt_ms: Option<f64>,
+    delivered_mbit_s: Option<f64>,
+) -> f64 {
     let obs = Observation {
         now: k as f64,
         p95_rtt_ms: Some(p95),
-        p50_rtt_ms: None,
-        mean_rtt_ms: None,
-        delivered_mbit_s: None,
+        p50_rtt_ms,
+        delivered_mbit_s,
         predicted_p95_ms: Some(p95),
-        anomaly: 0.0,
-        inflight: None,
-        backend_queued: false,
-        stale: false,
+        ..Observation::default()
     };
     let (rate, _) = pid.update(&obs, l);
     pid.applied(rate);
@@ -826,17 +835,7 @@ fn pid_window(
     (p95, p50): (f64, f64),
     delivered_mbit_s: f64,
 ) -> f64 {
-    let obs = Observation {
-        now: k as f64,
-        p95_rtt_ms: Some(p95),
-        p50_rtt_ms: Some(p50),
-        delivered_mbit_s: Some(delivered_mbit_s),
-        predicted_p95_ms: Some(p95),
-        ..Observation::default()
-    };
-    let (rate, _) = pid.update(&obs, l);
-    pid.applied(rate);
-    rate
+    observe(pid, l, k, p95, Some(p50), Some(delivered_mbit_s))
 }
 
 /// A PID holding a standing queue at the setpoint on a link that delivers 0.8 Mbit/s per
