@@ -55,6 +55,9 @@ pub struct Attempt {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub error: Option<String>,
+    /// The connection broke while the body streamed (the server died or reset it), as opposed
+    /// to a malformed event or a timeout.
+    pub broken: bool,
 }
 
 pub async fn attempt(c: &Call<'_>) -> Attempt {
@@ -66,6 +69,7 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
         tokens_in: 0,
         tokens_out: 0,
         error: None,
+        broken: false,
     };
     let mut body = json!({
         "model": c.model,
@@ -125,6 +129,7 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
         let ev = match tokio::time::timeout_at(deadline, events.next()).await {
             Ok(Some(Ok(ev))) => ev,
             Ok(Some(Err(e))) => {
+                a.broken = matches!(e, eventsource_stream::EventStreamError::Transport(_));
                 a.error = Some(format!("stream: {e}"));
                 break;
             }

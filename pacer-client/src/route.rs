@@ -4,9 +4,9 @@
 //! (`URL#NODE`) and the pacer follows hints, a backend whose node's hint allows more than it has
 //! lately been sent has headroom: the request goes to the one with the fewest tokens among those,
 //! or, when none has headroom, to the least over its node's rate — so a congested node gets what
-//! its hint allows and the rest goes elsewhere. A backend that refuses a connection, times out
-//! or answers 5xx before its first token is marked down and the request moves to another one,
-//! once; a health check every second brings it back.
+//! its hint allows and the rest goes elsewhere. A backend that refuses a connection, times out,
+//! answers 5xx or cuts its stream off before its first token is marked down and the request
+//! moves to another one, once; a health check every second brings it back.
 
 use std::{
     sync::{

@@ -270,7 +270,7 @@ async fn one(ctx: &Ctx, user: usize, submitted: Instant) {
 }
 
 /// Sends `prompt` to the least loaded healthy target. A failure before the first token (refused
-/// connection, timeout, 5xx) marks a dead target down and moves the request to another target,
+/// connection, timeout, 5xx, a stream cut off before any token) marks a dead target down and moves the request to another target,
 /// once; 429/503 and connection failures are retried after `Retry-After` (or ~200 ms, jittered),
 /// all inside the run's retry budget. Returns the last attempt, the retries and its target.
 async fn send(ctx: &Ctx, prompt: &str) -> (Attempt, u32, usize) {
@@ -293,8 +293,11 @@ async fn send(ctx: &Ctx, prompt: &str) -> (Attempt, u32, usize) {
             })
             .await
         };
-        let server_failed = a.first_token.is_none() && (a.status == 0 || a.status >= 500);
-        if a.first_token.is_none() && a.status == 0 {
+        // A stream that broke before its first token delivered nothing to the user either: the
+        // server died after answering 200 (seen when a backend is killed mid-prefill).
+        let server_failed =
+            a.first_token.is_none() && (a.status == 0 || a.status >= 500 || a.broken);
+        if a.first_token.is_none() && (a.status == 0 || a.broken) {
             ctx.targets[t].set_healthy(false);
         }
         if retries >= cfg.retries {

@@ -432,3 +432,81 @@ async fn with_max_wait_requests_the_gate_cannot_serve_in_time_are_shed_and_count
     // Every request is accounted for: sent (and failed here) or shed.
     assert_eq!(s.errors, recs.len());
 }
+
+/// A backend that answers 200 and starts the event stream, then drops the connection before the
+/// first token — what the pacer sees when a backend process is killed mid-prefill.
+async fn dies_after_the_head() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{role}\r\n",
+                    role.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                // Dropped mid-body: no terminating chunk.
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_cut_before_its_first_token_moves_to_another_backend() {
+    let body = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/vllm/chat_stream.sse"),
+    )
+    .unwrap();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "text/event-stream")], body) }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let dead = dies_after_the_head().await;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cfg = RunConfig {
+        targets: vec![dead.clone(), good.clone()],
+        model: "m".into(),
+        load: Load::Closed { users: 2 },
+        duration: Duration::from_millis(1500),
+        max_tokens: 8,
+        truncate_prompt_tokens: None,
+        ignore_eos: false,
+        pacing: Pacing::Fixed(20.0),
+        class: "interactive".into(),
+        retries: 1,
+        timeout: Duration::from_secs(5),
+        concurrency: 8,
+        socket_pacing: false,
+        max_wait: None,
+    };
+    let _running = run(cfg, Arc::new(Prompts::synthetic(200, 4, 1)), tx)
+        .await
+        .unwrap();
+    let recs = records_for(&mut rx, Duration::from_secs(3)).await;
+    let sent: Vec<_> = recs.iter().filter(|r| r.status != 0).collect();
+    assert!(sent.len() >= 10, "{recs:?}");
+    for r in &sent {
+        assert!(
+            r.error.is_none() && r.target == good && r.ttft_ms.is_some(),
+            "a request whose stream broke before any token was not moved: {r:?}"
+        );
+    }
+    assert!(
+        sent.iter().any(|r| r.retries == 1),
+        "no request ever went to the dying backend first: {recs:?}"
+    );
+}
