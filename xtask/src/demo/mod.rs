@@ -33,8 +33,9 @@ pub struct DemoArgs {
     /// Scenarios to run (default: all four; with --quick network-bound and bandwidth-step).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(NAMES))]
     pub scenario: Vec<String>,
-    /// Arms to compare (default: all five).
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(ARMS))]
+    /// Arms to compare (default: all five): off, pid, sigmoid, gradient2, aimd, or pid@MS — pid
+    /// with a setpoint of MS ms (e.g. pid@30), a further point on its p99-vs-throughput frontier.
+    #[arg(long, value_delimiter = ',', value_parser = scenario::parse_arm)]
     pub arms: Vec<String>,
     /// Repeats of every arm (interleaved). Default 2, with --quick 1.
     #[arg(long)]
@@ -169,10 +170,29 @@ pub struct Run {
 fn arms_of<'a>(a: &DemoArgs, sc: &Scenario, arms: &'a [String]) -> Vec<&'a String> {
     arms.iter()
         .filter(|arm| {
-            !(a.quick && a.arms.is_empty() && sc.name == "bandwidth-step")
-                || matches!(arm.as_str(), "off" | "pid")
+            (!(a.quick && a.arms.is_empty() && sc.name == "bandwidth-step")
+                || matches!(arm.as_str(), "off" | "pid"))
+                // Frontier arms the run added itself go only where their scenario asks.
+                && (!a.arms.is_empty() || ARMS.contains(&arm.as_str()) || sc.frontier.contains(&arm.as_str()))
         })
         .collect()
+}
+
+/// The arms of a run: those named, or all five plus the scenarios' frontier arms (not in the
+/// quick run).
+fn all_arms(a: &DemoArgs, plan: &[Scenario]) -> Vec<String> {
+    if !a.arms.is_empty() {
+        return a.arms.clone();
+    }
+    let mut arms: Vec<String> = ARMS.iter().map(|s| s.to_string()).collect();
+    if !a.quick {
+        for f in plan.iter().flat_map(|sc| &sc.frontier) {
+            if !arms.iter().any(|x| x == f) {
+                arms.push(f.to_string());
+            }
+        }
+    }
+    arms
 }
 
 pub fn demo(a: &DemoArgs) -> Result<()> {
@@ -192,11 +212,6 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         vec!["network-bound".into(), "bandwidth-step".into()]
     } else {
         NAMES.iter().map(|s| s.to_string()).collect()
-    };
-    let arms: Vec<String> = if a.arms.is_empty() {
-        ARMS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.arms.clone()
     };
     let repeats = a.repeats.unwrap_or(if a.quick { 1 } else { 2 }).max(1);
     let duration = a
@@ -220,6 +235,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                 .context("unknown scenario")
         })
         .collect::<Result<_>>()?;
+    let arms = all_arms(a, &plan);
 
     let profile = if a.debug_build { "debug" } else { "release" };
     step("demo", format!("building the binaries ({profile})"));
@@ -444,7 +460,7 @@ fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
         .collect();
     let rep = report::write(&runs, &plan, &arms, a, &out)?;
     if plan.len() == NAMES.len()
-        && arms.len() == ARMS.len()
+        && ARMS.iter().all(|x| arms.iter().any(|a| a == x))
         && runs.iter().all(|r| !r.clients.is_empty())
     {
         report::readme(&out, &rep)?;
@@ -607,7 +623,8 @@ fn run_one(
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<Run> {
-    let tag = format!("{}-{arm}-{}", sc.name, rep + 1);
+    // Client ids and folder names: `pid@30` → `pid-sp30`.
+    let tag = format!("{}-{}-{}", sc.name, arm.replace('@', "-sp"), rep + 1);
     let hint_url = format!("http://{}", stack.hint_addr);
     let mut pacers = Vec::new();
     let mut clients = Vec::new();
@@ -620,9 +637,9 @@ fn run_one(
                 &id,
                 &json!({
                     "node_id": NODE,
-                    "controller": arm,
+                    "controller": scenario::arm_controller(arm),
                     "class": c.role.name(),
-                    "setpoint_ms": setpoint_ms,
+                    "setpoint_ms": scenario::arm_setpoint(arm).unwrap_or(setpoint_ms),
                     "min_rps": 0.5,
                     "max_rps": c.max_rps,
                     "max_concurrency": c.max_concurrency,
@@ -799,8 +816,55 @@ mod tests {
         let mut named = quick.clone();
         named.arms = all.clone();
         assert_eq!(names(arms_of(&named, &sc("bandwidth-step"), &all)), all);
-        let mut full = quick;
+        let mut full = quick.clone();
         full.quick = false;
         assert_eq!(names(arms_of(&full, &sc("bandwidth-step"), &all)), all);
+    }
+
+    #[test]
+    fn the_full_run_adds_pids_frontier_arm_only_where_its_scenario_asks() {
+        let d = Duration::from_secs(10);
+        let plan: Vec<Scenario> = NAMES
+            .iter()
+            .map(|n| scenario::scenario(n, d, d, Duration::from_secs(4), 20_000).unwrap())
+            .collect();
+        let names = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>();
+        let mut full = DemoArgs::quick_check();
+        full.quick = false;
+        let arms = all_arms(&full, &plan);
+        assert_eq!(
+            arms,
+            ["off", "pid", "sigmoid", "gradient2", "aimd", "pid@20"]
+        );
+        assert_eq!(names(arms_of(&full, &plan[0], &arms)), arms);
+        for sc in &plan[1..] {
+            assert_eq!(names(arms_of(&full, sc, &arms)), &arms[..5], "{}", sc.name);
+        }
+        // Not in the quick run; named arms are run as named.
+        assert_eq!(all_arms(&DemoArgs::quick_check(), &plan), &arms[..5]);
+        let mut named = full;
+        named.arms = vec!["pid@30".into(), "off".into()];
+        assert_eq!(all_arms(&named, &plan), ["pid@30", "off"]);
+        assert_eq!(
+            names(arms_of(&named, &plan[3], &named.arms)),
+            ["pid@30", "off"]
+        );
+    }
+
+    #[test]
+    fn arms_name_a_controller_and_pid_may_carry_its_own_setpoint() {
+        use scenario::{arm_controller, arm_setpoint, parse_arm};
+        assert_eq!(parse_arm("pid@30").as_deref(), Ok("pid@30"));
+        assert_eq!(
+            (arm_controller("pid@30"), arm_setpoint("pid@30")),
+            ("pid", Some(30.0))
+        );
+        assert_eq!(
+            (arm_controller("gradient2"), arm_setpoint("gradient2")),
+            ("gradient2", None)
+        );
+        for bad in ["pid@", "pid@-5", "pid@0", "pid@x", "aimd@20", "fast"] {
+            assert!(parse_arm(bad).is_err(), "{bad}");
+        }
     }
 }

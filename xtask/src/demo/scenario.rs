@@ -8,6 +8,31 @@ use serde::Serialize;
 /// The arms, in the order they are interleaved within each repeat.
 pub const ARMS: &[&str] = &["off", "pid", "sigmoid", "gradient2", "aimd"];
 
+/// An arm named on the command line: one of [`ARMS`], or `pid@MS` — `pid` with its own setpoint
+/// (p95 RTT, ms), a point on its p99-vs-throughput frontier.
+pub fn parse_arm(s: &str) -> Result<String, String> {
+    if ARMS.contains(&s) || arm_setpoint(s).is_some() {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not an arm: one of {} or pid@MS (pid with a setpoint of MS ms, e.g. pid@30)",
+            ARMS.join(", ")
+        ))
+    }
+}
+
+/// The controller an arm asks the hint server for.
+pub fn arm_controller(arm: &str) -> &str {
+    arm.split_once('@').map_or(arm, |(c, _)| c)
+}
+
+/// The setpoint of a `pid@MS` arm (None for every other arm: they use the demo's setpoint).
+pub fn arm_setpoint(arm: &str) -> Option<f64> {
+    let (c, ms) = arm.split_once('@')?;
+    let ms: f64 = ms.parse().ok()?;
+    (c == "pid" && ms.is_finite() && ms > 0.0).then_some(ms)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
@@ -67,6 +92,9 @@ pub struct Scenario {
     pub duration: Duration,
     #[serde(with = "humantime_serde_secs")]
     pub warmup: Duration,
+    /// Further `pid@MS` arms the full run adds here: points on `pid`'s p99-vs-throughput
+    /// frontier, so it can be compared with a baseline at that baseline's throughput.
+    pub frontier: Vec<&'static str>,
 }
 
 mod humantime_serde_secs {
@@ -148,6 +176,8 @@ pub fn scenario(
             clients: vec![batch_uploads(32), interactive(2, 500.0, UPLOAD_SHARE)],
             duration,
             warmup,
+            // Twice the idle round trip (10 ms); in a trial 15 ms, nearer the base, oscillated.
+            frontier: vec!["pid@20"],
         },
         "compute-bound" => Scenario {
             name: "compute-bound",
@@ -177,6 +207,7 @@ pub fn scenario(
             ],
             duration,
             warmup,
+            frontier: vec![],
         },
         "open-loop" => Scenario {
             name: "open-loop",
@@ -203,6 +234,7 @@ pub fn scenario(
             }],
             duration,
             warmup,
+            frontier: vec![],
         },
         "bandwidth-step" => Scenario {
             name: "bandwidth-step",
@@ -215,6 +247,7 @@ pub fn scenario(
             clients: vec![batch_uploads(32), interactive(2, 500.0, UPLOAD_SHARE)],
             duration: step_duration,
             warmup,
+            frontier: vec![],
         },
         _ => return None,
     };
