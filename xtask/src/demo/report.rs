@@ -1414,11 +1414,21 @@ mod tests {
         let t = versus(&[off.clone(), pid.clone(), g2.clone()], "gradient2");
         assert!(!t.met, "{t:?}");
         // A lower setpoint carries as much as gradient2 at no worse p99.
-        let sums = [off.clone(), pid.clone(), g2.clone(), arm("pid@20", 39.0, 23.0)];
+        let sums = [
+            off.clone(),
+            pid.clone(),
+            g2.clone(),
+            arm("pid@20", 39.0, 23.0),
+        ];
         let t = versus(&sums, "gradient2");
         assert!(t.met && t.measured.starts_with("pid@20 39 ms"), "{t:?}");
         // A point that gets its low p99 by sending less does not count.
-        let sums = [off.clone(), pid.clone(), g2.clone(), arm("pid@20", 30.0, 17.0)];
+        let sums = [
+            off.clone(),
+            pid.clone(),
+            g2.clone(),
+            arm("pid@20", 30.0, 17.0),
+        ];
         let t = versus(&sums, "gradient2");
         assert!(!t.met && t.measured.starts_with("pid 71 ms"), "{t:?}");
         // Nor does one that carries as much with a longer queue.
