@@ -139,6 +139,8 @@ const KAPPA_CREEP: f64 = 1.005;
 const FIT_MARGIN: f64 = 0.1;
 /// Most of a period's rate given up to drain a queue.
 const MAX_DRAIN: f64 = 0.5;
+/// The first step of a search restarted from a held fit (fraction).
+const RESTART_STEP: f64 = 0.25;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
@@ -223,6 +225,13 @@ pub struct Pid {
     /// The last period drained a queue at a chosen rate: the next one reads no trend.
     #[serde(default)]
     drained: bool,
+    /// A search restarted from a held fit: the next step's growth (fraction; 0 = startup's
+    /// own), doubling with each step up to startup's.
+    #[serde(default)]
+    restart_step: f64,
+    /// ln of startup's last step (0 = startup's own growth): the step an exit goes back by.
+    #[serde(default)]
+    last_growth_ln: f64,
     max_rps: f64,
     min_ln: f64,
 }
@@ -263,6 +272,8 @@ impl Pid {
             empties_at_fit: 0,
             floor_ms: None,
             drained: false,
+            restart_step: 0.0,
+            last_growth_ln: 0.0,
             max_rps: limits.max_rps,
             min_ln: (limits.min_rps / limits.max_rps.max(1e-9)).max(1e-6).ln(),
         }
@@ -346,7 +357,13 @@ impl Controller for Pid {
         // a queue: not a probe, so the slew limit does not apply.
         let mut returning = false;
         let overloaded = sp * (1.0 + self.g.overload_margin.max(0.0));
-        let growth = (1.0 + self.g.startup_growth).ln();
+        let full_growth = (1.0 + self.g.startup_growth).ln();
+        // The step startup last took, which an exit goes back by.
+        let growth = if self.last_growth_ln > 0.0 {
+            self.last_growth_ln
+        } else {
+            full_growth
+        };
         // The rate that fits the link: in a window whose queue neither grew nor drained, at a
         // rate held steady, what was sent got through — the rate per Mbit/s delivered. Times what
         // the link delivers now, it is the rate the link carries. (A rate the users did not fill
@@ -361,6 +378,27 @@ impl Controller for Pid {
             _ => self.u_per_mbit,
         };
         let fit = self.u_per_mbit.zip(got).map(|(k, g)| (k * g).min(1.0));
+        // The window after a drain, with a queue still in its p95, delivered all the narrowed
+        // link carries (the queue kept it busy; the step is behind it): where that fits clearly
+        // less (by the fit's margin) than the fit the cut was measured on, the lower one is the
+        // rate to hold — not over it, and not under (after the branches below). A window that
+        // straddled the step delivered partly at the old rate and read high: on the test bed a
+        // fit of 6.9 req/s where 6.0 fitted, and the loop climbed to 6.8 and filled the buffer
+        // again. (Within the margin the two differ by noise: on the simulated noisy link a refit
+        // 5 % lower held the rate just under the link, the queue emptied, and the search
+        // restarted by doubling.)
+        let refit = match (fit, self.congested_u) {
+            (Some(f), Some(c))
+                if after_drain
+                    && y >= base + no_queue_ms
+                    && self.fit_bound
+                    && f * (1.0 + FIT_MARGIN) < self.g.hold_fraction.max(0.5) * c =>
+            {
+                self.remember_fit(f);
+                Some(f)
+            }
+            _ => None,
+        };
         // A standing queue gone at once, the rate not cut, and still none after a probe past
         // that rate: the path widened, and the rate that fitted it says nothing about the new
         // one. Search again as startup does. (One period without the queue is not enough: on a
@@ -384,6 +422,16 @@ impl Controller for Pid {
             if not_cut && (widening || (at_fit && empties_at_fit >= 2)) {
                 self.startup = true;
                 self.remember_overload(None);
+                // A queue that vanished at a held rate is the path widening; a fit with no queue
+                // may also be a fit read low (on the test bed the window after the step delivered
+                // 3.3–3.9 Mbit/s of a 4.7 Mbit/s link while TCP recovered from the drops, and
+                // doubling from there filled the 300 ms buffer): search from a quarter up, the
+                // step doubling each period.
+                self.restart_step = if widening {
+                    0.0
+                } else {
+                    RESTART_STEP.min(self.g.startup_growth)
+                };
             } else {
                 self.widening = held
                     && self.was_standing
@@ -407,10 +455,25 @@ impl Controller for Pid {
         if in_startup && y < sp && !obs.backend_queued {
             // Slow start: below the setpoint, double (the slew limit does not apply yet). At the
             // maximum the path has room for the whole group, and the loop takes over.
-            self.integral = (self.integral + growth).min(0.0);
+            let step = if self.restart_step > 0.0 {
+                let s = self.restart_step;
+                self.restart_step = (s * 2.0).min(self.g.startup_growth);
+                s
+            } else {
+                self.g.startup_growth
+            };
+            self.last_growth_ln = (1.0 + step).ln();
+            self.integral = (self.integral + self.last_growth_ln).min(0.0);
             self.startup = self.integral < 0.0;
             terms = 0.0;
-            reason = format!("p95 {y:.1} ms below setpoint {sp:.0} ms: startup, doubling");
+            reason = if step < self.g.startup_growth {
+                format!(
+                    "p95 {y:.1} ms below setpoint {sp:.0} ms: searching again, ×{:.2}",
+                    1.0 + step
+                )
+            } else {
+                format!("p95 {y:.1} ms below setpoint {sp:.0} ms: startup, doubling")
+            };
         } else if in_startup && y < sp {
             // The backend queued before the path did: this rate overloads the node's model server
             // (a link with room never shows it in the RTT). Back to the rate before; each doubling
@@ -568,6 +631,10 @@ impl Controller for Pid {
                 "p95 {y:.1} ms vs setpoint {sp:.0} ms: error {:+.1} ms",
                 e * 1000.0
             );
+        }
+        if !self.startup {
+            self.restart_step = 0.0;
+            self.last_growth_ln = 0.0;
         }
         if y <= sp {
             // Startup's queue has drained: a later queue is this loop's to cut.
@@ -732,6 +799,15 @@ impl Controller for Pid {
                 self.full_held = 0;
             }
             self.was_full = full;
+        }
+        if let Some(f) = refit
+            && u > f
+        {
+            u = f;
+            reason.push_str(&format!(
+                "; after the drain the link fits {:.1} req/s: held there",
+                f * l.max_rps
+            ));
         }
         if obs.backend_queued && !in_startup && u > self.last_u {
             // The backend cannot keep up: a higher rate would only wait in its queue (or, under

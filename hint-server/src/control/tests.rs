@@ -949,9 +949,73 @@ fn a_narrowed_link_that_widens_again_is_searched_again() {
     let first = pid_window(&mut pid, &l, k, (20.0, 20.0), held * 0.8);
     let second = pid_window(&mut pid, &l, k + 1, (20.0, 20.0), first * 0.8);
     assert!(second < first * 1.3, "{first:.2} → {second:.2} after two");
-    let third = pid_window(&mut pid, &l, k + 2, (20.0, 20.0), second * 0.8);
+    // The third restarts the search: from a quarter up (the fit may have read low), the step
+    // doubling each period while no queue appears.
+    let mut rates = vec![second];
+    for i in 0..4 {
+        let r = *rates.last().unwrap_or(&second);
+        rates.push(pid_window(&mut pid, &l, k + 2 + i, (20.0, 20.0), r * 0.8));
+    }
+    let steps: Vec<f64> = rates.windows(2).map(|w| w[1] / w[0]).collect();
+    for (got, want) in steps.iter().zip([1.25, 1.5, 2.0, 2.0]) {
+        assert!(
+            (got / want - 1.0).abs() < 0.02,
+            "held {held:.2}: {first:.2} → {rates:.2?} after the queue stayed gone"
+        );
+    }
+}
+
+#[test]
+fn a_search_restarted_from_a_fit_read_low_overshoots_by_a_quarter_not_double() {
+    use super::pid::PidGains;
+    let l = limits();
+    let (mut pid, mut k, r0) = pid_at_the_setpoint(PidGains::default());
+    // Narrowed to a quarter, but the first full window delivered only 80 % of what the link
+    // carries (TCP recovering from the step's drops): the fit reads 20 % low.
+    let link_mbit = r0 * 0.8 / 4.0;
+    pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
+    let mut rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
+    k += 2;
+    // Under the link, no queue; after three such windows the search restarts.
+    let mut most: f64 = 0.0;
+    for _ in 0..6 {
+        let window = if rate * 0.8 > link_mbit {
+            (320.0, 300.0)
+        } else {
+            (20.0, 20.0)
+        };
+        rate = pid_window(&mut pid, &l, k, window, (rate * 0.8).min(link_mbit));
+        most = most.max(rate);
+        k += 1;
+    }
+    let fit = r0 / 4.0;
     assert!(
-        third > second * 1.9,
-        "held {held:.2}: {first:.2} → {second:.2} → {third:.2} after the queue stayed gone"
+        most > fit && most <= fit * 1.3,
+        "searched up to {most:.2} where {fit:.2} fits"
+    );
+}
+
+#[test]
+fn a_fit_read_high_across_the_step_is_lowered_by_the_window_after_the_drain() {
+    use super::pid::PidGains;
+    let l = limits();
+    let (mut pid, k, r0) = pid_at_the_setpoint(PidGains::default());
+    let fit = r0 / 4.0;
+    // The link narrows to a quarter, but the first window that shows it straddled the step and
+    // delivered 1.5× what the link now carries: the fit it gives reads 1.5× too high.
+    pid_window(&mut pid, &l, k, (320.0, 320.0), r0 * 0.8 * 1.5 / 4.0);
+    // Draining; then the window after the drain: a standing queue under the setpoint, the link
+    // delivering all it now carries.
+    pid_window(&mut pid, &l, k + 1, (300.0, 180.0), r0 * 0.8 / 4.0);
+    let mut most: f64 = 0.0;
+    for i in 0..6 {
+        let window = if i == 0 { (40.0, 35.0) } else { (45.0, 40.0) };
+        let rate = pid_window(&mut pid, &l, k + 2 + i, window, r0 * 0.8 / 4.0);
+        most = most.max(rate);
+    }
+    assert!(
+        most <= fit * 1.05,
+        "climbed to {most:.2} under the setpoint where {fit:.2} fits (the straddled fit {:.2})",
+        fit * 1.5
     );
 }
