@@ -343,6 +343,22 @@ async fn requests_still_queued_when_the_run_ends_are_recorded_as_unsent() {
     }
 }
 
+/// A server that answers every chat completion with `body` as an event stream; its URL.
+async fn serve_stream(
+    body: Vec<u8>,
+) -> (String, tokio::task::JoinHandle<Result<(), std::io::Error>>) {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "text/event-stream")], body) }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (url, tokio::spawn(async move { axum::serve(l, app).await }))
+}
+
 /// The recorded vLLM-format streams (tests/fixtures/vllm), served over HTTP and read by the
 /// pacer's real request path: SSE framing, chunk parsing, usage, errors.
 #[tokio::test(flavor = "multi_thread")]
@@ -362,18 +378,7 @@ async fn reads_vllm_streams_from_recorded_fixtures() {
     ];
     let http = http_client(SocketPacing::new());
     for (file, chunks, prompt, completion, error) in cases {
-        let body = std::fs::read(dir.join(file)).unwrap();
-        let app = axum::Router::new().route(
-            "/v1/chat/completions",
-            axum::routing::post(move || {
-                let body = body.clone();
-                async move { ([("content-type", "text/event-stream")], body) }
-            }),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(l, app).await });
-        let target = format!("http://{addr}");
+        let (target, server) = serve_stream(std::fs::read(dir.join(file)).unwrap()).await;
         let a = attempt(&Call {
             http: &http,
             target: &target,
@@ -459,21 +464,14 @@ async fn dies_after_the_head() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_cut_before_its_first_token_moves_to_another_backend() {
-    let body = std::fs::read(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/vllm/chat_stream.sse"),
+    let (good, _server) = serve_stream(
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/vllm/chat_stream.sse"),
+        )
+        .unwrap(),
     )
-    .unwrap();
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(move || {
-            let body = body.clone();
-            async move { ([("content-type", "text/event-stream")], body) }
-        }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let good = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
+    .await;
     let dead = dies_after_the_head().await;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
