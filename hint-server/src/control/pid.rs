@@ -584,6 +584,19 @@ impl Controller for Pid {
                 self.remember_overload(None);
             }
             let step = match self.congested_u {
+                // A rate measured to fit the link, and not a trace of a queue at it (the p95 at
+                // the floor): the fit read low, or the link widened — the memory lifts with the
+                // probe, whose step doubles. (A fit read 10–30 % low after a step on the test bed
+                // held the rate under the link, creeping 2 % a period.)
+                Some(c)
+                    if self.fit_bound
+                        && empty
+                        && !after_drain
+                        && self.last_u * (1.0 + self.probe_step) > c * 0.9 =>
+                {
+                    self.congested_u = Some(c * (1.0 + self.probe_step));
+                    self.probe_step
+                }
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
                     self.congested_u = Some(c * 1.02);
                     self.g.probe_start.min(self.probe_step)

@@ -1019,3 +1019,30 @@ fn a_fit_read_high_across_the_step_is_lowered_by_the_window_after_the_drain() {
         fit * 1.5
     );
 }
+
+#[test]
+fn a_fit_read_low_is_left_behind_as_fast_as_the_probe_grows() {
+    use super::pid::PidGains;
+    let l = limits();
+    let (mut pid, mut k, r0) = pid_at_the_setpoint(PidGains::default());
+    // Narrowed to a quarter; the first full window delivered 80 % of what the link carries.
+    let link_mbit = r0 * 0.8 / 4.0;
+    pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
+    let mut rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
+    k += 2;
+    // Under the link no queue at all: the rate climbs to the link with the probe (5 %, 10 %, 20 %
+    // a period), not 2 % a period under the fit that read low.
+    let fit = r0 / 4.0;
+    let mut periods = 0;
+    while rate < 0.97 * fit && periods < 10 {
+        rate = pid_window(&mut pid, &l, k, (20.0, 20.0), rate * 0.8);
+        k += 1;
+        periods += 1;
+    }
+    assert!(
+        periods <= 3,
+        "{periods} periods to reach {:.2} from a fit of {:.2} (now {rate:.2})",
+        0.97 * fit,
+        0.8 * fit
+    );
+}
