@@ -834,7 +834,7 @@ mod tests {
         let arms = all_arms(&full, &plan);
         assert_eq!(
             arms,
-            ["off", "pid", "sigmoid", "gradient2", "aimd", "pid@20"]
+            ["off", "pid", "sigmoid", "gradient2", "aimd", "pid@25"]
         );
         assert_eq!(names(arms_of(&full, &plan[0], &arms)), arms);
         for sc in &plan[1..] {
