@@ -584,15 +584,14 @@ impl Controller for Pid {
                 self.remember_overload(None);
             }
             let step = match self.congested_u {
-                // A rate measured to fit the link, and not a trace of a queue at it (the p95 at
-                // the floor): the fit read low, or the link widened — the memory lifts with the
-                // probe, whose step doubles. (A fit read 10–30 % low after a step on the test bed
-                // held the rate under the link, creeping 2 % a period.)
+                // Not a trace of a queue near the remembered rate (the p95 at the floor): the
+                // memory was wrong, or the path widened — it lifts with the probe, whose step
+                // doubles. On the test bed a fit read 10–30 % low after a step held the rate under
+                // the link, creeping 2 % a period; a startup ended in the first second by the
+                // backend's transient queue (or a first window of a few requests) held it near
+                // half the link for 14 periods.
                 Some(c)
-                    if self.fit_bound
-                        && empty
-                        && !after_drain
-                        && self.last_u * (1.0 + self.probe_step) > c * 0.9 =>
+                    if empty && !after_drain && self.last_u * (1.0 + self.probe_step) > c * 0.9 =>
                 {
                     self.congested_u = Some(c * (1.0 + self.probe_step));
                     self.probe_step

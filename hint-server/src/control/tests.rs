@@ -1046,3 +1046,44 @@ fn a_fit_read_low_is_left_behind_as_fast_as_the_probe_grows() {
         0.8 * fit
     );
 }
+
+#[test]
+fn a_startup_ended_by_a_transient_backend_queue_is_not_held_near_its_rate() {
+    use super::pid::{Pid, PidGains};
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let window = |k: usize, backend_queued: bool| Observation {
+        now: k as f64,
+        p95_rtt_ms: Some(20.0),
+        p50_rtt_ms: Some(20.0),
+        predicted_p95_ms: Some(20.0),
+        backend_queued,
+        ..Observation::default()
+    };
+    // Startup doubles, then the backend queues for a moment (its first requests arriving at
+    // once): startup ends, back to the rate before.
+    let mut rate = 0.0;
+    for k in 0..3 {
+        let (r, _) = pid.update(&window(k, false), &l);
+        pid.applied(r);
+        rate = r;
+    }
+    let (ended, why) = pid.update(&window(3, true), &l);
+    pid.applied(ended);
+    assert!(
+        ended < rate && why.contains("backend queued"),
+        "{rate:.2} → {ended:.2}: {why}"
+    );
+    // The path has room (no queue at all) and the backend no queue: the probe's step doubles
+    // past the rate that ended startup, as it would anywhere else.
+    let mut r = ended;
+    for k in 4..8 {
+        let (next, _) = pid.update(&window(k, false), &l);
+        pid.applied(next);
+        r = next;
+    }
+    assert!(
+        r > ended * 1.6,
+        "four periods after startup: {ended:.2} → {r:.2}"
+    );
+}
