@@ -584,18 +584,6 @@ impl Controller for Pid {
                 self.remember_overload(None);
             }
             let step = match self.congested_u {
-                // Not a trace of a queue near the remembered rate (the p95 at the floor): the
-                // memory was wrong, or the path widened — it lifts with the probe, whose step
-                // doubles. On the test bed a fit read 10–30 % low after a step held the rate under
-                // the link, creeping 2 % a period; a startup ended in the first second by the
-                // backend's transient queue (or a first window of a few requests) held it near
-                // half the link for 14 periods.
-                Some(c)
-                    if empty && !after_drain && self.last_u * (1.0 + self.probe_step) > c * 0.9 =>
-                {
-                    self.congested_u = Some(c * (1.0 + self.probe_step));
-                    self.probe_step
-                }
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
                     self.congested_u = Some(c * 1.02);
                     self.g.probe_start.min(self.probe_step)
