@@ -288,6 +288,14 @@ impl Pid {
         self.fit_bound = true;
     }
 
+    /// The rate measured to fit the link that the loop holds under, if the memory is one
+    /// (the inverse of [`Self::remember_fit`]).
+    fn held_fit(&self) -> Option<f64> {
+        self.congested_u
+            .filter(|_| self.fit_bound)
+            .map(|c| self.g.hold_fraction.max(0.5) * c)
+    }
+
     /// Remembers a rate guessed to overload the path (`None`: forgets it).
     fn remember_overload(&mut self, u: Option<f64>) {
         self.congested_u = u;
@@ -387,12 +395,9 @@ impl Controller for Pid {
         // again. (Within the margin the two differ by noise: on the simulated noisy link a refit
         // 5 % lower held the rate just under the link, the queue emptied, and the search
         // restarted by doubling.)
-        let refit = match (fit, self.congested_u) {
-            (Some(f), Some(c))
-                if after_drain
-                    && y >= base + no_queue_ms
-                    && self.fit_bound
-                    && f * (1.0 + FIT_MARGIN) < self.g.hold_fraction.max(0.5) * c =>
+        let refit = match (fit, self.held_fit()) {
+            (Some(f), Some(held))
+                if after_drain && y >= base + no_queue_ms && f * (1.0 + FIT_MARGIN) < held =>
             {
                 self.remember_fit(f);
                 Some(f)
@@ -413,11 +418,7 @@ impl Controller for Pid {
             let held = (0.98..=1.02).contains(&(self.last_u / self.prev_u.max(1e-9)));
             // At (or past) the rate measured to fill the narrowed link — held there, not just
             // drained under it — and no queue at all.
-            let at_fit = self.fit_bound
-                && !after_drain
-                && self
-                    .congested_u
-                    .is_some_and(|c| self.last_u >= 0.95 * self.g.hold_fraction.max(0.5) * c);
+            let at_fit = !after_drain && self.held_fit().is_some_and(|h| self.last_u >= 0.95 * h);
             let not_cut = self.last_u >= 0.98 * self.prev_u;
             if not_cut && (widening || (at_fit && empties_at_fit >= 2)) {
                 self.startup = true;
