@@ -353,3 +353,70 @@ async fn ignore_eos_generates_max_tokens_where_the_model_would_stop() {
     let seed = early.expect("no seed in 0..400 reached end-of-sequence");
     assert_eq!(complete(seed, true).await, ("length".to_string(), 48));
 }
+
+/// The served binary settles candle's CPU thread count once: unset (or `0`), candle 0.11 rereads
+/// `/proc/cpuinfo` on every matrix product — 3.4 MB of reads for one 32-token answer of the tiny
+/// model, a fifth of the scheduler thread in the compute-bound demo's profile. Counted with the
+/// process's `rchar` (bytes passed to `read`), which also sees the HTTP exchange (a few hundred
+/// bytes).
+#[test]
+fn the_server_does_not_reread_the_cpu_list_for_every_matrix_product() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenflow-backend"))
+        .arg("serve")
+        .arg("--model")
+        .arg(model_dir())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        // The value candle ignores, as if unset.
+        .env("RAYON_NUM_THREADS", "0")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let rchar = || {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let exchange = |req: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exchange("GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
+    {
+        assert!(Instant::now() < deadline, "the backend never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = rchar();
+    let body =
+        json!({"model": model_name(), "prompt": "hello", "max_tokens": 32, "ignore_eos": true})
+            .to_string();
+    let answer = exchange(&format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+    .unwrap();
+    let read = rchar() - before;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"completion_tokens\":32"), "{answer}");
+    assert!(
+        read < 64 * 1024,
+        "{read} bytes read while generating 32 tokens: something rereads a file per step"
+    );
+}
