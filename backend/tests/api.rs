@@ -378,14 +378,13 @@ fn the_server_does_not_reread_the_cpu_list_for_every_matrix_product() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let rchar = || {
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let rchar = || -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
         io.lines()
-            .find_map(|l| l.strip_prefix("rchar: "))
-            .unwrap()
+            .find_map(|l| l.strip_prefix("rchar: "))?
             .trim()
-            .parse::<u64>()
-            .unwrap()
+            .parse()
+            .ok()
     };
     let exchange = |req: &str| -> Option<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -394,25 +393,33 @@ fn the_server_does_not_reread_the_cpu_list_for_every_matrix_product() {
         s.read_to_string(&mut out).ok()?;
         Some(out)
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while exchange("GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
-    {
-        assert!(Instant::now() < deadline, "the backend never became ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let before = rchar();
-    let body =
-        json!({"model": model_name(), "prompt": "hello", "max_tokens": 32, "ignore_eos": true})
-            .to_string();
-    let answer = exchange(&format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    ))
-    .unwrap();
-    let read = rchar() - before;
+    // Everything that can fail runs before the child is killed, so a failure never leaves the
+    // server running.
+    let outcome = (|| -> Result<(String, u64), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while exchange("GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
+        {
+            if Instant::now() > deadline {
+                return Err("the backend never became ready".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let before = rchar().ok_or("no rchar in /proc/PID/io")?;
+        let body =
+            json!({"model": model_name(), "prompt": "hello", "max_tokens": 32, "ignore_eos": true})
+                .to_string();
+        let answer = exchange(&format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+        .ok_or("no answer to the completion")?;
+        let after = rchar().ok_or("no rchar in /proc/PID/io")?;
+        Ok((answer, after - before))
+    })();
     let _ = child.kill();
     let _ = child.wait();
+    let (answer, read) = outcome.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"completion_tokens\":32"), "{answer}");
     assert!(
