@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use super::{
-    DemoArgs, Run, WindowSample,
+    DemoArgs, Run,
     scenario::{Role, Scenario},
     stats::{Estimate, bootstrap, over_repeats, quantile},
 };
@@ -34,9 +34,14 @@ pub struct RunFigures {
     pub interactive_rtt_p99_ms: f64,
     pub retransmits: f64,
     pub link_utilization: f64,
-    /// Control periods after the bottleneck fell until the node's p95 RTT was under 1.2 × the
+    /// Control periods after the bottleneck fell until the node's p95 RTT was within ±20 % of the
     /// setpoint for the rest of the narrowed segment (None: never; absent without a step).
     pub settle_periods: Option<f64>,
+    /// The same, counting only the queue's side: until the p95 was under 1.2 × the setpoint for
+    /// the rest of the segment (a rate held under the link counts as back).
+    pub under_periods: Option<f64>,
+    /// The run stepped the bottleneck down.
+    pub stepped: bool,
 }
 
 fn in_window(r: &Run, t_s: f64) -> bool {
@@ -127,22 +132,28 @@ pub fn figures(r: &Run, setpoint_ms: f64) -> RunFigures {
         f64::NAN
     };
     if let Some(&(t_down, _)) = r.steps.get(1) {
-        // The narrowed segment: periods from the step until the p95 is under 1.2 × setpoint and
-        // stays there to the segment's end (0: it never left; None: it never came back).
         let t_up = r.steps.get(2).map_or(r.duration_s, |s| s.0);
-        let seg: Vec<_> = r
+        let p95: Vec<f64> = r
             .windows
             .iter()
             .filter(|w| w.t > t_down && w.t <= t_up)
+            .map(|w| w.p95_ms)
             .collect();
-        let over = |w: &&WindowSample| w.p95_ms > 1.2 * setpoint_ms;
-        f.settle_periods = match seg.iter().rposition(over) {
-            None => Some(0.0),
-            Some(k) if k + 1 < seg.len() => Some((k + 1) as f64),
-            Some(_) => None,
-        };
+        f.stepped = true;
+        f.settle_periods = settle(&p95, |p| (p - setpoint_ms).abs() <= 0.2 * setpoint_ms);
+        f.under_periods = settle(&p95, |p| p <= 1.2 * setpoint_ms);
     }
     f
+}
+
+/// Periods from a step until every later window's p95 is `inside` (0: none left it; None: the
+/// last window is still outside, so the segment ended before the loop came back).
+fn settle(p95: &[f64], inside: impl Fn(f64) -> bool) -> Option<f64> {
+    match p95.iter().rposition(|&p| !inside(p)) {
+        None => Some(0.0),
+        Some(k) if k + 1 < p95.len() => Some((k + 1) as f64),
+        Some(_) => None,
+    }
 }
 
 fn rate_at(r: &Run, t: f64) -> f64 {
@@ -179,6 +190,7 @@ pub struct ArmSummary {
     pub retransmits: Estimate,
     pub link_utilization: Estimate,
     pub settle_periods: Option<Estimate>,
+    pub under_periods: Option<Estimate>,
 }
 
 fn summarize(scenario: &str, arm: &str, figs: &[RunFigures]) -> ArmSummary {
@@ -228,11 +240,18 @@ fn summarize(scenario: &str, arm: &str, figs: &[RunFigures]) -> ArmSummary {
             .collect::<BTreeMap<_, _>>()
     };
     let probes: Vec<Vec<f64>> = figs.iter().map(|f| f.probe.clone()).collect();
-    let settle: Vec<f64> = figs
-        .iter()
-        .map(|f| f.settle_periods.unwrap_or(f64::NAN))
-        .collect();
-    let has_step = figs.iter().any(|f| f.settle_periods.is_some());
+    let has_step = figs.iter().any(|f| f.stepped);
+    // A run that never settled counts as not settled: the estimate is NaN unless all did.
+    let periods = |get: &dyn Fn(&RunFigures) -> Option<f64>| {
+        let v: Vec<f64> = figs.iter().map(|f| get(f).unwrap_or(f64::NAN)).collect();
+        has_step.then(|| {
+            if v.iter().all(|s| s.is_finite()) {
+                over_repeats(&v, ITERS, seed)
+            } else {
+                Estimate::nan()
+            }
+        })
+    };
     ArmSummary {
         scenario: scenario.to_string(),
         arm: arm.to_string(),
@@ -270,14 +289,8 @@ fn summarize(scenario: &str, arm: &str, figs: &[RunFigures]) -> ArmSummary {
             ITERS,
             seed,
         ),
-        // A run that never settled counts as not settled: the estimate is NaN unless all did.
-        settle_periods: has_step.then(|| {
-            if settle.iter().all(|s| s.is_finite()) {
-                over_repeats(&settle, ITERS, seed)
-            } else {
-                Estimate::nan()
-            }
-        }),
+        settle_periods: periods(&|f| f.settle_periods),
+        under_periods: periods(&|f| f.under_periods),
     }
 }
 
@@ -558,10 +571,18 @@ fn targets(sums: &[ArmSummary], setpoint: f64) -> Vec<Target> {
     }
     if let Some(pid) = get("bandwidth-step", "pid") {
         let s = pid.settle_periods.map_or(f64::NAN, |s| s.value);
+        let u = pid.under_periods.map_or(f64::NAN, |s| s.value);
+        let shown = |p: f64| {
+            if p.is_finite() {
+                format!("{p:.1} periods")
+            } else {
+                "not within the step".into()
+            }
+        };
         push(
             "bandwidth-step",
-            "pid: p95 RTT back within 20 % of the setpoint within 5 control periods of the step down".into(),
-            if s.is_finite() { format!("{s:.1} periods") } else { "not within the step".into() },
+            "pid: p95 RTT back within ±20 % of the setpoint within 5 control periods of the step down".into(),
+            format!("{} (back under 1.2 × the setpoint: {})", shown(s), shown(u)),
             s <= 5.0,
         );
     }
@@ -1227,11 +1248,11 @@ fn html(
                 );
             }
         }
-        h.push_str("</table><table><tr><th>arm</th><th>probe p50 ms</th><th>probe p99 ms</th><th>interactive stream RTT p99 ms</th><th>retransmits</th><th>link utilization</th><th>settle periods</th></tr>");
+        h.push_str("</table><table><tr><th>arm</th><th>probe p50 ms</th><th>probe p99 ms</th><th>interactive stream RTT p99 ms</th><th>retransmits</th><th>link utilization</th><th>periods to settle within ±20 %</th><th>periods to get under +20 %</th></tr>");
         for s in &rows {
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 s.arm,
                 ci(s.probe_p50_ms),
                 ci(s.probe_p99_ms),
@@ -1243,6 +1264,7 @@ fn html(
                     hi: s.link_utilization.hi * 100.0
                 }) + " %",
                 s.settle_periods.map(ci).unwrap_or_else(|| "–".into()),
+                s.under_periods.map(ci).unwrap_or_else(|| "–".into()),
             );
         }
         h.push_str("</table>");
@@ -1401,6 +1423,21 @@ mod tests {
             .into_iter()
             .find(|t| t.target.contains(base))
             .unwrap_or_else(|| panic!("no target against {base}"))
+    }
+
+    #[test]
+    fn a_step_settles_only_once_the_p95_stays_inside_the_band_on_both_sides() {
+        let inside = |p: f64| (p - 50.0).abs() <= 10.0;
+        // The buffer's queue for two windows, then in the band to the end: settled after 2.
+        assert_eq!(settle(&[311.0, 200.0, 55.0, 47.0, 51.0], inside), Some(2.0));
+        // Back under 1.2 × the setpoint at once, but held far under the band (a rate well under
+        // the narrowed link) until the fourth window: settled after 4, though under after 2.
+        let p95 = [311.0, 200.0, 12.0, 14.0, 47.0, 51.0];
+        assert_eq!(settle(&p95, inside), Some(4.0));
+        assert_eq!(settle(&p95, |p| p <= 60.0), Some(2.0));
+        // A queue again in the last window: not back within the segment.
+        assert_eq!(settle(&[311.0, 50.0, 50.0, 102.0], inside), None);
+        assert_eq!(settle(&[48.0, 52.0], inside), Some(0.0));
     }
 
     #[test]
