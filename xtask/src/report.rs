@@ -44,12 +44,18 @@ const README_START: &str = "<!-- bench:start -->";
 const README_END: &str = "<!-- bench:end -->";
 
 pub fn write(figures: &[Figure], command: &str) -> Result<()> {
+    write_measured_at(figures, command, SystemTime::now())
+}
+
+/// [`write`] for figures measured at `when` (a report rendered again from recorded runs keeps
+/// the time its runs were measured).
+pub fn write_measured_at(figures: &[Figure], command: &str, when: SystemTime) -> Result<()> {
     let path = root().join("benchmarks/results.json");
     let mut results: Results = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let now = humantime::format_rfc3339_seconds(when).to_string();
     results.machine = machine();
     for f in figures {
         let mut f = f.clone();
