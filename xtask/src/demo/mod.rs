@@ -142,6 +142,10 @@ pub struct Tick {
 pub struct WindowSample {
     pub t: f64,
     pub p95_ms: f64,
+    /// The node's median RTT in the window (what tells the controller a standing queue from
+    /// bursts); absent in runs recorded before it was kept.
+    #[serde(default)]
+    pub p50_ms: Option<f64>,
     pub retransmits: u64,
     pub bytes_acked: u64,
     /// RTT histogram of the interactive client's connections: [lo µs, hi µs, count].
@@ -761,6 +765,7 @@ fn run_one(
         .map(|w| WindowSample {
             t: (w.end_unix_ms as f64 - started_unix_ms as f64) / 1000.0,
             p95_ms: w.node.rtt.p95_us as f64 / 1000.0,
+            p50_ms: Some(w.node.rtt.p50_us as f64 / 1000.0),
             retransmits: w.node.retransmits,
             bytes_acked: w.node.bytes_acked,
             interactive_hist: w
