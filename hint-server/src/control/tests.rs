@@ -534,12 +534,26 @@ fn observe(
     p50_rtt_ms: Option<f64>,
     delivered_mbit_s: Option<f64>,
 ) -> f64 {
+    observe_scored(pid, l, k, p95, p50_rtt_ms, delivered_mbit_s, 0.0)
+}
+
+/// [`observe`] with the Isolation Forest's score at `anomaly`.
+fn observe_scored(
+    pid: &mut super::pid::Pid,
+    l: &Limits,
+    k: usize,
+    p95: f64,
+    p50_rtt_ms: Option<f64>,
+    delivered_mbit_s: Option<f64>,
+    anomaly: f64,
+) -> f64 {
     let obs = Observation {
         now: k as f64,
         p95_rtt_ms: Some(p95),
         p50_rtt_ms,
         delivered_mbit_s,
         predicted_p95_ms: Some(p95),
+        anomaly,
         ..Observation::default()
     };
     let (rate, _) = pid.update(&obs, l);
@@ -841,18 +855,40 @@ fn pid_window(
 /// A PID holding a standing queue at the setpoint on a link that delivers 0.8 Mbit/s per
 /// request/s; returns it, the next period and the rate it holds.
 fn pid_at_the_setpoint(g: super::pid::PidGains) -> (super::pid::Pid, usize, f64) {
+    pid_at_the_setpoint_scored(g, 0.0)
+}
+
+/// [`pid_at_the_setpoint`] with the Isolation Forest's score at `anomaly` throughout (no damping
+/// reaches a p95 at the setpoint, so the history is the same at any score).
+fn pid_at_the_setpoint_scored(
+    g: super::pid::PidGains,
+    anomaly: f64,
+) -> (super::pid::Pid, usize, f64) {
     let l = limits();
     let mut pid = super::pid::Pid::new(g, &l);
     let mut rate = l.max_rps * 0.1;
     let mut k = 0;
-    for window in [(20.0, 20.0), (20.0, 20.0)]
+    for (p95, p50) in [(20.0, 20.0), (20.0, 20.0)]
         .into_iter()
         .chain(std::iter::repeat_n((50.0, 48.0), 12))
     {
-        rate = pid_window(&mut pid, &l, k, window, rate * 0.8);
+        rate = observe_scored(&mut pid, &l, k, p95, Some(p50), Some(rate * 0.8), anomaly);
         k += 1;
     }
     (pid, k, rate)
+}
+
+/// A PID at the setpoint whose link narrowed to a quarter, the first full window after the step
+/// delivering only 80 % of what the link carries (TCP recovering from the step's drops: the fit
+/// reads 20 % low), cut and drained; returns it, the next period, the rate it holds, what the
+/// narrowed link carries (Mbit/s) and the rate that held the setpoint before.
+fn narrowed_with_a_fit_read_low() -> (super::pid::Pid, usize, f64, f64, f64) {
+    let l = limits();
+    let (mut pid, k, r0) = pid_at_the_setpoint(super::pid::PidGains::default());
+    let link_mbit = r0 * 0.8 / 4.0;
+    pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
+    let rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
+    (pid, k + 2, rate, link_mbit, r0)
 }
 
 #[test]
@@ -967,15 +1003,8 @@ fn a_narrowed_link_that_widens_again_is_searched_again() {
 
 #[test]
 fn a_search_restarted_from_a_fit_read_low_overshoots_by_a_quarter_not_double() {
-    use super::pid::PidGains;
     let l = limits();
-    let (mut pid, mut k, r0) = pid_at_the_setpoint(PidGains::default());
-    // Narrowed to a quarter, but the first full window delivered only 80 % of what the link
-    // carries (TCP recovering from the step's drops): the fit reads 20 % low.
-    let link_mbit = r0 * 0.8 / 4.0;
-    pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
-    let mut rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
-    k += 2;
+    let (mut pid, mut k, mut rate, link_mbit, r0) = narrowed_with_a_fit_read_low();
     // Under the link, no queue; after three such windows the search restarts.
     let mut most: f64 = 0.0;
     for _ in 0..6 {
@@ -1022,57 +1051,43 @@ fn a_fit_read_high_across_the_step_is_lowered_by_the_window_after_the_drain() {
 
 #[test]
 fn a_drain_sized_to_the_queue_is_not_damped_again_by_the_anomaly_score() {
-    use super::pid::{Pid, PidGains};
+    use super::pid::PidGains;
     let l = limits();
     // The same history twice, once with the forest alarmed throughout: at the setpoint (no
     // damping there), then the link narrows to a quarter — the cut to the fit less the queue's
     // excess, then the period that drains it. Damping those as well emptied the link on the test
     // bed (the window after the drain read 11–16 ms).
     let run = |anomaly: f64| {
-        let mut pid = Pid::new(PidGains::default(), &l);
-        let mut rate = l.max_rps * 0.1;
-        let mut rates = Vec::new();
-        let windows = [(20.0, 20.0), (20.0, 20.0)]
+        let (mut pid, k, r0) = pid_at_the_setpoint_scored(PidGains::default(), anomaly);
+        let link_mbit = r0 * 0.8 / 4.0;
+        [(320.0, 320.0), (300.0, 180.0)]
             .into_iter()
-            .chain(std::iter::repeat_n((50.0, 48.0), 12))
-            .map(|w| (w, None))
-            .chain([((320.0, 320.0), Some(0.25)), ((300.0, 180.0), Some(0.25))]);
-        for (k, ((p95, p50), narrowed)) in windows.enumerate() {
-            let obs = Observation {
-                now: k as f64,
-                p95_rtt_ms: Some(p95),
-                p50_rtt_ms: Some(p50),
-                delivered_mbit_s: Some(rate * 0.8 * narrowed.unwrap_or(1.0)),
-                predicted_p95_ms: Some(p95),
-                anomaly,
-                ..Observation::default()
-            };
-            let (r, why) = pid.update(&obs, &l);
-            pid.applied(r);
-            if narrowed.is_some() {
-                rates.push((r, why));
-            }
-            rate = r;
-        }
-        rates
+            .enumerate()
+            .map(|(i, (p95, p50))| {
+                observe_scored(
+                    &mut pid,
+                    &l,
+                    k + i,
+                    p95,
+                    Some(p50),
+                    Some(link_mbit),
+                    anomaly,
+                )
+            })
+            .collect::<Vec<f64>>()
     };
     let (alarmed, calm) = (run(1.0), run(0.0));
-    for ((a, why), (c, _)) in alarmed.iter().zip(&calm) {
-        assert!((a / c - 1.0).abs() < 1e-9, "{a:.3} vs {c:.3}: {why}");
+    for (a, c) in alarmed.iter().zip(&calm) {
+        assert!((a / c - 1.0).abs() < 1e-9, "{alarmed:.3?} vs {calm:.3?}");
     }
 }
 
 #[test]
 fn a_search_restarted_from_a_held_fit_ends_where_the_p95_reaches_the_band() {
-    use super::pid::PidGains;
     let l = limits();
-    let (mut pid, mut k, r0) = pid_at_the_setpoint(PidGains::default());
-    // Narrowed to a quarter, the fit read 20 % low (as above), no queue for three windows: the
-    // search restarts a quarter up…
-    let link_mbit = r0 * 0.8 / 4.0;
-    pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
-    let mut rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
-    k += 2;
+    // Narrowed to a quarter, the fit read 20 % low, no queue for three windows: the search
+    // restarts a quarter up…
+    let (mut pid, mut k, mut rate, _, _) = narrowed_with_a_fit_read_low();
     let mut rates = Vec::new();
     while rates.len() < 8 && !rates.windows(2).any(|w: &[f64]| w[1] > w[0] * 1.2) {
         rate = pid_window(&mut pid, &l, k, (20.0, 20.0), rate * 0.8);
