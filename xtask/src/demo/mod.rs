@@ -64,7 +64,9 @@ pub struct DemoArgs {
     /// Report folder (default results/<timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Run nothing: render the report again from a finished demo's runs.jsonl (into its folder).
+    /// Run nothing: render the report again from a finished demo's runs.jsonl (into its folder;
+    /// the README's demo table and benchmarks/results.json follow only the newest full run under
+    /// results/).
     #[arg(long, value_name = "RUNS_JSONL")]
     pub from_runs: Option<PathBuf>,
 }
@@ -422,6 +424,15 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The newest demo report under `dir` (its folders are named by the run's start time).
+fn newest_report(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("runs.jsonl").is_file())
+        .max()
+}
+
 /// `--from-runs`: the report of a finished demo, rendered again from its raw runs.
 fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
     let text =
@@ -463,10 +474,23 @@ fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
         })
         .collect();
     let rep = report::write(&runs, &plan, &arms, a, &out)?;
-    if plan.len() == NAMES.len()
+    let full = plan.len() == NAMES.len()
         && ARMS.iter().all(|x| arms.iter().any(|a| a == x))
-        && runs.iter().all(|r| !r.clients.is_empty())
-    {
+        && runs.iter().all(|r| !r.clients.is_empty());
+    // The README and benchmarks/results.json show the latest full run: an older one, rendered
+    // again, only gets its own report.
+    let latest = newest_report(&root().join("results"));
+    let is_latest = latest.is_some_and(|l| l.canonicalize().ok() == out.canonicalize().ok());
+    if full && !is_latest {
+        step(
+            "demo",
+            format!(
+                "{} is not the newest run under results/: README and benchmarks/results.json left as they are",
+                out.display()
+            ),
+        );
+    }
+    if full && is_latest {
         report::readme(&out, &rep)?;
         // Measured when the last run ended, not now.
         let ended_ms = runs
@@ -801,6 +825,27 @@ fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_report_is_the_latest_run_folder_that_holds_runs() {
+        let dir = std::env::temp_dir().join(format!("tokenflow-newest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (name, runs) in [
+            ("2026-12-06T11-59-16Z", true),
+            ("2026-12-06T14-08-24Z", true),
+            ("2026-12-06T15-00-00Z", false),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            if runs {
+                std::fs::write(dir.join(name).join("runs.jsonl"), "").unwrap();
+            }
+        }
+        // The newest folder was stopped before it wrote any run: the one before it is the latest.
+        let newest = newest_report(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(newest, Some(dir.join("2026-12-06T14-08-24Z")));
+        assert_eq!(newest_report(&dir), None);
+    }
 
     #[test]
     fn the_ci_check_is_the_quick_demo_with_the_cli_defaults() {
