@@ -563,7 +563,7 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Names this server exports, for the convention test and the dashboards.
-pub const METRIC_NAMES: [&str; 12] = [
+pub const METRIC_NAMES: [&str; 13] = [
     "tokenflow_hint_windows_total",
     "tokenflow_hint_hints_total",
     "tokenflow_hint_decision_seconds",
@@ -576,4 +576,5 @@ pub const METRIC_NAMES: [&str; 12] = [
     "tokenflow_hint_model_refits_total",
     "tokenflow_hint_http_requests_total",
     "tokenflow_hint_http_request_duration_seconds",
+    "tokenflow_hint_replicas",
 ];

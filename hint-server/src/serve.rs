@@ -68,6 +68,11 @@ const INGEST_PARALLEL: usize = 64;
 /// stream is read whether or not it announced a window.
 const CLUSTER_READS_PARALLEL: usize = 64;
 const CLUSTER_SWEEP: Duration = Duration::from_secs(1);
+/// In a Redis Cluster: how often a replica says it is alive, and how long without that it still
+/// counts as one of those that split the announced nodes (a replica gone longer loses its nodes to
+/// the others; until then the sweep reads them).
+const REPLICA_HEARTBEAT: Duration = Duration::from_secs(1);
+const REPLICA_LIVE: Duration = Duration::from_secs(3);
 
 /// How long a replica decides with its copy of the client table.
 pub const CLIENTS_TTL: Duration = Duration::from_millis(500);
@@ -172,10 +177,13 @@ pub async fn serve(settings: Settings) -> Result<()> {
             )
         })?;
     tracing::info!(addr = %settings.listen, consumer = %settings.consumer, "serving hints");
-    axum::serve(listener, crate::api::router(app))
+    axum::serve(listener, crate::api::router(app.clone()))
         .with_graceful_shutdown(shutdown())
         .await
         .context("HTTP server")?;
+    if let Err(e) = app.store.leave(&app.settings.consumer).await {
+        tracing::warn!("leaving the replica list: {e:#}");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -228,6 +236,8 @@ async fn ingest(app: &App) -> Result<()> {
     let mut nodes: Vec<String> = Vec::new();
     let mut refreshed = Instant::now() - Duration::from_secs(60);
     let mut last_sweep = Instant::now() - CLUSTER_SWEEP;
+    let mut replicas: Vec<String> = Vec::new();
+    let mut heartbeat = Instant::now() - REPLICA_HEARTBEAT;
     let group = |block: Option<usize>| {
         let o = StreamReadOptions::default()
             .group(keys::HINT_GROUP, &app.settings.consumer)
@@ -261,9 +271,10 @@ async fn ingest(app: &App) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        let streams: Vec<String> = nodes.iter().map(|n| keys::telemetry_stream(n)).collect();
         let keys: Vec<StreamKey> = match &mut source {
             Source::Blocking(reader) => {
+                let streams: Vec<String> =
+                    nodes.iter().map(|n| keys::telemetry_stream(n)).collect();
                 let ids: Vec<&str> = vec![">"; streams.len()];
                 let reply: Option<StreamReadReply> = reader
                     .xread_options(&streams, &ids, &group(Some(1000)))
@@ -271,9 +282,25 @@ async fn ingest(app: &App) -> Result<()> {
                 reply.map(|r| r.keys).unwrap_or_default()
             }
             Source::Announced(announced) => {
+                if heartbeat.elapsed() >= REPLICA_HEARTBEAT {
+                    let live = REPLICA_LIVE.as_millis() as u64;
+                    replicas = app
+                        .store
+                        .heartbeat(&app.settings.consumer, unix_ms(), live)
+                        .await?;
+                    metrics::gauge!("tokenflow_hint_replicas").set(replicas.len() as f64);
+                    heartbeat = Instant::now();
+                }
+                // Only the nodes this replica owns among the live ones: the others read theirs.
+                let me = app.settings.consumer.as_str();
+                let mine = |n: &String| owner(&replicas, n).is_none_or(|o| o == me);
                 let due: Vec<String> = if last_sweep.elapsed() >= CLUSTER_SWEEP {
                     last_sweep = Instant::now();
-                    streams
+                    nodes
+                        .iter()
+                        .filter(|n| mine(n))
+                        .map(|n| keys::telemetry_stream(n))
+                        .collect()
                 } else {
                     let wait = CLUSTER_SWEEP.saturating_sub(last_sweep.elapsed());
                     match tokio::time::timeout(wait, announced.recv()).await {
@@ -285,7 +312,7 @@ async fn ingest(app: &App) -> Result<()> {
                                 due.insert(n);
                             }
                             due.into_iter()
-                                .filter(|n| nodes.contains(n))
+                                .filter(|n| nodes.contains(n) && mine(n))
                                 .map(|n| keys::telemetry_stream(&n))
                                 .collect()
                         }
@@ -331,6 +358,19 @@ async fn ingest(app: &App) -> Result<()> {
             r?;
         }
     }
+}
+
+/// The replica that reads a node's announced windows: the one with the highest hash of (replica,
+/// node) — rendezvous hashing, so each node has one owner, the nodes split evenly, and a replica
+/// that joins or leaves moves only the nodes it takes or had. `None` while no replica is known.
+/// Every replica runs the same binary, so they agree on the hash.
+pub fn owner<'a>(replicas: &'a [String], node: &str) -> Option<&'a str> {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let hasher = BuildHasherDefault::<DefaultHasher>::default();
+    replicas
+        .iter()
+        .max_by_key(|r| hasher.hash_one((r.as_str(), node)))
+        .map(String::as_str)
 }
 
 /// The node ids announced on `tokenflow:windows` (a cluster forwards every classic PUBLISH to all
@@ -557,3 +597,51 @@ pub async fn refit(app: &App) -> Result<Option<usize>> {
 }
 
 pub use engine::conservative;
+
+#[cfg(test)]
+mod tests {
+    use super::owner;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn replicas_split_the_nodes_evenly_and_a_leaving_one_moves_only_its_own() {
+        let nodes: Vec<String> = (0..1000).map(|i| format!("node-{i:05}")).collect();
+        let two = names(&["replica-a", "replica-b"]);
+        let three = names(&["replica-a", "replica-b", "replica-c"]);
+        assert_eq!(owner(&[], "node-00001"), None);
+        let of = |set: &[String]| -> Vec<String> {
+            nodes
+                .iter()
+                .map(|n| owner(set, n).unwrap().to_string())
+                .collect()
+        };
+        let (by_two, by_three) = (of(&two), of(&three));
+        let share = |owners: &[String], r: &str| owners.iter().filter(|o| *o == r).count();
+        for r in &two {
+            let n = share(&by_two, r);
+            assert!((400..=600).contains(&n), "{r} owns {n} of 1000 nodes");
+        }
+        for r in &three {
+            let n = share(&by_three, r);
+            assert!(
+                (250..=420).contains(&n),
+                "{r} owns {n} of 1000 nodes (of 3)"
+            );
+        }
+        // replica-c leaving: only its nodes change owner.
+        for (i, n) in nodes.iter().enumerate() {
+            if by_three[i] != "replica-c" {
+                assert_eq!(
+                    by_three[i], by_two[i],
+                    "{n} moved although its owner stayed"
+                );
+            }
+        }
+        // The order the replicas are listed in does not matter.
+        let reversed = names(&["replica-b", "replica-a"]);
+        assert_eq!(of(&reversed), by_two);
+    }
+}

@@ -140,6 +140,32 @@ impl Store {
         Ok(raw.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
+    /// Marks `consumer` as alive at `now_ms` and returns every replica seen within `live_ms`
+    /// (sorted), forgetting those gone for a minute.
+    pub async fn heartbeat(
+        &self,
+        consumer: &str,
+        now_ms: u64,
+        live_ms: u64,
+    ) -> Result<Vec<String>> {
+        let mut con = self.con.clone();
+        let _: () = con.zadd(keys::HINT_REPLICAS, consumer, now_ms).await?;
+        let _: () = con
+            .zrembyscore(keys::HINT_REPLICAS, "-inf", now_ms.saturating_sub(60_000))
+            .await?;
+        let mut live: Vec<String> = con
+            .zrangebyscore(keys::HINT_REPLICAS, now_ms.saturating_sub(live_ms), "+inf")
+            .await?;
+        live.sort();
+        Ok(live)
+    }
+
+    /// Takes `consumer` off the replica list (a clean shutdown: the others take its nodes at once).
+    pub async fn leave(&self, consumer: &str) -> Result<()> {
+        let _: () = self.con.clone().zrem(keys::HINT_REPLICAS, consumer).await?;
+        Ok(())
+    }
+
     /// Takes a short lock (SET NX PX), so that one replica does a periodic job per node.
     pub async fn try_lock(&self, key: &str, ttl_ms: u64) -> Result<bool> {
         let r: Option<String> = redis::cmd("SET")

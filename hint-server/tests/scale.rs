@@ -1,7 +1,8 @@
 //! Past one node: two hint-server replicas share one Redis — a single server, and a three-node
 //! Redis Cluster — fed by the node SIMULATOR (1,000 nodes' synthetic windows per second, one
 //! client per node). Both replicas take part through the consumer group, every client's hint stays
-//! fresh, and the two replicas serve the same hint for the same client.
+//! fresh, and the two replicas serve the same hint for the same client. In a cluster the replicas
+//! split the nodes, and one takes the other's nodes when it crashes.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,66 @@ async fn two_replicas_share_a_redis_cluster_for_a_thousand_simulated_nodes() -> 
     anyhow::ensure!(
         keys.iter().all(|&k| k as f64 > 0.2 * total as f64),
         "keys not spread over the shards: {keys:?}"
+    );
+    Ok(())
+}
+
+/// In a Redis Cluster the replicas split the nodes between them (each reads only its own nodes'
+/// streams); when one crashes, the other takes its nodes once the crashed one's heartbeat is older
+/// than 3 s, and every client's hint is fresh again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_replicas_nodes_are_taken_over_in_a_redis_cluster() -> Result<()> {
+    const FEW: usize = 100;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(3)?;
+    let urls = cluster.urls();
+    let args = |name: &'static str| ["--consumer", name, "--redis-cluster"];
+    let a = HintServer::start(&urls, "t", &args("replica-a"))?;
+    let b = HintServer::start(&urls, "t", &args("replica-b"))?;
+    let settings = SimSettings {
+        redis: Target::parse(&cluster.urls(), true).map_err(anyhow::Error::msg)?,
+        nodes: FEW,
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(20),
+        clients: true,
+    };
+    let sim = tokio::spawn(async move { simulate::run(&settings, |_, _| {}).await });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = (windows_total(&a)?, windows_total(&b)?);
+    eprintln!("before the crash: replica a decided {}, b {}", before.0, before.1);
+    anyhow::ensure!(
+        before.0 > 0.2 * (before.0 + before.1) && before.1 > 0.2 * (before.0 + before.1),
+        "the replicas did not split the nodes: {} / {}",
+        before.0,
+        before.1
+    );
+    tokio::task::block_in_place(|| b.crash())?;
+    // 3 s until b counts as gone, a sweep to read what waited in b's streams, a window to decide.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let a_ref = &a;
+    let stale = tokio::task::block_in_place(|| -> Result<Vec<String>> {
+        let now = tokenflow_hint_server::serve::unix_ms();
+        let mut stale = Vec::new();
+        for i in 0..FEW {
+            let id = simulate::client_id(i);
+            let h = hint(a_ref, &id)?;
+            if h.stale || now.saturating_sub(h.issued_at_unix_ms) >= 3_000 {
+                stale.push(id);
+            }
+        }
+        Ok(stale)
+    })?;
+    let after = windows_total(&a)?;
+    sim.abort();
+    eprintln!(
+        "after the crash: replica a decided {after}; {} of {FEW} hints not fresh",
+        stale.len()
+    );
+    anyhow::ensure!(
+        stale.is_empty(),
+        "{} of {FEW} clients have no fresh hint 6 s after replica b crashed: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
     );
     Ok(())
 }

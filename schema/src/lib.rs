@@ -191,6 +191,9 @@ pub mod keys {
     pub const HINTS_CHANNEL: &str = "tokenflow:hints";
     /// Consumer group of the hint servers on every telemetry stream.
     pub const HINT_GROUP: &str = "tokenflow-hint";
+    /// Sorted set of hint-server replicas (consumer name → unix ms last seen), so that in a Redis
+    /// Cluster the replicas split the announced nodes between them instead of racing for each.
+    pub const HINT_REPLICAS: &str = "tokenflow:hint-replicas";
 }
 
 /// The small "latest" record: enough for a cheap read of a node's state.
