@@ -86,7 +86,10 @@ async fn a_crashed_replicas_nodes_are_taken_over_in_a_redis_cluster() -> Result<
     let sim = tokio::spawn(async move { simulate::run(&settings, |_, _| {}).await });
     tokio::time::sleep(Duration::from_secs(6)).await;
     let before = (windows_total(&a)?, windows_total(&b)?);
-    eprintln!("before the crash: replica a decided {}, b {}", before.0, before.1);
+    eprintln!(
+        "before the crash: replica a decided {}, b {}",
+        before.0, before.1
+    );
     anyhow::ensure!(
         before.0 > 0.2 * (before.0 + before.1) && before.1 > 0.2 * (before.0 + before.1),
         "the replicas did not split the nodes: {} / {}",
