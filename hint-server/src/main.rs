@@ -125,7 +125,8 @@ struct ServeArgs {
     /// Tokio worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
-    /// Name of this replica in the Redis consumer group (default: host name and pid).
+    /// Name of this replica in the Redis consumer group, one per replica (default: host name and
+    /// pid). In a Redis Cluster the replicas alive split the nodes between them by name.
     #[arg(long, env = "TOKENFLOW_HINT_CONSUMER")]
     consumer: Option<String>,
     /// Folder of `cargo xtask demo` reports the dashboard's A/B view opens (`/ui`).

@@ -10,8 +10,10 @@
 //!
 //! With `burst_fraction` > 0 that share of each request arrives at once, at the pacer's evenly spaced
 //! instants, as TCP's first flights of a long upload do: the p95 then sits well above the base
-//! RTT at moderate load and rises little until the link is full — the knee the test bed shows
-//! (p95 ≈ 40 ms at 40 % of 20 Mbit/s, base 14 ms). [`Plant::test_bed`] is that plant.
+//! RTT at moderate load and rises little until the link is full — the knee the test bed showed
+//! (p95 ≈ 40 ms at 40 % of 20 Mbit/s, base 14 ms) before the pacer paced its sockets
+//! (`SO_MAX_PACING_RATE`); with paced sockets its windows below the link's rate read 10–17 ms.
+//! [`Plant::test_bed`] is that unpaced plant, the harder case.
 
 use super::{Governor, Limits, Observation};
 use tokenflow_schema::ControllerKind;
@@ -59,9 +61,9 @@ impl Default for Plant {
 }
 
 impl Plant {
-    /// The network-bound test bed at 20 Mbit/s: 14 ms base RTT, 70 % of each 100 KB upload in
-    /// one burst (p95 ≈ 40 ms from 40 % to 90 % load, as measured there), p95 read from the agent's
-    /// histogram buckets.
+    /// The network-bound test bed at 20 Mbit/s with unpaced sockets: 14 ms base RTT, 90 % of each
+    /// 100 KB upload in one burst (p95 ≈ 40 ms from 40 % to 90 % load, as measured there before
+    /// the pacer set `SO_MAX_PACING_RATE`), p95 read from the agent's histogram buckets.
     pub fn test_bed() -> Self {
         Self {
             base_rtt_ms: 14.0,
