@@ -12,7 +12,8 @@
 //! instants, as TCP's first flights of a long upload do: the p95 then sits well above the base
 //! RTT at moderate load and rises little until the link is full — the knee the test bed showed
 //! (p95 ≈ 40 ms at 40 % of 20 Mbit/s, base 14 ms) before the pacer paced its sockets
-//! (`SO_MAX_PACING_RATE`); with paced sockets its windows below the link's rate read 10–17 ms.
+//! (`SO_MAX_PACING_RATE`); with paced sockets a rate below the link's reads lower (15 ms at 93 %
+//! of the bandwidth step's narrowed 5 Mbit/s link, base 11 ms).
 //! [`Plant::test_bed`] is that unpaced plant, the harder case.
 
 use super::{Governor, Limits, Observation};
