@@ -284,10 +284,7 @@ async fn ingest(app: &App) -> Result<()> {
             Source::Announced(announced) => {
                 if heartbeat.elapsed() >= REPLICA_HEARTBEAT {
                     let live = REPLICA_LIVE.as_millis() as u64;
-                    replicas = app
-                        .store
-                        .heartbeat(&app.settings.consumer, unix_ms(), live)
-                        .await?;
+                    replicas = app.store.heartbeat(&app.settings.consumer, live).await?;
                     metrics::gauge!("tokenflow_hint_replicas").set(replicas.len() as f64);
                     heartbeat = Instant::now();
                 }

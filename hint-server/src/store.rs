@@ -140,21 +140,24 @@ impl Store {
         Ok(raw.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
-    /// Marks `consumer` as alive at `now_ms` and returns every replica seen within `live_ms`
-    /// (sorted), forgetting those gone for a minute.
-    pub async fn heartbeat(
-        &self,
-        consumer: &str,
-        now_ms: u64,
-        live_ms: u64,
-    ) -> Result<Vec<String>> {
-        let mut con = self.con.clone();
-        let _: () = con.zadd(keys::HINT_REPLICAS, consumer, now_ms).await?;
-        let _: () = con
-            .zrembyscore(keys::HINT_REPLICAS, "-inf", now_ms.saturating_sub(60_000))
-            .await?;
-        let mut live: Vec<String> = con
-            .zrangebyscore(keys::HINT_REPLICAS, now_ms.saturating_sub(live_ms), "+inf")
+    /// Marks `consumer` as alive and returns every replica seen within `live_ms` (sorted),
+    /// forgetting those gone for a minute. One script on the set's Redis node, timed by that
+    /// node's clock, so that replicas on hosts whose clocks disagree still agree on who is alive.
+    pub async fn heartbeat(&self, consumer: &str, live_ms: u64) -> Result<Vec<String>> {
+        const SCRIPT: &str = r"
+            local t = redis.call('TIME')
+            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            redis.call('ZADD', KEYS[1], now, ARGV[1])
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+            return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+        ";
+        let mut live: Vec<String> = redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg(keys::HINT_REPLICAS)
+            .arg(consumer)
+            .arg(live_ms)
+            .query_async(&mut self.con.clone())
             .await?;
         live.sort();
         Ok(live)
