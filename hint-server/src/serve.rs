@@ -266,6 +266,16 @@ async fn ingest(app: &App) -> Result<()> {
             nodes = now;
             refreshed = Instant::now();
         }
+        if heartbeat.elapsed() >= REPLICA_HEARTBEAT {
+            let live = REPLICA_LIVE.as_millis() as u64;
+            let seen = app.store.heartbeat(&app.settings.consumer, live).await?;
+            metrics::gauge!("tokenflow_hint_replicas").set(seen.live.len() as f64);
+            replicas = seen.live;
+            heartbeat = Instant::now();
+            for gone in seen.gone {
+                tokio::spawn(forget(app.store.clone(), gone, nodes.clone()));
+            }
+        }
         app.ingest_alive.store(true, Ordering::Relaxed);
         if nodes.is_empty() {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -282,12 +292,6 @@ async fn ingest(app: &App) -> Result<()> {
                 reply.map(|r| r.keys).unwrap_or_default()
             }
             Source::Announced(announced) => {
-                if heartbeat.elapsed() >= REPLICA_HEARTBEAT {
-                    let live = REPLICA_LIVE.as_millis() as u64;
-                    replicas = app.store.heartbeat(&app.settings.consumer, live).await?;
-                    metrics::gauge!("tokenflow_hint_replicas").set(replicas.len() as f64);
-                    heartbeat = Instant::now();
-                }
                 // Only the nodes this replica owns among the live ones: the others read theirs.
                 let me = app.settings.consumer.as_str();
                 let mine = |n: &String| owner(&replicas, n).is_none_or(|o| o == me);
@@ -353,6 +357,22 @@ async fn ingest(app: &App) -> Result<()> {
         let mut done = futures_util::stream::iter(jobs).buffer_unordered(INGEST_PARALLEL);
         while let Some(r) = done.next().await {
             r?;
+        }
+    }
+}
+
+/// Takes a replica gone for a minute out of every node's consumer group (its consumer and the
+/// windows it had read but not acknowledged when it stopped), so that crashed replicas do not pile
+/// up in the group; a replica that restarts joins under a new name.
+async fn forget(store: Store, replica: String, nodes: Vec<String>) {
+    match store.forget_consumer(&replica, &nodes).await {
+        Ok(dropped) => tracing::info!(
+            %replica,
+            dropped,
+            "a replica gone for a minute left the consumer group (dropped: windows it had read and not acknowledged)"
+        ),
+        Err(e) => {
+            tracing::warn!(%replica, "removing a replica gone for a minute from the consumer group: {e:#}")
         }
     }
 }

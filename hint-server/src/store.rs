@@ -12,6 +12,16 @@ use tokenflow_schema::{
 
 use crate::engine::NodeState;
 
+/// A replica not seen for this long is forgotten, and removed from the consumer group.
+pub const REPLICA_FORGET_MS: u64 = 60_000;
+
+/// What a heartbeat learnt: the replicas alive, and those just forgotten.
+#[derive(Debug, Default)]
+pub struct Replicas {
+    pub live: Vec<String>,
+    pub gone: Vec<String>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pub target: Target,
@@ -140,32 +150,66 @@ impl Store {
         Ok(raw.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
-    /// Marks `consumer` as alive and returns every replica seen within `live_ms` (sorted),
-    /// forgetting those gone for a minute. One script on the set's Redis node, timed by that
-    /// node's clock, so that replicas on hosts whose clocks disagree still agree on who is alive.
-    pub async fn heartbeat(&self, consumer: &str, live_ms: u64) -> Result<Vec<String>> {
+    /// Marks `consumer` as alive; returns every replica seen within `live_ms` (sorted), and those
+    /// gone for [`REPLICA_FORGET_MS`], which it forgets (each such one is returned to exactly one
+    /// caller). One script on the set's Redis node, timed by that node's clock, so that replicas
+    /// on hosts whose clocks disagree still agree on who is alive.
+    pub async fn heartbeat(&self, consumer: &str, live_ms: u64) -> Result<Replicas> {
         const SCRIPT: &str = r"
             local t = redis.call('TIME')
             local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
             redis.call('ZADD', KEYS[1], now, ARGV[1])
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-            return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+            local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+            local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+            return {live, gone}
         ";
-        let mut live: Vec<String> = redis::cmd("EVAL")
+        let (mut live, gone): (Vec<String>, Vec<String>) = redis::cmd("EVAL")
             .arg(SCRIPT)
             .arg(1)
             .arg(keys::HINT_REPLICAS)
             .arg(consumer)
             .arg(live_ms)
+            .arg(REPLICA_FORGET_MS)
             .query_async(&mut self.con.clone())
             .await?;
         live.sort();
-        Ok(live)
+        Ok(Replicas { live, gone })
     }
 
-    /// Takes `consumer` off the replica list (a clean shutdown: the others take its nodes at once).
+    /// Removes a replica that is gone from the consumer group of each node's stream, with the
+    /// windows it had read and not acknowledged (long stale by then); returns how many those were.
+    pub async fn forget_consumer(&self, consumer: &str, nodes: &[String]) -> Result<u64> {
+        let mut dropped = 0;
+        for n in nodes {
+            let pending: u64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(keys::telemetry_stream(n))
+                .arg(keys::HINT_GROUP)
+                .arg(consumer)
+                .query_async(&mut self.con.clone())
+                .await?;
+            dropped += pending;
+        }
+        Ok(dropped)
+    }
+
+    /// Marks `consumer` as gone for a minute already (a clean shutdown): the others take its nodes
+    /// at once, and the next heartbeat of one of them takes it out of the consumer group.
     pub async fn leave(&self, consumer: &str) -> Result<()> {
-        let _: () = self.con.clone().zrem(keys::HINT_REPLICAS, consumer).await?;
+        const SCRIPT: &str = r"
+            local t = redis.call('TIME')
+            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            redis.call('ZADD', KEYS[1], now - tonumber(ARGV[2]) - 1, ARGV[1])
+        ";
+        let _: () = redis::cmd("EVAL")
+            .arg(SCRIPT)
+            .arg(1)
+            .arg(keys::HINT_REPLICAS)
+            .arg(consumer)
+            .arg(REPLICA_FORGET_MS)
+            .query_async(&mut self.con.clone())
+            .await?;
         Ok(())
     }
 
