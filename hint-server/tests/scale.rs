@@ -66,7 +66,7 @@ async fn two_replicas_share_a_redis_cluster_for_a_thousand_simulated_nodes() -> 
 
 /// In a Redis Cluster the replicas split the nodes between them (each reads only its own nodes'
 /// streams); when one crashes, the other takes its nodes once the crashed one's heartbeat is older
-/// than 3 s, and every client's hint is fresh again.
+/// than 3 s, and every client's hint is fresh again within seconds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_replicas_nodes_are_taken_over_in_a_redis_cluster() -> Result<()> {
     const FEW: usize = 100;
@@ -80,7 +80,7 @@ async fn a_crashed_replicas_nodes_are_taken_over_in_a_redis_cluster() -> Result<
         redis: Target::parse(&cluster.urls(), true).map_err(anyhow::Error::msg)?,
         nodes: FEW,
         interval: Duration::from_secs(1),
-        duration: Duration::from_secs(20),
+        duration: Duration::from_secs(30),
         clients: true,
     };
     let sim = tokio::spawn(async move { simulate::run(&settings, |_, _| {}).await });
@@ -97,30 +97,39 @@ async fn a_crashed_replicas_nodes_are_taken_over_in_a_redis_cluster() -> Result<
         before.1
     );
     tokio::task::block_in_place(|| b.crash())?;
-    // 3 s until b counts as gone, a sweep to read what waited in b's streams, a window to decide.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let crashed = Instant::now();
+    // 3 s until b counts as gone, a heartbeat and a sweep (1 s each) to read what waited in b's
+    // streams, then the decisions: every client fresh again well within 12 s (with b never
+    // counted gone, half the clients stay stale).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let a_ref = &a;
     let stale = tokio::task::block_in_place(|| -> Result<Vec<String>> {
-        let now = tokenflow_hint_server::serve::unix_ms();
-        let mut stale = Vec::new();
-        for i in 0..FEW {
-            let id = simulate::client_id(i);
-            let h = hint(a_ref, &id)?;
-            if h.stale || now.saturating_sub(h.issued_at_unix_ms) >= 3_000 {
-                stale.push(id);
+        loop {
+            let now = tokenflow_hint_server::serve::unix_ms();
+            let mut stale = Vec::new();
+            for i in 0..FEW {
+                let id = simulate::client_id(i);
+                let h = hint(a_ref, &id)?;
+                if h.stale || now.saturating_sub(h.issued_at_unix_ms) >= 3_000 {
+                    stale.push(id);
+                }
             }
+            if stale.is_empty() || crashed.elapsed() > Duration::from_secs(12) {
+                return Ok(stale);
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        Ok(stale)
     })?;
     let after = windows_total(&a)?;
     sim.abort();
     eprintln!(
-        "after the crash: replica a decided {after}; {} of {FEW} hints not fresh",
-        stale.len()
+        "after the crash: replica a decided {after}; {} of {FEW} hints not fresh {:.1} s after it",
+        stale.len(),
+        crashed.elapsed().as_secs_f64()
     );
     anyhow::ensure!(
         stale.is_empty(),
-        "{} of {FEW} clients have no fresh hint 6 s after replica b crashed: {:?}",
+        "{} of {FEW} clients have no fresh hint 12 s after replica b crashed: {:?}",
         stale.len(),
         &stale[..stale.len().min(5)]
     );
