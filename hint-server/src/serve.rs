@@ -365,15 +365,14 @@ async fn ingest(app: &App) -> Result<()> {
 /// windows it had read but not acknowledged when it stopped), so that crashed replicas do not pile
 /// up in the group; a replica that restarts joins under a new name.
 async fn forget(store: Store, replica: String, nodes: Vec<String>) {
-    match store.forget_consumer(&replica, &nodes).await {
-        Ok(dropped) => tracing::info!(
-            %replica,
-            dropped,
-            "a replica gone for a minute left the consumer group (dropped: windows it had read and not acknowledged)"
-        ),
-        Err(e) => {
-            tracing::warn!(%replica, "removing a replica gone for a minute from the consumer group: {e:#}")
-        }
+    let (dropped, failed) = store.forget_consumer(&replica, &nodes).await;
+    tracing::info!(
+        %replica,
+        dropped,
+        "a replica gone for a minute left the consumer group (dropped: windows it had read and not acknowledged)"
+    );
+    if let Some(first) = failed.first() {
+        tracing::warn!(%replica, "not removed from {} of {} streams' groups, e.g. {first}", failed.len(), nodes.len());
     }
 }
 

@@ -178,20 +178,25 @@ impl Store {
     }
 
     /// Removes a replica that is gone from the consumer group of each node's stream, with the
-    /// windows it had read and not acknowledged (long stale by then); returns how many those were.
-    pub async fn forget_consumer(&self, consumer: &str, nodes: &[String]) -> Result<u64> {
-        let mut dropped = 0;
+    /// windows it had read and not acknowledged (long stale by then). Returns how many those were,
+    /// and the streams it could not do so on (a node whose stream is gone, say), which it skips.
+    pub async fn forget_consumer(&self, consumer: &str, nodes: &[String]) -> (u64, Vec<String>) {
+        let (mut dropped, mut failed) = (0, Vec::new());
         for n in nodes {
-            let pending: u64 = redis::cmd("XGROUP")
+            let stream = keys::telemetry_stream(n);
+            let r: redis::RedisResult<u64> = redis::cmd("XGROUP")
                 .arg("DELCONSUMER")
-                .arg(keys::telemetry_stream(n))
+                .arg(&stream)
                 .arg(keys::HINT_GROUP)
                 .arg(consumer)
                 .query_async(&mut self.con.clone())
-                .await?;
-            dropped += pending;
+                .await;
+            match r {
+                Ok(pending) => dropped += pending,
+                Err(e) => failed.push(format!("{stream}: {e}")),
+            }
         }
-        Ok(dropped)
+        (dropped, failed)
     }
 
     /// Marks `consumer` as gone for a minute already (a clean shutdown): the others take its nodes

@@ -5,15 +5,18 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use redis::Commands;
+use redis::{Commands, ConnectionLike};
 use tokenflow_hint_server::store::REPLICA_FORGET_MS;
 use tokenflow_schema::keys;
-use tokenflow_tests::{hint_server::HintServer, redis_server::RedisServer};
+use tokenflow_tests::{
+    hint_server::HintServer,
+    redis_server::{RedisCluster, RedisServer},
+};
 
 const NODE: &str = "ghost-node";
 
 /// The consumers of the node's stream in the hint servers' group, with their pending counts.
-fn consumers(con: &mut redis::Connection) -> Result<Vec<(String, u64)>> {
+fn consumers(con: &mut impl ConnectionLike) -> Result<Vec<(String, u64)>> {
     let info: Vec<redis::Value> = redis::cmd("XINFO")
         .arg("CONSUMERS")
         .arg(keys::telemetry_stream(NODE))
@@ -34,15 +37,31 @@ fn consumers(con: &mut redis::Connection) -> Result<Vec<(String, u64)>> {
 }
 
 /// Redis' clock, ms (the replica set is timed by it).
-fn redis_now_ms(con: &mut redis::Connection) -> Result<u64> {
-    let (s, us): (u64, u64) = redis::cmd("TIME").query(con)?;
+fn redis_now_ms(con: &mut impl ConnectionLike) -> Result<u64> {
+    // On the node that holds the replica set (in a cluster, TIME alone goes to any node).
+    let (s, us): (u64, u64) = redis::cmd("EVAL")
+        .arg("return redis.call('TIME')")
+        .arg(1)
+        .arg(keys::HINT_REPLICAS)
+        .query(con)?;
     Ok(s * 1000 + us / 1000)
 }
 
 #[test]
 fn a_replica_gone_for_a_minute_leaves_the_consumer_group() -> Result<()> {
     let redis = RedisServer::start_ephemeral()?;
-    let mut con = redis.client()?;
+    forgets_gone_replicas(&mut redis.client()?, &redis.url(), &[])
+}
+
+#[test]
+fn a_replica_gone_for_a_minute_leaves_the_consumer_group_in_a_redis_cluster() -> Result<()> {
+    let cluster = RedisCluster::start(3)?;
+    let seeds: Vec<String> = cluster.nodes.iter().map(RedisServer::url).collect();
+    let mut con = redis::cluster::ClusterClient::new(seeds)?.get_connection()?;
+    forgets_gone_replicas(&mut con, &cluster.urls(), &["--redis-cluster"])
+}
+
+fn forgets_gone_replicas(con: &mut impl ConnectionLike, url: &str, extra: &[&str]) -> Result<()> {
     let stream = keys::telemetry_stream(NODE);
     let _: () = con.sadd(keys::NODES, NODE)?;
     let _: () = redis::cmd("XGROUP")
@@ -51,7 +70,7 @@ fn a_replica_gone_for_a_minute_leaves_the_consumer_group() -> Result<()> {
         .arg(keys::HINT_GROUP)
         .arg("0")
         .arg("MKSTREAM")
-        .query(&mut con)?;
+        .query(con)?;
     // Two replicas that crashed, each holding a window read and never acknowledged: one last
     // seen two minutes ago, one ten seconds ago.
     for (name, ago_ms) in [("crashed-long-ago", 120_000), ("crashed-just-now", 10_000)] {
@@ -65,30 +84,30 @@ fn a_replica_gone_for_a_minute_leaves_the_consumer_group() -> Result<()> {
             .arg("STREAMS")
             .arg(&stream)
             .arg(">")
-            .query(&mut con)?;
-        let seen = redis_now_ms(&mut con)? - ago_ms;
+            .query(con)?;
+        let seen = redis_now_ms(con)? - ago_ms;
         let _: () = con.zadd(keys::HINT_REPLICAS, name, seen)?;
     }
     const { assert!(REPLICA_FORGET_MS > 10_000 && REPLICA_FORGET_MS < 120_000) };
-    let before = consumers(&mut con)?;
+    let before = consumers(con)?;
     anyhow::ensure!(
         before.len() == 2 && before.iter().all(|(_, p)| *p == 1),
         "set-up: {before:?}"
     );
 
-    let a = HintServer::start(&redis.url(), "t", &["--consumer", "replica-a"])?;
+    let a = HintServer::start(url, "t", &[&["--consumer", "replica-a"], extra].concat())?;
     // Something for it to read (not a window: it skips and acknowledges it), so that it joins the
     // group as a consumer.
     let _: String = con.xadd(&stream, "*", &[(keys::WINDOW_FIELD, "{}")])?;
     let t0 = Instant::now();
-    let mut now = consumers(&mut con)?;
+    let mut now = consumers(con)?;
     let settled = |now: &[(String, u64)]| {
         !now.iter().any(|(n, _)| n == "crashed-long-ago")
             && now.iter().any(|(n, _)| n == "replica-a")
     };
     while !settled(&now) && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(200));
-        now = consumers(&mut con)?;
+        now = consumers(con)?;
     }
     eprintln!("consumers after the replica started: {now:?}");
     anyhow::ensure!(
@@ -113,17 +132,17 @@ fn a_replica_gone_for_a_minute_leaves_the_consumer_group() -> Result<()> {
     // heartbeat takes it out of the group.
     drop(a);
     let score: f64 = con.zscore(keys::HINT_REPLICAS, "replica-a")?;
-    let age = redis_now_ms(&mut con)? as f64 - score;
+    let age = redis_now_ms(con)? as f64 - score;
     anyhow::ensure!(
         age > REPLICA_FORGET_MS as f64,
         "a replica that stopped cleanly was last seen {age} ms ago, not marked gone"
     );
-    let _b = HintServer::start(&redis.url(), "t", &["--consumer", "replica-b"])?;
+    let _b = HintServer::start(url, "t", &[&["--consumer", "replica-b"], extra].concat())?;
     let t0 = Instant::now();
-    let mut now = consumers(&mut con)?;
+    let mut now = consumers(con)?;
     while now.iter().any(|(n, _)| n == "replica-a") && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(200));
-        now = consumers(&mut con)?;
+        now = consumers(con)?;
     }
     eprintln!("consumers after a clean stop and a new replica: {now:?}");
     anyhow::ensure!(
