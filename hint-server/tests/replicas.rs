@@ -36,6 +36,20 @@ fn consumers(con: &mut impl ConnectionLike) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
+/// The group's consumers once `done` holds for them, or as they are after 10 s.
+fn consumers_once(
+    con: &mut impl ConnectionLike,
+    done: impl Fn(&[(String, u64)]) -> bool,
+) -> Result<Vec<(String, u64)>> {
+    let t0 = Instant::now();
+    let mut now = consumers(con)?;
+    while !done(&now) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        now = consumers(con)?;
+    }
+    Ok(now)
+}
+
 /// Redis' clock, ms (the replica set is timed by it).
 fn redis_now_ms(con: &mut impl ConnectionLike) -> Result<u64> {
     // On the node that holds the replica set (in a cluster, TIME alone goes to any node).
@@ -99,16 +113,10 @@ fn forgets_gone_replicas(con: &mut impl ConnectionLike, url: &str, extra: &[&str
     // Something for it to read (not a window: it skips and acknowledges it), so that it joins the
     // group as a consumer.
     let _: String = con.xadd(&stream, "*", &[(keys::WINDOW_FIELD, "{}")])?;
-    let t0 = Instant::now();
-    let mut now = consumers(con)?;
-    let settled = |now: &[(String, u64)]| {
+    let now = consumers_once(con, |now| {
         !now.iter().any(|(n, _)| n == "crashed-long-ago")
             && now.iter().any(|(n, _)| n == "replica-a")
-    };
-    while !settled(&now) && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(200));
-        now = consumers(con)?;
-    }
+    })?;
     eprintln!("consumers after the replica started: {now:?}");
     anyhow::ensure!(
         !now.iter().any(|(n, _)| n == "crashed-long-ago"),
@@ -138,12 +146,7 @@ fn forgets_gone_replicas(con: &mut impl ConnectionLike, url: &str, extra: &[&str
         "a replica that stopped cleanly was last seen {age} ms ago, not marked gone"
     );
     let _b = HintServer::start(url, "t", &[&["--consumer", "replica-b"], extra].concat())?;
-    let t0 = Instant::now();
-    let mut now = consumers(con)?;
-    while now.iter().any(|(n, _)| n == "replica-a") && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(200));
-        now = consumers(con)?;
-    }
+    let now = consumers_once(con, |now| !now.iter().any(|(n, _)| n == "replica-a"))?;
     eprintln!("consumers after a clean stop and a new replica: {now:?}");
     anyhow::ensure!(
         !now.iter().any(|(n, _)| n == "replica-a"),
