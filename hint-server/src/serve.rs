@@ -68,9 +68,9 @@ const INGEST_PARALLEL: usize = 64;
 /// stream is read whether or not it announced a window.
 const CLUSTER_READS_PARALLEL: usize = 64;
 const CLUSTER_SWEEP: Duration = Duration::from_secs(1);
-/// In a Redis Cluster: how often a replica says it is alive, and how long without that it still
-/// counts as one of those that split the announced nodes (a replica gone longer loses its nodes to
-/// the others; until then the sweep reads them).
+/// How often a replica says it is alive, and how long without that it still counts as alive: in a
+/// Redis Cluster, as one of those that split the announced nodes (a replica gone longer loses its
+/// nodes to the others); everywhere, for the gauge (see also `store::REPLICA_FORGET_MS`).
 const REPLICA_HEARTBEAT: Duration = Duration::from_secs(1);
 const REPLICA_LIVE: Duration = Duration::from_secs(3);
 
@@ -238,6 +238,7 @@ async fn ingest(app: &App) -> Result<()> {
     let mut last_sweep = Instant::now() - CLUSTER_SWEEP;
     let mut replicas: Vec<String> = Vec::new();
     let mut heartbeat = Instant::now() - REPLICA_HEARTBEAT;
+    let mut heartbeat_failing = false;
     let group = |block: Option<usize>| {
         let o = StreamReadOptions::default()
             .group(keys::HINT_GROUP, &app.settings.consumer)
@@ -267,13 +268,31 @@ async fn ingest(app: &App) -> Result<()> {
             refreshed = Instant::now();
         }
         if heartbeat.elapsed() >= REPLICA_HEARTBEAT {
-            let live = REPLICA_LIVE.as_millis() as u64;
-            let seen = app.store.heartbeat(&app.settings.consumer, live).await?;
-            metrics::gauge!("tokenflow_hint_replicas").set(seen.live.len() as f64);
-            replicas = seen.live;
             heartbeat = Instant::now();
-            for gone in seen.gone {
-                tokio::spawn(forget(app.store.clone(), gone, nodes.clone()));
+            // A heartbeat that fails (a Redis that refuses scripts, say) does not stop the ingest:
+            // the replica keeps the replicas it last saw (none: it reads every node, racing the
+            // others as the consumer group allows) and says so once.
+            match app
+                .store
+                .heartbeat(&app.settings.consumer, REPLICA_LIVE.as_millis() as u64)
+                .await
+            {
+                Ok(seen) => {
+                    heartbeat_failing = false;
+                    metrics::gauge!("tokenflow_hint_replicas").set(seen.live.len() as f64);
+                    replicas = seen.live;
+                    for gone in seen.gone {
+                        tokio::spawn(forget(app.store.clone(), gone, nodes.clone()));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("tokenflow_hint_redis_errors_total").increment(1);
+                    if !std::mem::replace(&mut heartbeat_failing, true) {
+                        tracing::warn!(
+                            "replica heartbeat: {e:#}; the replicas cannot split the nodes until it works"
+                        );
+                    }
+                }
             }
         }
         app.ingest_alive.store(true, Ordering::Relaxed);

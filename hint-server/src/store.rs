@@ -15,8 +15,16 @@ use crate::engine::NodeState;
 /// A replica not seen for this long is forgotten, and removed from the consumer group.
 pub const REPLICA_FORGET_MS: u64 = 60_000;
 
+/// Lua that sets `now` to the Redis node's clock in ms (the replica set is timed by it, not by the
+/// replicas' hosts).
+macro_rules! lua_now_ms {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
 /// What a heartbeat learnt: the replicas alive, and those just forgotten.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Replicas {
     pub live: Vec<String>,
     pub gone: Vec<String>,
@@ -155,15 +163,16 @@ impl Store {
     /// caller). One script on the set's Redis node, timed by that node's clock, so that replicas
     /// on hosts whose clocks disagree still agree on who is alive.
     pub async fn heartbeat(&self, consumer: &str, live_ms: u64) -> Result<Replicas> {
-        const SCRIPT: &str = r"
-            local t = redis.call('TIME')
-            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        const SCRIPT: &str = concat!(
+            lua_now_ms!(),
+            r"
             redis.call('ZADD', KEYS[1], now, ARGV[1])
             local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
             redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
             local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
             return {live, gone}
-        ";
+        "
+        );
         let (mut live, gone): (Vec<String>, Vec<String>) = redis::cmd("EVAL")
             .arg(SCRIPT)
             .arg(1)
@@ -202,11 +211,12 @@ impl Store {
     /// Marks `consumer` as gone for a minute already (a clean shutdown): the others take its nodes
     /// at once, and the next heartbeat of one of them takes it out of the consumer group.
     pub async fn leave(&self, consumer: &str) -> Result<()> {
-        const SCRIPT: &str = r"
-            local t = redis.call('TIME')
-            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        const SCRIPT: &str = concat!(
+            lua_now_ms!(),
+            r"
             redis.call('ZADD', KEYS[1], now - tonumber(ARGV[2]) - 1, ARGV[1])
-        ";
+        "
+        );
         let _: () = redis::cmd("EVAL")
             .arg(SCRIPT)
             .arg(1)

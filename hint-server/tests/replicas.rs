@@ -154,3 +154,31 @@ fn forgets_gone_replicas(con: &mut impl ConnectionLike, url: &str, extra: &[&str
     );
     Ok(())
 }
+
+/// A Redis that refuses scripts (EVAL renamed away, as some managed services do): the heartbeat
+/// fails, and the replica still reads every node's windows through the consumer group.
+#[test]
+fn a_redis_that_refuses_scripts_still_has_its_windows_read() -> Result<()> {
+    let redis = RedisServer::start_ephemeral_with(&["--rename-command", "EVAL", ""])?;
+    let mut con = redis.client()?;
+    let refused: redis::RedisResult<u64> =
+        redis::cmd("EVAL").arg("return 1").arg(0).query(&mut con);
+    anyhow::ensure!(refused.is_err(), "set-up: EVAL still answers");
+    let _: () = con.sadd(keys::NODES, NODE)?;
+    let _a = HintServer::start(&redis.url(), "t", &["--consumer", "replica-a"])?;
+    // Let the replica create the group on the node's stream, then give it something to read.
+    let stream = keys::telemetry_stream(NODE);
+    let t0 = Instant::now();
+    while !con.exists::<_, bool>(&stream)? && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _: String = con.xadd(&stream, "*", &[(keys::WINDOW_FIELD, "{}")])?;
+    let now = consumers_once(&mut con, |now| {
+        now.iter().any(|(n, p)| n == "replica-a" && *p == 0)
+    })?;
+    anyhow::ensure!(
+        now.iter().any(|(n, p)| n == "replica-a" && *p == 0),
+        "with the heartbeat refused the replica read nothing: {now:?}"
+    );
+    Ok(())
+}

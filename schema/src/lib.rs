@@ -191,8 +191,9 @@ pub mod keys {
     pub const HINTS_CHANNEL: &str = "tokenflow:hints";
     /// Consumer group of the hint servers on every telemetry stream.
     pub const HINT_GROUP: &str = "tokenflow-hint";
-    /// Sorted set of hint-server replicas (consumer name → unix ms last seen), so that in a Redis
-    /// Cluster the replicas split the announced nodes between them instead of racing for each.
+    /// Sorted set of hint-server replicas (consumer name → ms last seen, by the Redis node's
+    /// clock): in a Redis Cluster the replicas split the announced nodes between them instead of
+    /// racing for each, and a replica gone for a minute is taken out of the consumer group.
     pub const HINT_REPLICAS: &str = "tokenflow:hint-replicas";
 }
 

@@ -37,6 +37,11 @@ impl RedisServer {
         Self::launch(false, &[])
     }
 
+    /// Without persistence, with further `redis-server` arguments (`--rename-command EVAL ""`).
+    pub fn start_ephemeral_with(extra: &[&str]) -> Result<Self> {
+        Self::launch(false, extra)
+    }
+
     /// A server with further `redis-server` arguments (cluster mode).
     fn launch(persist: bool, extra: &[&str]) -> Result<Self> {
         let port = free_port()?;
