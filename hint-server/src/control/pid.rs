@@ -141,6 +141,9 @@ const FIT_MARGIN: f64 = 0.1;
 const MAX_DRAIN: f64 = 0.5;
 /// The first step of a search restarted from a held fit (fraction).
 const RESTART_STEP: f64 = 0.25;
+/// A period whose transient terms and damping put the rate this far under the integral's
+/// (fraction) was a cut: an empty queue in the next window is the cut's doing.
+const TRANSIENT_CUT: f64 = 0.03;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pid {
@@ -172,6 +175,10 @@ pub struct Pid {
     /// ln of the last period's anomaly damping (≤ 0), kept out of the integrator.
     #[serde(default)]
     last_damp_ln: f64,
+    /// ln of how far the last period's transient terms and damping put the rate under the
+    /// integral's (≤ 0; 0 after a drain sized to the queue, which has its own way back).
+    #[serde(default)]
+    last_cut_ln: f64,
     /// In startup: no p95 at the setpoint seen yet.
     #[serde(default)]
     startup: bool,
@@ -260,6 +267,7 @@ impl Pid {
             last_u: start,
             prev_u: start,
             last_damp_ln: 0.0,
+            last_cut_ln: 0.0,
             startup: g.startup_growth > 0.0,
             hold: 0,
             drain: 0,
@@ -349,6 +357,14 @@ impl Controller for Pid {
             self.base50_ms = Some(b);
             m - b > no_queue_ms
         });
+        // In the first search (not one restarted from a held fit, which ends in the band): the
+        // median at its floor, where the p95 alone cannot tell bursts from a queue — the p95's
+        // base is no help before it has seen a quiet window.
+        let bursts = self.restart_step == 0.0
+            && obs
+                .p50_rtt_ms
+                .zip(self.base50_ms)
+                .is_some_and(|(m, b)| m - b <= self.g.probe_fraction * (sp - b));
         // After a drain the p95's fall is the drain's doing, not a trend to act on.
         let after_drain = std::mem::take(&mut self.drained);
         let d = if after_drain {
@@ -470,9 +486,13 @@ impl Controller for Pid {
             reason = format!(
                 "p95 {y:.1} ms within the band under setpoint {sp:.0} ms: search over at this rate"
             );
-        } else if in_startup && y < sp && !obs.backend_queued {
+        } else if in_startup && !obs.backend_queued && (y < sp || (bursts && y <= overloaded)) {
             // Slow start: below the setpoint, double (the slew limit does not apply yet). At the
-            // maximum the path has room for the whole group, and the loop takes over.
+            // maximum the path has room for the whole group, and the loop takes over. A p95 at
+            // the setpoint over a median at its floor (bursts, such as the first connections'
+            // slow start, not a queue) does not end it: on the test bed a 25 ms setpoint's
+            // startup ended on its first window (p95 25.6 ms, median 10.8 ms, 0.6 Mbit/s
+            // delivered) and the loop crept up 5 % a period from a quarter of the link for 15 s.
             let step = if self.restart_step > 0.0 {
                 let s = self.restart_step;
                 self.restart_step = (s * 2.0).min(self.g.startup_growth);
@@ -488,6 +508,10 @@ impl Controller for Pid {
                 format!(
                     "p95 {y:.1} ms below setpoint {sp:.0} ms: searching again, ×{:.2}",
                     1.0 + step
+                )
+            } else if y >= sp {
+                format!(
+                    "p95 {y:.1} ms over a median at its floor (bursts, no queue): startup, doubling"
                 )
             } else {
                 format!("p95 {y:.1} ms below setpoint {sp:.0} ms: startup, doubling")
@@ -597,7 +621,16 @@ impl Controller for Pid {
             // multiplicatively; each further period without a queue doubles the step, up to
             // the slew limit — but near the rate at which a queue last appeared, creep (the
             // capacity is probably still there); that memory fades 2 % per probing period.
-            self.probe_step = if self.probe_step == 0.0 {
+            // Unless the last period cut the rate under the integral's (the proportional term or
+            // the anomaly damping against a queue past the setpoint): the queue emptied because
+            // of the cut, which the integral's rate did not make — back to that rate without a
+            // step past it. (On the test bed an 8 % damping at a p95 of 59 ms emptied the queue,
+            // the probe went 5 % past a rate that had held the setpoint for 7 s, and the p95
+            // reached 78 ms two windows later: a limit cycle around the link's rate.)
+            let after_cut = self.last_cut_ln < (1.0 - TRANSIENT_CUT).ln();
+            self.probe_step = if after_cut {
+                0.0
+            } else if self.probe_step == 0.0 {
                 self.g.probe_start
             } else {
                 (self.probe_step * 2.0).min(self.g.slew_up)
@@ -608,6 +641,7 @@ impl Controller for Pid {
                 self.remember_overload(None);
             }
             let step = match self.congested_u {
+                Some(_) if after_cut => 0.0,
                 Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
                     self.congested_u = Some(c * 1.02);
                     self.g.probe_start.min(self.probe_step)
@@ -616,7 +650,14 @@ impl Controller for Pid {
             };
             self.integral += (1.0 + step).ln() * dt.min(1.0);
             terms = 0.0;
-            reason = format!("p95 {y:.1} ms, no queue (base {base:.1} ms): probing up");
+            reason = if after_cut {
+                format!(
+                    "p95 {y:.1} ms, no queue after a {:.0} % cut: back to the rate before it",
+                    (1.0 - self.last_cut_ln.exp()) * 100.0
+                )
+            } else {
+                format!("p95 {y:.1} ms, no queue (base {base:.1} ms): probing up")
+            };
         } else if y > self.g.severe * sp && d < 0.005 {
             // The queue is at or near the buffer and not draining (the p95 falls by less than
             // 5 ms per second): the size of the overload is hidden by the full buffer, so cut
@@ -707,6 +748,11 @@ impl Controller for Pid {
             self.g.anomaly_damping * ((anomaly - 0.5) * 2.0).clamp(0.0, 1.0) * past
         };
         self.last_damp_ln = (1.0 - damp).max(1e-6).ln();
+        self.last_cut_ln = if sized {
+            0.0
+        } else {
+            (terms + self.last_damp_ln).min(0.0)
+        };
         if damp > 0.0 {
             u *= 1.0 - damp;
             reason.push_str(&format!(

@@ -1137,3 +1137,56 @@ fn a_search_restarted_from_a_held_fit_ends_where_the_p95_reaches_the_band() {
         "{searched:.2} → {next:.2} with the p95 in the band"
     );
 }
+
+#[test]
+fn a_queue_emptied_by_a_cut_returns_to_the_rate_before_it_not_past_it() {
+    use super::pid::PidGains;
+    let l = limits();
+    // At the setpoint with the forest's score where heavy load leaves it on the test bed (0.65):
+    // a window at 59 ms is damped, the queue empties, and the next window shows none. That window
+    // says the cut emptied the queue, not that the link has room over the rate that held the
+    // setpoint: going 5 % past it filled the buffer to 78 ms two windows later on the test bed.
+    let (mut pid, k, r0) = pid_at_the_setpoint_scored(PidGains::default(), 0.65);
+    let cut = observe_scored(&mut pid, &l, k, 59.0, Some(50.0), Some(r0 * 0.8), 0.65);
+    assert!(cut < r0 * 0.97, "no cut at 59 ms: {cut:.2} from {r0:.2}");
+    let back = observe_scored(&mut pid, &l, k + 1, 21.0, Some(20.0), Some(cut * 0.8), 0.65);
+    assert!(
+        back > cut && back <= r0 * 1.005,
+        "after the cut {cut:.2} the rate went to {back:.2}, the setpoint's was {r0:.2}"
+    );
+    // Still no queue a period later: the search goes on from there, a step at a time.
+    let next = observe_scored(
+        &mut pid,
+        &l,
+        k + 2,
+        21.0,
+        Some(20.0),
+        Some(back * 0.8),
+        0.65,
+    );
+    assert!(
+        next > back * 1.01 && next <= back * 1.06,
+        "{back:.2} → {next:.2}"
+    );
+}
+
+#[test]
+fn startup_is_not_ended_by_bursts_at_a_low_setpoint() {
+    use super::pid::{Pid, PidGains};
+    let l = Limits {
+        setpoint_ms: 25.0,
+        ..limits()
+    };
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let r0 = l.max_rps * 0.1;
+    // The test bed's first window at a 25 ms setpoint: the first connections' bursts put the p95
+    // at the setpoint while the median sits at the path's floor and the link is nearly idle.
+    let r1 = observe(&mut pid, &l, 0, 25.6, Some(10.75), Some(0.57));
+    assert!(r1 > r0 * 1.9, "startup ended on bursts: {r0:.2} → {r1:.2}");
+    // A queue the median shows ends it.
+    let r2 = observe(&mut pid, &l, 1, 26.0, Some(22.0), Some(r1 * 0.8));
+    assert!(
+        r2 < r1,
+        "a standing queue did not end startup: {r1:.2} → {r2:.2}"
+    );
+}
