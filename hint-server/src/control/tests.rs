@@ -1173,20 +1173,51 @@ fn a_queue_emptied_by_a_cut_returns_to_the_rate_before_it_not_past_it() {
 #[test]
 fn startup_is_not_ended_by_bursts_at_a_low_setpoint() {
     use super::pid::{Pid, PidGains};
-    let l = Limits {
-        setpoint_ms: 25.0,
-        ..limits()
-    };
-    let mut pid = Pid::new(PidGains::default(), &l);
-    let r0 = l.max_rps * 0.1;
-    // The test bed's first window at a 25 ms setpoint: the first connections' bursts put the p95
-    // at the setpoint while the median sits at the path's floor and the link is nearly idle.
-    let r1 = observe(&mut pid, &l, 0, 25.6, Some(10.75), Some(0.57));
-    assert!(r1 > r0 * 1.9, "startup ended on bursts: {r0:.2} → {r1:.2}");
-    // A queue the median shows ends it.
-    let r2 = observe(&mut pid, &l, 1, 26.0, Some(22.0), Some(r1 * 0.8));
+    // The test bed's first windows at 25 ms and 15 ms setpoints: the first connections' bursts
+    // put the p95 past the setpoint (at 15 ms, past the overload margin too) while the median
+    // sits at the path's floor and the link is nearly idle.
+    for (sp, p95, p50) in [(25.0, 25.6, 10.75), (15.0, 23.6, 9.7)] {
+        let l = Limits {
+            setpoint_ms: sp,
+            ..limits()
+        };
+        let mut pid = Pid::new(PidGains::default(), &l);
+        let r0 = l.max_rps * 0.1;
+        let r1 = observe(&mut pid, &l, 0, p95, Some(p50), Some(0.5));
+        assert!(
+            r1 > r0 * 1.9,
+            "setpoint {sp}: startup ended on bursts: {r0:.2} → {r1:.2}"
+        );
+        // A queue the median shows ends it.
+        let r2 = observe(&mut pid, &l, 1, sp + 1.0, Some(sp - 3.0), Some(r1 * 0.8));
+        assert!(
+            r2 < r1,
+            "setpoint {sp}: a standing queue did not end startup: {r1:.2} → {r2:.2}"
+        );
+    }
+}
+
+#[test]
+fn a_queue_shrunk_by_a_cut_does_not_lift_the_integral_as_room_would() {
+    use super::pid::PidGains;
+    let l = limits();
+    // As above, but the window after the cut still shows bursts (p95 35 ms over a median at its
+    // floor): the room under the setpoint is the cut's, and the integral that held the setpoint
+    // moves on seconds of error (here +0.75 %, with the proportional term's +1.5 %) rather than
+    // on the relative error (+9 %: 11 % over in all).
+    // (No memory of an overload rate here, whose hold would cap the climb.)
+    let mut pid = without_startup(PidGains::default(), &l);
+    let mut r0 = l.max_rps * 0.1;
+    let k = 12;
+    for i in 0..k {
+        let (p95, p50) = if i < 2 { (20.0, 20.0) } else { (50.0, 48.0) };
+        r0 = observe_scored(&mut pid, &l, i, p95, Some(p50), Some(r0 * 0.8), 0.65);
+    }
+    let cut = observe_scored(&mut pid, &l, k, 59.0, Some(50.0), Some(r0 * 0.8), 0.65);
+    assert!(cut < r0 * 0.97, "no cut at 59 ms: {cut:.2} from {r0:.2}");
+    let back = observe_scored(&mut pid, &l, k + 1, 35.0, Some(20.0), Some(cut * 0.8), 0.65);
     assert!(
-        r2 < r1,
-        "a standing queue did not end startup: {r1:.2} → {r2:.2}"
+        back <= r0 * 1.04,
+        "after the cut {cut:.2} the rate went to {back:.2}, the setpoint's was {r0:.2}"
     );
 }
