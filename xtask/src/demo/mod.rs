@@ -890,7 +890,7 @@ mod tests {
         let arms = all_arms(&full, &plan);
         assert_eq!(
             arms,
-            ["off", "pid", "sigmoid", "gradient2", "aimd", "pid@25"]
+            ["off", "pid", "sigmoid", "gradient2", "aimd", "pid@15"]
         );
         assert_eq!(names(arms_of(&full, &plan[0], &arms)), arms);
         for sc in &plan[1..] {

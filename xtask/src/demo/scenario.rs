@@ -176,10 +176,12 @@ pub fn scenario(
             clients: vec![batch_uploads(32), interactive(2, 500.0, UPLOAD_SHARE)],
             duration,
             warmup,
-            // 2.5× the idle round trip (10 ms). Nearer the base the bursts alone reach the
-            // setpoint: at 20 ms a full run's startup ended on a 21.5 ms p95 with no standing
-            // queue, at a third of the link; at 15 ms a trial oscillated.
-            frontier: vec!["pid@25"],
+            // 1.5× the idle round trip (10 ms): 5 ms of queue. Chosen from test-bed trials at
+            // 8069ef8 (3 repeats each beside gradient2 at 19.1 req/s, 43 ms): pid@15 24 ms at
+            // 23.0 req/s, pid@25 51 ms at 22.9, pid@20 94 ms at 22.8 over 2 (a probe past the
+            // fit in one). Before 8069ef8 the bursts of a low setpoint's first window ended
+            // startup at a quarter of the link (pid@15 at 10.1 req/s in one repeat).
+            frontier: vec!["pid@15"],
         },
         "compute-bound" => Scenario {
             name: "compute-bound",
