@@ -1240,7 +1240,7 @@ fn narrowed_under_its_ceiling(anomaly: f64) -> (super::pid::Pid, usize, f64) {
     }
     window(&mut pid, 150.0, 120.0, 16.0);
     for _ in 0..10 {
-        rate = window(&mut pid, 50.0, 48.0, 16.0);
+        window(&mut pid, 50.0, 48.0, 16.0);
     }
     window(&mut pid, 320.0, 320.0, 4.0);
     rate = window(&mut pid, 300.0, 180.0, 4.0);
