@@ -50,6 +50,42 @@ pub fn write(figures: &[Figure], command: &str) -> Result<()> {
 /// [`write`] for figures measured at `when` (a report rendered again from recorded runs keeps
 /// the time its runs were measured).
 pub fn write_measured_at(figures: &[Figure], command: &str, when: SystemTime) -> Result<()> {
+    store(figures, command, when, None)
+}
+
+/// [`write_measured_at`] for a run that measures every figure under `prefix`: the figures it did
+/// not produce are removed rather than kept (a full demo no longer running an arm would otherwise
+/// leave that arm's figures from an older run in the table, as the latest).
+pub fn replace_measured_at(
+    prefix: &str,
+    figures: &[Figure],
+    command: &str,
+    when: SystemTime,
+) -> Result<()> {
+    store(figures, command, when, Some(prefix))
+}
+
+/// Merges `figures` into `results` by key, stamped with `command` and `now`; with `replace`, every
+/// figure under that prefix is removed first.
+fn merge(
+    results: &mut Results,
+    figures: &[Figure],
+    command: &str,
+    now: &str,
+    replace: Option<&str>,
+) {
+    if let Some(prefix) = replace {
+        results.figures.retain(|k, _| !k.starts_with(prefix));
+    }
+    for f in figures {
+        let mut f = f.clone();
+        f.command = command.to_string();
+        f.measured_at = now.to_string();
+        results.figures.insert(f.key.clone(), f);
+    }
+}
+
+fn store(figures: &[Figure], command: &str, when: SystemTime, replace: Option<&str>) -> Result<()> {
     let path = root().join("benchmarks/results.json");
     let mut results: Results = std::fs::read_to_string(&path)
         .ok()
@@ -57,12 +93,7 @@ pub fn write_measured_at(figures: &[Figure], command: &str, when: SystemTime) ->
         .unwrap_or_default();
     let now = humantime::format_rfc3339_seconds(when).to_string();
     results.machine = machine();
-    for f in figures {
-        let mut f = f.clone();
-        f.command = command.to_string();
-        f.measured_at = now.clone();
-        results.figures.insert(f.key.clone(), f);
-    }
+    merge(&mut results, figures, command, &now, replace);
     std::fs::create_dir_all(root().join("benchmarks"))?;
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
@@ -106,4 +137,37 @@ fn machine() -> String {
         .unwrap_or(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} CPUs, Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_replaces_its_prefix_drops_the_figures_it_no_longer_measures() {
+        let mut r = Results::default();
+        let old = [
+            Figure::new("demo.network-bound.pid@25.p99_ms", 50.0, "ms", "old arm"),
+            Figure::new("demo.network-bound.pid.p99_ms", 81.0, "ms", "old run"),
+            Figure::new("agent.events_per_s", 1e5, "events/s", "another bench"),
+        ];
+        merge(&mut r, &old, "before", "t0", None);
+        let new = [Figure::new(
+            "demo.network-bound.pid.p99_ms",
+            70.0,
+            "ms",
+            "new run",
+        )];
+        merge(&mut r, &new, "sudo cargo xtask demo", "t1", Some("demo."));
+        let keys: Vec<&str> = r.figures.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["agent.events_per_s", "demo.network-bound.pid.p99_ms"]
+        );
+        assert_eq!(r.figures["demo.network-bound.pid.p99_ms"].value, 70.0);
+        assert_eq!(r.figures["agent.events_per_s"].measured_at, "t0");
+        // Without a prefix, figures merge by key and nothing else is removed.
+        merge(&mut r, &old[..1], "later", "t2", None);
+        assert_eq!(r.figures.len(), 3);
+    }
 }

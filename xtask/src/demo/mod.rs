@@ -401,7 +401,12 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let rep = report::write(&runs, &plan, &arms, a, &out)?;
     if !a.quick && a.scenario.is_empty() && a.arms.is_empty() {
         report::readme(&out, &rep)?;
-        crate::report::write(&rep.figures, "sudo cargo xtask demo")?;
+        crate::report::replace_measured_at(
+            "demo.",
+            &rep.figures,
+            "sudo cargo xtask demo",
+            std::time::SystemTime::now(),
+        )?;
     }
     step(
         "demo",
@@ -498,7 +503,7 @@ fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
             .map(|r| r.started_unix_ms as f64 + r.duration_s * 1000.0)
             .fold(0.0, f64::max);
         let when = std::time::UNIX_EPOCH + Duration::from_millis(ended_ms as u64);
-        crate::report::write_measured_at(&rep.figures, "sudo cargo xtask demo", when)?;
+        crate::report::replace_measured_at("demo.", &rep.figures, "sudo cargo xtask demo", when)?;
     }
     Ok(())
 }
