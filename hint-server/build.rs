@@ -13,6 +13,8 @@ const UNTIL_VENDORED: &str = "ui/vendor/.not-vendored-yet";
 fn main() -> std::io::Result<()> {
     let vendored = PathBuf::from("ui/vendor/echarts.min.js");
     println!("cargo:rerun-if-changed=ui/vendor");
+    // The folder's time changes when the library is added or removed, not when `cargo xtask
+    // setup` copies a new version over it: watch the file too.
     println!("cargo:rerun-if-changed={}", vendored.display());
     let out_dir = std::env::var("OUT_DIR").map_err(std::io::Error::other)?;
     let out = PathBuf::from(out_dir).join("echarts.min.js");

@@ -44,18 +44,13 @@ const README_START: &str = "<!-- bench:start -->";
 const README_END: &str = "<!-- bench:end -->";
 
 pub fn write(figures: &[Figure], command: &str) -> Result<()> {
-    write_measured_at(figures, command, SystemTime::now())
+    store(figures, command, SystemTime::now(), None)
 }
 
-/// [`write`] for figures measured at `when` (a report rendered again from recorded runs keeps
-/// the time its runs were measured).
-pub fn write_measured_at(figures: &[Figure], command: &str, when: SystemTime) -> Result<()> {
-    store(figures, command, when, None)
-}
-
-/// [`write_measured_at`] for a run that measures every figure under `prefix`: the figures it did
-/// not produce are removed rather than kept (a full demo no longer running an arm would otherwise
-/// leave that arm's figures from an older run in the table, as the latest).
+/// [`write`] for a run that measures every figure under `prefix`, measured at `when` (a report
+/// rendered again from recorded runs keeps the time its runs were measured): the figures under
+/// `prefix` it did not produce are removed rather than kept (a full demo no longer running an arm
+/// would otherwise leave that arm's figures from an older run in the table, as the latest).
 pub fn replace_measured_at(
     prefix: &str,
     figures: &[Figure],

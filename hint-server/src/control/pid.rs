@@ -647,8 +647,7 @@ impl Controller for Pid {
                 self.remember_overload(None);
             }
             let step = match self.congested_u {
-                Some(_) if after_cut => 0.0,
-                Some(c) if self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
+                Some(c) if !after_cut && self.last_u * (1.0 + self.probe_step) > c * 0.9 => {
                     self.congested_u = Some(c * 1.02);
                     self.g.probe_start.min(self.probe_step)
                 }
@@ -759,11 +758,13 @@ impl Controller for Pid {
         // the narrowed link's queue to 21 ms. (On the full 20 Mbit/s link the same cap raised
         // the probe's p99 by about 10 ms: there the damping cuts rates that the probing took
         // past the link, and is left whole.)
-        let narrowed = self.fit_bound
-            && obs
-                .delivered_mbit_s
-                .zip(self.ceiling_mbit)
-                .is_some_and(|(d, c)| d < self.g.room_share() * c);
+        // The window delivered clearly less than the link's ceiling: a link with room, or one
+        // that narrowed since the ceiling was measured (then the loop holds a fit measured since).
+        let short_of_ceiling = obs
+            .delivered_mbit_s
+            .zip(self.ceiling_mbit)
+            .is_some_and(|(d, c)| d < self.g.room_share() * c);
+        let narrowed = self.fit_bound && short_of_ceiling;
         let above_band = if narrowed {
             ((worst - (1.0 - BAND) * sp) / 1000.0 / dt).max(0.0)
         } else {
@@ -803,13 +804,7 @@ impl Controller for Pid {
         // Not, though, under a rate measured to fit the link since it narrowed: the ceiling is
         // the most the link ever delivered, which a narrowed link no longer reaches (lowering
         // the ceiling instead held the rate where bursts hide the room after the link widened).
-        let room = !standing
-            && !self.fit_bound
-            && self.g.link_full > 0.0
-            && obs
-                .delivered_mbit_s
-                .zip(self.ceiling_mbit)
-                .is_some_and(|(d, c)| d < (self.g.room_share()) * c);
+        let room = !standing && !self.fit_bound && self.g.link_full > 0.0 && short_of_ceiling;
         if !in_startup
             && y <= sp
             && !room

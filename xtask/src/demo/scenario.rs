@@ -180,7 +180,9 @@ pub fn scenario(
             // 8069ef8 (3 repeats each beside gradient2 at 19.1 req/s, 43 ms): pid@15 24 ms at
             // 23.0 req/s, pid@25 51 ms at 22.9, pid@20 94 ms at 22.8 over 2 (a probe past the
             // fit in one). Before 8069ef8 the bursts of a low setpoint's first window ended
-            // startup at a quarter of the link (pid@15 at 10.1 req/s in one repeat).
+            // startup at a quarter of the link (pid@15 at 10.1 req/s in one repeat). In the full
+            // run at 56ca5d8 one pid@15 repeat took the empty windows at its fit for a widened path
+            // and restarted its search by doubling (238 ms): a fragility of pid this near the floor.
             frontier: vec!["pid@15"],
         },
         "compute-bound" => Scenario {
