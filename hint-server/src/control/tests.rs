@@ -1276,3 +1276,37 @@ fn under_the_band_at_a_narrowed_links_fit_the_rate_builds_the_missing_queue() {
     assert!(r1 > r0 * 1.015, "held at {r0:.2} → {r1:.2} under the band");
     assert!(r1 < r0 * 1.11, "{r0:.2} → {r1:.2}");
 }
+
+#[test]
+fn a_p95_a_bucket_over_the_floor_is_not_a_widened_path() {
+    use super::pid::{Pid, PidGains};
+    // The test bed's `pid@15`: a 10.8 ms floor, where the agent's buckets are 1 ms wide, so a
+    // quarter of the room to a 15 ms setpoint is one bucket. A queue at the setpoint, then
+    // readings one bucket over the floor at the same rate, read as the path widened and doubled
+    // the rate (47.9 req/s against 23.8, p95 238 ms).
+    let l = Limits {
+        setpoint_ms: 15.0,
+        ..limits()
+    };
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let mut rate = l.max_rps * 0.1;
+    let mut k = 0;
+    let mut window = |pid: &mut Pid, (p95, p50): (f64, f64), rate: f64| {
+        k += 1;
+        observe(pid, &l, k, p95, Some(p50), Some(rate * 0.8))
+    };
+    for w in [(10.8, 10.8), (10.8, 10.8)]
+        .into_iter()
+        .chain(std::iter::repeat_n((15.5, 12.5), 12))
+    {
+        rate = window(&mut pid, w, rate);
+    }
+    let held = rate;
+    for _ in 0..4 {
+        rate = window(&mut pid, (11.8, 11.0), rate);
+        assert!(
+            rate < held * 1.3,
+            "{held:.2} → {rate:.2} on readings one bucket over the floor"
+        );
+    }
+}
