@@ -840,6 +840,37 @@ fn a_queueing_backend_ends_startup_and_holds_the_rate() {
     );
 }
 
+#[test]
+fn one_window_of_backend_queue_does_not_end_startup() {
+    use super::pid::{Pid, PidGains};
+    // The network-bound test bed: a group's first requests reached the backend together and its
+    // second window queued past the objective; startup ended at 10 req/s and the loop crept up
+    // 5 % a period for 12 s under the remembered rate. One such window steps back; the search
+    // goes on when the next shows no queue.
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    let r1 = backend_period(&mut pid, &l, 0, false);
+    let r2 = backend_period(&mut pid, &l, 1, true);
+    assert!(
+        r2 <= r1 * 1.001,
+        "no step back at the backend's queue: {r1} → {r2}"
+    );
+    let r3 = backend_period(&mut pid, &l, 2, false);
+    let r4 = backend_period(&mut pid, &l, 3, false);
+    assert!(
+        r3 > 1.9 * r2 && r4 > 1.9 * r3,
+        "startup ended on one window of backend queue: {r2} → {r3} → {r4}"
+    );
+    // A second queue ends it there, at the rate before it (not half of that).
+    let r5 = backend_period(&mut pid, &l, 4, true);
+    assert!(
+        (r5 - r3).abs() < 1e-6 * r3,
+        "{r4} → {r5}, the rate before was {r3}"
+    );
+    let r6 = backend_period(&mut pid, &l, 5, true);
+    assert!(r6 <= r5 + 1e-9, "rose with the backend queued: {r5} → {r6}");
+}
+
 /// One control period of a bare PID with a whole window: p95, median and what the link
 /// delivered; returns the rate applied.
 fn pid_window(
