@@ -264,11 +264,12 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
             .spawn()?)
     };
     let hints_url = format!("hints:http://{}", hints.addr);
-    let mut paced = ChildGuard(pacer(&[
+    // Longer than the scraping below can take: it is stopped when the guard drops.
+    let _paced = ChildGuard(pacer(&[
         "--users",
         "4",
         "--duration",
-        "6s",
+        "40s",
         "--pacing",
         &hints_url,
         "--client-id",
@@ -292,25 +293,38 @@ fn every_metric_the_grafana_boards_query_is_exported() -> Result<()> {
         "--retries",
         "0",
     ])?);
-    std::thread::sleep(Duration::from_secs(5));
-
-    let mut have = BTreeSet::new();
-    for (who, addr) in [
+    let gpu = fake_gpu_names()?;
+    println!("DCGM names checked through the agent's exporter with the fake GPU provider: {gpu:?}");
+    let mut have: BTreeSet<String> = gpu.into_iter().collect();
+    let wanted = board_metrics()?;
+    // A metric appears once its first event happened (the pacer's first TTFT, the hint server's
+    // first refit): scrape until every board's metric has, or 30 s. One scrape after a fixed 5 s
+    // failed under CI's load, the paced users' first token not yet in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let components = [
         ("agent", agent_metrics),
         ("hint server", hints.metrics),
         ("backend", backend),
         ("pacer", pacer_metrics),
-    ] {
-        let text = scrape_metrics(addr).with_context(|| format!("scraping the {who}"))?;
-        let names = exposed(&text);
-        anyhow::ensure!(!names.is_empty(), "the {who} exported nothing: {text}");
-        have.extend(names);
+    ];
+    let mut last = vec![String::new(); components.len()];
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        for ((who, addr), last) in components.iter().zip(&mut last) {
+            *last = scrape_metrics(*addr).with_context(|| format!("scraping the {who}"))?;
+            have.extend(exposed(last));
+        }
+        if wanted.iter().all(|(m, _)| have.contains(m)) || std::time::Instant::now() > deadline {
+            break;
+        }
     }
-    let _ = paced.0.wait();
-    let gpu = fake_gpu_names()?;
-    println!("DCGM names checked through the agent's exporter with the fake GPU provider: {gpu:?}");
-    have.extend(gpu);
-    let missing: Vec<String> = board_metrics()?
+    for ((who, _), text) in components.iter().zip(&last) {
+        anyhow::ensure!(
+            !exposed(text).is_empty(),
+            "the {who} exported nothing: {text}"
+        );
+    }
+    let missing: Vec<String> = wanted
         .into_iter()
         .filter(|(m, _)| !have.contains(m))
         .map(|(m, board)| format!("{m} ({board})"))
