@@ -181,6 +181,9 @@ pub struct Pid {
     /// guess between two rates.
     #[serde(default)]
     fit_bound: bool,
+    /// … measured in a window whose queue stood all through it (the link busy from end to end).
+    #[serde(default)]
+    fit_full: bool,
     last_u: f64,
     /// The rate applied the period before `last_u`: a window's queue was built by the rates of
     /// the last two periods, not only by the newest.
@@ -284,6 +287,7 @@ impl Pid {
             probe_step: 0.0,
             congested_u: None,
             fit_bound: false,
+            fit_full: false,
             last_u: start,
             prev_u: start,
             last_damp_ln: 0.0,
@@ -320,6 +324,7 @@ impl Pid {
     fn remember_fit(&mut self, fit_u: f64) {
         self.congested_u = Some(fit_u / self.g.hold_fraction.max(0.5));
         self.fit_bound = true;
+        self.fit_full = false;
     }
 
     /// The rate measured to fit the link that the loop holds under, if the memory is one
@@ -444,9 +449,15 @@ impl Controller for Pid {
         // again. (Within the margin the two differ by noise: on the simulated noisy link a refit
         // 5 % lower held the rate just under the link, the queue emptied, and the search
         // restarted by doubling.)
+        // (Not below a fit measured with the queue standing all through its window, but by
+        // another such window: one whose queue drained partway delivered less than the link
+        // carries.)
         let refit = match (fit, self.held_fit()) {
             (Some(f), Some(held))
-                if after_drain && y >= base + no_queue_ms && f * (1.0 + FIT_MARGIN) < held =>
+                if after_drain
+                    && y >= base + no_queue_ms
+                    && (standing || !self.fit_full)
+                    && f * (1.0 + FIT_MARGIN) < held =>
             {
                 self.remember_fit(f);
                 Some(f)
@@ -672,6 +683,33 @@ impl Controller for Pid {
             sized = self.drain_sized;
             self.drained = true;
             reason = format!("p95 {y:.1} ms: draining the queue at the rate chosen for it");
+            // With the queue standing all through this window (the median too) and the cut's, the
+            // link was busy from end to end of both: what they delivered together is what it
+            // carries. Where that fits clearly more than the fit the cut was sized on, that fit
+            // read low — the step's first window, TCP recovering from the drops: on the test bed
+            // 3.7 Mbit/s where the next window delivered 4.75, a fit of 4.7 req/s where 6.0
+            // fitted; held there with no queue, the search restarted from it overshot to 86 ms.
+            // Back to the two windows' fit instead. (Both, not this one alone: under loss the
+            // acknowledgements the first window lacked arrive in the second — 3.6 then 5.3 Mbit/s
+            // on a 5 Mbit/s link — and the second alone fitted 6.8 req/s, and overshot.)
+            let both = self
+                .prev_delivered
+                .zip(self.u_per_mbit)
+                .zip(got)
+                .map(|((before, k), now)| (k * (before + now) / 2.0).min(1.0));
+            if let (true, Some(f), Some(held)) = (standing, both, self.held_fit())
+                && f > held * (1.0 + FIT_MARGIN)
+            {
+                self.remember_fit(f);
+                self.fit_full = true;
+                self.integral = f.max(1e-6).ln();
+                reason = format!(
+                    "p95 {y:.1} ms, draining; the link delivered {:.1} Mbit/s over two windows with the queue standing: {:.1} req/s fit it, where the cut took {:.1}: back to it",
+                    (self.prev_delivered.unwrap_or(0.0) + got.unwrap_or(0.0)) / 2.0,
+                    f * self.max_rps,
+                    held * self.max_rps
+                );
+            }
         } else if y < base + no_queue_ms {
             // No standing queue: the RTT says nothing about the headroom left. Probe upward,
             // multiplicatively; each further period without a queue doubles the step, up to

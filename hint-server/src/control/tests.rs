@@ -911,15 +911,44 @@ fn pid_at_the_setpoint_scored(
 
 /// A PID at the setpoint whose link narrowed to a quarter, the first full window after the step
 /// delivering only 80 % of what the link carries (TCP recovering from the step's drops: the fit
-/// reads 20 % low), cut and drained; returns it, the next period, the rate it holds, what the
-/// narrowed link carries (Mbit/s) and the rate that held the setpoint before.
+/// reads 20 % low), cut and drained — the draining window still delivering 80 %, so the fit read
+/// low is the one held; returns it, the next period, the rate it holds, what the narrowed link
+/// carries (Mbit/s) and the rate that held the setpoint before.
 fn narrowed_with_a_fit_read_low() -> (super::pid::Pid, usize, f64, f64, f64) {
+    narrowed_with_a_fit_read_low_drained_at(0.8)
+}
+
+/// [`narrowed_with_a_fit_read_low`], the draining window (its queue standing all through)
+/// delivering this share of what the link carries.
+fn narrowed_with_a_fit_read_low_drained_at(share: f64) -> (super::pid::Pid, usize, f64, f64, f64) {
     let l = limits();
     let (mut pid, k, r0) = pid_at_the_setpoint(super::pid::PidGains::default());
     let link_mbit = r0 * 0.8 / 4.0;
     pid_window(&mut pid, &l, k, (320.0, 320.0), link_mbit * 0.8);
-    let rate = pid_window(&mut pid, &l, k + 1, (300.0, 180.0), link_mbit);
+    let rate = pid_window(&mut pid, &l, k + 1, (300.0, 280.0), link_mbit * share);
     (pid, k + 2, rate, link_mbit, r0)
+}
+
+#[test]
+fn a_fit_read_low_is_raised_by_the_draining_window_that_delivered_the_whole_link() {
+    let l = limits();
+    // The step's first window read the link 20 % low; the next, its queue standing all through
+    // as well (the link busy from end to end of both), 20 % high — the acknowledgements the
+    // first lacked under loss (on the test bed 3.6, then 5.3 Mbit/s of a 4.7 Mbit/s link). The
+    // two together delivered all the link carries: the loop goes to their fit…
+    let (mut pid, k, rate, link_mbit, r0) = narrowed_with_a_fit_read_low_drained_at(1.2);
+    let fit = r0 / 4.0;
+    assert!(
+        (rate / fit - 1.0).abs() < 0.03,
+        "after the draining window: {rate:.2}, the link fits {fit:.2}"
+    );
+    // …and stays there when the next window's queue drained partway (median at its floor,
+    // delivering what the cut sent): that window did not keep the link busy.
+    let next = pid_window(&mut pid, &l, k, (43.0, 20.0), link_mbit * 0.8);
+    assert!(
+        next >= fit * 0.97,
+        "{rate:.2} → {next:.2} where {fit:.2} fits"
+    );
 }
 
 #[test]
