@@ -683,10 +683,12 @@ impl Controller for Pid {
             sized = self.drain_sized;
             self.drained = true;
             reason = format!("p95 {y:.1} ms: draining the queue at the rate chosen for it");
-            // With the queue standing all through this window (the median too) and the cut's, the
-            // link was busy from end to end of both: what they delivered together is what it
-            // carries. Where that fits clearly more than the fit the cut was sized on, that fit
-            // read low — the step's first window, TCP recovering from the drops: on the test bed
+            // With the queue standing all through this window (the median too), after the window
+            // the cut answered (a queue past the setpoint), the link was busy through both: what
+            // they delivered together is what it carries — or less, where the first window's
+            // queue built only partway through it (startup's last doubling), which errs toward
+            // the cut's fit. Where that fits clearly more than the fit the cut was sized on, that
+            // fit read low — the step's first window, TCP recovering from the drops: on the test bed
             // 3.7 Mbit/s where the next window delivered 4.75, a fit of 4.7 req/s where 6.0
             // fitted; held there with no queue, the search restarted from it overshot to 86 ms.
             // Back to the two windows' fit instead. (Both, not this one alone: under loss the
