@@ -50,14 +50,19 @@ async fn the_bucket_never_exceeds_its_rate_and_serves_in_arrival_order() {
         // First come, first served.
         let order: Vec<usize> = g.iter().map(|x| x.0).collect();
         assert_eq!(order, (0..40).collect::<Vec<_>>(), "rate {rate}");
-        // Any window of length w holds at most rate·w + 1 (the bucket's depth) grants.
+        // Any window of length w holds at most rate·w + 1 (the bucket's depth) grants. The times
+        // are when each task saw its grant, which a loaded machine delays past the grant itself
+        // (CI on two cores: two grants 7.3 ms apart at 137/s seen 1.3 ms apart): a window may read
+        // shorter by that delay, allowed for here as `SEEN_LATE`. A bucket that let through more
+        // than its rate still fails over the longer windows.
+        const SEEN_LATE: f64 = 0.015;
         let t: Vec<Instant> = g.iter().map(|x| x.1).collect();
         for i in 0..t.len() {
             for j in i + 1..t.len() {
                 let w = (t[j] - t[i]).as_secs_f64();
                 let n = (j - i + 1) as f64;
                 assert!(
-                    n <= rate * w + 1.0 + 1e-9 + rate * 0.002,
+                    n <= rate * (w + SEEN_LATE) + 1.0 + 1e-9,
                     "rate {rate}: {n} grants in {w:.4} s"
                 );
             }
