@@ -335,6 +335,12 @@ impl Pid {
             .map(|c| self.g.hold_fraction.max(0.5) * c)
     }
 
+    /// The rate (fraction of max) that fits a link delivering `mbit` Mbit/s, once the rate per
+    /// Mbit/s has been measured.
+    fn fit_at(&self, mbit: f64) -> Option<f64> {
+        self.u_per_mbit.map(|k| (k * mbit).min(1.0))
+    }
+
     /// Remembers a rate guessed to overload the path (`None`: forgets it).
     fn remember_overload(&mut self, u: Option<f64>) {
         self.congested_u = u;
@@ -439,7 +445,7 @@ impl Controller for Pid {
             ),
             _ => self.u_per_mbit,
         };
-        let fit = self.u_per_mbit.zip(got).map(|(k, g)| (k * g).min(1.0));
+        let fit = got.and_then(|g| self.fit_at(g));
         // The window after a drain, with a queue still in its p95, delivered all the narrowed
         // link carries (the queue kept it busy; the step is behind it): where that fits clearly
         // less (by the fit's margin) than the fit the cut was measured on, the lower one is the
@@ -696,18 +702,17 @@ impl Controller for Pid {
             // on a 5 Mbit/s link — and the second alone fitted 6.8 req/s, and overshot.)
             let both = self
                 .prev_delivered
-                .zip(self.u_per_mbit)
                 .zip(got)
-                .map(|((before, k), now)| (k * (before + now) / 2.0).min(1.0));
-            if let (true, Some(f), Some(held)) = (standing, both, self.held_fit())
+                .map(|(before, now)| (before + now) / 2.0);
+            if let (true, Some(mbit), Some(held)) = (standing, both, self.held_fit())
+                && let Some(f) = self.fit_at(mbit)
                 && f > held * (1.0 + FIT_MARGIN)
             {
                 self.remember_fit(f);
                 self.fit_full = true;
                 self.integral = f.max(1e-6).ln();
                 reason = format!(
-                    "p95 {y:.1} ms, draining; the link delivered {:.1} Mbit/s over two windows with the queue standing: {:.1} req/s fit it, where the cut took {:.1}: back to it",
-                    (self.prev_delivered.unwrap_or(0.0) + got.unwrap_or(0.0)) / 2.0,
+                    "p95 {y:.1} ms, draining; the link delivered {mbit:.1} Mbit/s over two windows with the queue standing: {:.1} req/s fit it, where the cut took {:.1}: back to it",
                     f * self.max_rps,
                     held * self.max_rps
                 );
