@@ -1276,6 +1276,20 @@ fn html(
     h
 }
 
+/// The distinct reasons a run's hints gave from `from` on, in order, each cut to its first
+/// clause: what a failed check prints, since CI keeps no report to look at.
+fn reasons_from(r: &Run, from: f64) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    for t in r.ticks.iter().filter(|t| t.t >= from) {
+        let first = t.reason.split(';').next().unwrap_or_default().trim();
+        let line = format!("{:.1} s {first}", t.t - from);
+        if seen.last().is_none_or(|l| !l.ends_with(first)) {
+            seen.push(line);
+        }
+    }
+    seen.join(" | ")
+}
+
 /// The CI checks: the loop works (not timings).
 pub fn check(runs: &[Run], arms: &[String]) -> Vec<String> {
     let mut p = Vec::new();
@@ -1342,7 +1356,10 @@ pub fn check(runs: &[Run], arms: &[String]) -> Vec<String> {
         let after = rate(up, r.duration_s + 1.0);
         let high = after.iter().copied().fold(0.0, f64::max);
         if high <= 1.3 * low {
-            p.push(format!("pid: the group's hint did not recover after the bottleneck widened (min {low:.1}, after {high:.1} req/s)"));
+            p.push(format!(
+                "pid: the group's hint did not recover after the bottleneck widened (min {low:.1}, after {high:.1} req/s); its reasons after the widening: {}",
+                reasons_from(r, up)
+            ));
         }
     }
     // The backend's queue reaches the controller: in the compute-bound scenario the `pid` group's
