@@ -109,6 +109,15 @@ impl Agent {
             .clone()
     }
 
+    /// The newest window, if any has arrived.
+    pub fn latest_window(&self) -> Option<TelemetryWindow> {
+        self.windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .cloned()
+    }
+
     /// Waits until at least `n` windows have arrived.
     pub fn wait_windows(&self, n: usize, timeout: Duration) -> Result<Vec<TelemetryWindow>> {
         let t0 = Instant::now();

@@ -510,25 +510,39 @@ fn rerender(a: &DemoArgs, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the probe's round trip is back near the idle one (the queue is gone) and then two
-/// more agent windows, so the next arm's controller starts from a clean picture; at most 20 s.
+/// Waits until the probe's round trip is back near the idle one (the queue is gone) and then
+/// until the agent has published a whole window that began after that, so the next arm's
+/// controller starts from a window that saw no queue; at most 20 s.
 fn drain(stack: &Stack, base_ms: f64) -> Duration {
     let t0 = Instant::now();
+    let mut drained_at: Option<u64> = None;
     while t0.elapsed() < Duration::from_secs(20) && !stopped() {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = stack.probe.started().elapsed().as_secs_f64();
-        let recent: Vec<f64> = stack
-            .probe
-            .samples()
-            .iter()
-            .filter(|s| s.0 > now - 1.0)
-            .map(|s| s.1)
-            .collect();
-        if !recent.is_empty() && stats::quantile(&recent, 0.99) <= base_ms + 5.0 {
-            break;
+        std::thread::sleep(Duration::from_millis(100));
+        match drained_at {
+            None => {
+                let now = stack.probe.started().elapsed().as_secs_f64();
+                let recent: Vec<f64> = stack
+                    .probe
+                    .samples()
+                    .iter()
+                    .filter(|s| s.0 > now - 1.0)
+                    .map(|s| s.1)
+                    .collect();
+                if !recent.is_empty() && stats::quantile(&recent, 0.99) <= base_ms + 5.0 {
+                    drained_at = Some(unix_ms());
+                }
+            }
+            Some(at) => {
+                if stack
+                    .agent
+                    .latest_window()
+                    .is_some_and(|w| w.start_unix_ms >= at)
+                {
+                    break;
+                }
+            }
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
     t0.elapsed()
 }
 
@@ -712,6 +726,9 @@ fn run_one(
     let mut kbit = sc.rate_kbit;
     let mut next_step = 0;
     let mut last_inc = 0.0;
+    // The loop looks at the pacers every 100 ms (the next run starts soon after they finish) and
+    // records the hints every 500 ms.
+    let mut next_tick = 0.0;
     loop {
         let t = t0.elapsed().as_secs_f64();
         if stopped() {
@@ -725,6 +742,20 @@ fn run_one(
             kbit = k;
             next_step += 1;
         }
+        let running = pacers
+            .iter_mut()
+            .any(|(p, _)| matches!(p.child.try_wait(), Ok(None)));
+        if !running {
+            break;
+        }
+        if t > sc.duration.as_secs_f64() + 40.0 {
+            bail!("{tag}: the pacers did not finish within 40 s of the run's end");
+        }
+        if t < next_tick {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        next_tick = (next_tick + 0.5).max(t);
         let mut tick = Tick {
             t,
             kbit,
@@ -748,16 +779,7 @@ fn run_one(
             bar.inc(1);
             last_inc = t;
         }
-        let running = pacers
-            .iter_mut()
-            .any(|(p, _)| matches!(p.child.try_wait(), Ok(None)));
-        if !running {
-            break;
-        }
-        if t > sc.duration.as_secs_f64() + 40.0 {
-            bail!("{tag}: the pacers did not finish within 40 s of the run's end");
-        }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
     }
     let mut runs = Vec::new();
     for ((mut p, dir), (c, id, offered)) in pacers.into_iter().zip(clients) {
