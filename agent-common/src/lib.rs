@@ -26,20 +26,29 @@ pub mod maps {
     pub const CIDRS: &str = "TF_CIDRS";
     /// `RingBuf`: the final [`crate::FlowState`] of each TCP socket reaching `TCP_CLOSE`.
     pub const CLOSED: &str = "TF_CLOSED";
+    /// `PerCpuArray<FlowState>` with one entry: where a new flow is built (larger than the BPF stack).
+    pub const SCRATCH: &str = "TF_SCRATCH";
 }
 
 /// Program names (the Rust function names in `agent-ebpf`) and the tracepoints they attach to.
 pub mod programs {
+    /// The one classic tracepoint: (program, category, tracepoint). Classic tracepoint programs
+    /// are skipped while the per-CPU `bpf_prog_active` guard is held — by another tracing program,
+    /// or by any BPF map syscall on that CPU, the agent's own window reads included — and the
+    /// kernel counts those runs as the program's `recursion_misses`. A skipped segment costs one
+    /// RTT sample; the hooks whose events must not be lost are raw tracepoints.
     pub const TCP_PROBE: (&str, &str, &str) = ("tf_tcp_probe", "tcp", "tcp_probe");
-    /// A raw tracepoint: (program, tracepoint).
+    /// Raw tracepoints: (program, tracepoint). Their arguments are read by position (checked
+    /// against the kernel's BTF by a test) and the socket's fields through [`crate::KernelOffsets`];
+    /// the kernel skips a raw tracepoint program only when that same program is already running on
+    /// the CPU.
     pub const TCP_RETRANSMIT: (&str, &str) = ("tf_tcp_retransmit_skb", "tcp_retransmit_skb");
-    pub const SOCK_SET_STATE: (&str, &str, &str) =
-        ("tf_inet_sock_set_state", "sock", "inet_sock_set_state");
-    /// Tracepoint programs: (program, category, tracepoint).
-    pub const TRACEPOINTS: [(&str, &str, &str); 3] = [TCP_PROBE, SOCK_SET_STATE, SOCK_SEND];
-    /// `sock:sock_send_length`: a served connection's first response bytes. (A tracepoint: this
-    /// kernel refuses fentry programs, and it has no kprobes.)
-    pub const SOCK_SEND: (&str, &str, &str) = ("tf_sock_send_length", "sock", "sock_send_length");
+    pub const SOCK_SET_STATE: (&str, &str) = ("tf_inet_sock_set_state", "inet_sock_set_state");
+    /// `sock_send_length`: a served connection's first response bytes. (A tracepoint: this kernel
+    /// refuses fentry programs, and it has no kprobes.)
+    pub const SOCK_SEND: (&str, &str) = ("tf_sock_send_length", "sock_send_length");
+    pub const TRACEPOINTS: [(&str, &str, &str); 1] = [TCP_PROBE];
+    pub const RAW_TRACEPOINTS: [(&str, &str); 3] = [TCP_RETRANSMIT, SOCK_SET_STATE, SOCK_SEND];
     /// uprobe / uretprobe pair attached once per `--uprobe` target.
     pub const UPROBE_ENTRY: &str = "tf_uprobe_entry";
     pub const UPROBE_RETURN: &str = "tf_uprobe_return";
@@ -114,6 +123,22 @@ pub struct KernelOffsets {
     pub skb_gso_segs: u32,
     /// `struct tcp_sock` → `total_retrans` (a `u32`): the kernel's own count of retransmitted segments.
     pub tcp_total_retrans: u32,
+    /// `struct sock` → `__sk_common.skc_family` (a `u16`).
+    pub sock_family: u32,
+    /// `struct sock` → `sk_protocol` (a `u16`).
+    pub sock_protocol: u32,
+    /// `struct sock` → `__sk_common.skc_dport` (a `__be16`: the remote port).
+    pub sock_dport: u32,
+    /// `struct sock` → `__sk_common.skc_daddr` (a `__be32`: the remote IPv4 address).
+    pub sock_daddr: u32,
+    /// `struct sock` → `__sk_common.skc_v6_rcv_saddr` (16 bytes: the local IPv6 address).
+    pub sock_v6_saddr: u32,
+    /// `struct sock` → `__sk_common.skc_v6_daddr` (16 bytes: the remote IPv6 address).
+    pub sock_v6_daddr: u32,
+    /// `struct inet_sock` → `inet_sport` (a `__be16`: the local port).
+    pub inet_sport: u32,
+    /// `struct inet_sock` → `inet_saddr` (a `__be32`: the local IPv4 address).
+    pub inet_saddr: u32,
     pub _pad: u32,
 }
 
@@ -129,7 +154,7 @@ pub struct Config {
     pub offsets: KernelOffsets,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 /// Per-flow state, cumulative since the flow was first seen; user space takes deltas.
 /// Updates come from TCP paths that hold the socket lock, so one flow is never updated by two CPUs at once.

@@ -3,8 +3,8 @@
 
 use agent_common::{
     CLOSED_RINGBUF_BYTES, Config, FILTER_CGROUP, FILTER_CIDR, FILTER_NETNS, FILTER_PORTS,
-    FLOW_IGNORED, FlowState, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index, counters,
-    mapped_addr,
+    FLOW_IGNORED, FlowState, KernelOffsets, LatencyHist, MAX_FLOWS, OFFSETS_VALID, bucket_index,
+    counters, mapped_addr,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -42,7 +42,7 @@ static PROBE_LAT: PerCpuHashMap<u32, LatencyHist> = PerCpuHashMap::with_max_entr
 static LAT_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
 
 /// Scratch space for building a new flow: `FlowState` is larger than the 512-byte BPF stack.
-#[map(name = "TF_SCRATCH")]
+#[map(name = "TF_SCRATCH")] // agent_common::maps::SCRATCH
 static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
@@ -102,9 +102,20 @@ pub fn lookup_quiet(sk: u64) -> Lookup {
     Lookup::Tracked(flow)
 }
 
-/// Reads a kernel pointer-sized or smaller value at `base + off`; 0 when the read faults.
+/// The kernel structures' field offsets, once user space has written them (always, before it
+/// attaches: the agent refuses to start without the kernel's BTF).
 #[inline(always)]
-fn read_kernel<T: Default>(base: u64, off: u32) -> T {
+pub fn offsets() -> Option<&'static KernelOffsets> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & OFFSETS_VALID == 0 {
+        return None;
+    }
+    Some(&cfg.offsets)
+}
+
+/// Reads a kernel value at `base + off`; zeroes (the default) when the read faults.
+#[inline(always)]
+pub fn read_kernel<T: Default>(base: u64, off: u32) -> T {
     // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
 }

@@ -1,10 +1,10 @@
-//! The TCP tracepoint programs. Each quotes the fields it reads; the offsets live in
-//! `agent_common::tracepoints` and are checked against the running kernel's format files by a test.
+//! The TCP tracepoint programs. `tcp_probe` reads its record, at offsets in
+//! `agent_common::tracepoints` checked against the running kernel's format file by a test; the raw
+//! tracepoints read their arguments by position and the socket at offsets from the kernel's BTF.
 
 use agent_common::{
-    AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV,
-    TCP_SYN_SENT, bucket_index, counters,
-    tracepoints::{inet_sock_set_state as ss, sock_send_length as sl, tcp_probe as tp},
+    AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, KernelOffsets, TCP_CLOSE, TCP_LISTEN,
+    TCP_SYN_RECV, TCP_SYN_SENT, bucket_index, counters, tracepoints::tcp_probe as tp,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -28,30 +28,6 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 fn read<T: Default>(ctx: &TracePointContext, off: usize) -> T {
     // SAFETY: the offset lies inside the record described by the format file.
     unsafe { ctx.read_at::<T>(off) }.unwrap_or_default()
-}
-
-/// Tuple from a record with separate IPv4 (`saddr[4]`) and IPv6 (`saddr_v6[16]`) fields.
-#[inline(always)]
-fn split_tuple(ctx: &TracePointContext, o: [usize; 7]) -> Tuple {
-    let [family, sport, dport, saddr, daddr, saddr6, daddr6] = o;
-    let family: u16 = read(ctx, family);
-    let mut t = Tuple {
-        family,
-        sport: read(ctx, sport),
-        dport: read(ctx, dport),
-        saddr: [0; 16],
-        daddr: [0; 16],
-    };
-    if family == AF_INET6 {
-        t.saddr = read(ctx, saddr6);
-        t.daddr = read(ctx, daddr6);
-    } else {
-        let s: [u8; 4] = read(ctx, saddr);
-        let d: [u8; 4] = read(ctx, daddr);
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
-    }
-    t
 }
 
 /// `tcp:tcp_probe` — see `agent_common::tracepoints::tcp_probe` for the record.
@@ -134,9 +110,8 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
 
 /// raw tracepoint `tcp_retransmit_skb` —
 /// `TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err)` (checked against the kernel's
-/// BTF `btf_trace_tcp_retransmit_skb` by a test). A raw tracepoint, not the classic one: classic
-/// tracepoint programs share one per-CPU recursion guard, so a retransmit fired from a softirq that
-/// interrupts another of our programs would be skipped, and the count would fall short of the kernel's.
+/// BTF `btf_trace_tcp_retransmit_skb` by a test). A raw tracepoint, not the classic one (see
+/// `agent_common::programs`): a skipped retransmit would leave the count short of the kernel's.
 ///
 /// Counts segments as the kernel's `total_retrans` does, by reading that counter (see
 /// [`flow::sync_retrans`], also run on every state change of the flow): summing skb
@@ -178,19 +153,54 @@ pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `sock:inet_sock_set_state` — see `agent_common::tracepoints::inet_sock_set_state`.
-/// Counts state changes; a socket reaching `TCP_CLOSE` sends its final state to user space through
-/// the ring buffer and leaves the map.
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+/// The socket's addresses and ports as the `inet_sock_set_state` tracepoint's record gives them:
+/// ports in host order; IPv4 from `inet_saddr`/`skc_daddr`, IPv6 from `skc_v6_rcv_saddr`/`skc_v6_daddr`.
+#[inline(always)]
+fn sock_tuple(sk: u64, o: &KernelOffsets) -> Tuple {
+    let family: u16 = flow::read_kernel(sk, o.sock_family);
+    let mut t = Tuple {
+        family,
+        sport: u16::from_be(flow::read_kernel(sk, o.inet_sport)),
+        dport: u16::from_be(flow::read_kernel(sk, o.sock_dport)),
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET6 {
+        t.saddr = flow::read_kernel(sk, o.sock_v6_saddr);
+        t.daddr = flow::read_kernel(sk, o.sock_v6_daddr);
+    } else {
+        let s: [u8; 4] = flow::read_kernel(sk, o.inet_saddr);
+        let d: [u8; 4] = flow::read_kernel(sk, o.sock_daddr);
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+    }
+    t
+}
+
+/// raw tracepoint `inet_sock_set_state` — `TP_PROTO(const struct sock *sk, const int oldstate,
+/// const int newstate)` (checked against the kernel's BTF by a test), fired by
+/// `inet_sk_set_state()`/`inet_sk_state_store()` on every state change of an inet socket (TCP,
+/// SCTP, MPTCP: filter on the protocol). Counts state changes; a socket reaching `TCP_CLOSE` sends
+/// its final state to user space through the ring buffer and leaves the map.
+///
+/// A raw tracepoint (see `agent_common::programs`): as a classic one it was skipped now and then
+/// while the agent read its maps, and a flow whose connect was skipped was created at its first
+/// ACK, its owner unknown and its handshake's retransmitted SYN taken for an earlier life's (one
+/// retransmit short of `ss` under loss).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn tf_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     flow::count(counters::STATE_EVENTS);
-    let protocol: u16 = field(&ctx, ss::PROTOCOL);
+    let Some(o) = flow::offsets() else {
+        return 0;
+    };
+    let sk: u64 = ctx.arg(0);
+    let protocol: u16 = flow::read_kernel(sk, o.sock_protocol);
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    let sk: u64 = field(&ctx, ss::SKADDR);
-    let newstate: i32 = field(&ctx, ss::NEWSTATE);
-    let oldstate: i32 = field(&ctx, ss::OLDSTATE);
+    // Raw arguments are the C values zero-extended to 64 bits.
+    let oldstate = ctx.arg::<u64>(1) as u32 as i32;
+    let newstate = ctx.arg::<u64>(2) as u32 as i32;
     // Listening sockets are not flows (CLOSE→LISTEN, LISTEN→CLOSE). A socket accepted from one is
     // born as a clone in LISTEN and moved to SYN_RECV: that is the new flow's first transition.
     if newstate == TCP_LISTEN as i32
@@ -208,25 +218,13 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
         }
         Lookup::Missing if newstate == TCP_CLOSE as i32 => return 0,
         Lookup::Missing => {
-            let t = split_tuple(
-                &ctx,
-                [
-                    ss::FAMILY,
-                    ss::SPORT,
-                    ss::DPORT,
-                    ss::SADDR,
-                    ss::DADDR,
-                    ss::SADDR_V6,
-                    ss::DADDR_V6,
-                ],
-            );
             // connect() runs in the connecting process: the only transition whose `current` is the owner.
             let pid = if newstate == TCP_SYN_SENT as i32 {
                 (bpf_get_current_pid_tgid() >> 32) as u32
             } else {
                 0
             };
-            match flow::create(sk, &t, pid) {
+            match flow::create(sk, &sock_tuple(sk, o), pid) {
                 Some(f) => f,
                 None => return 0,
             }
@@ -236,7 +234,7 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let f = unsafe { &mut *flow };
     if f.sport == 0 {
         // connect() enters SYN_SENT before it picks the source port: take it from a later event.
-        f.sport = field(&ctx, ss::SPORT);
+        f.sport = u16::from_be(flow::read_kernel(sk, o.inet_sport));
     }
     f.state_changes += 1;
     f.state = newstate as u32;
@@ -253,22 +251,29 @@ pub fn tf_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sock:sock_send_length` — see `agent_common::tracepoints::sock_send_length`.
-/// The first bytes a server sends after a request arrived close that request: time from the request
-/// reaching the socket to the response leaving the application, per local (listening) port.
-#[tracepoint(category = "sock", name = "sock_send_length")]
-pub fn tf_sock_send_length(ctx: TracePointContext) -> u32 {
-    let protocol: u16 = field(&ctx, sl::PROTOCOL);
-    let ret: i32 = field(&ctx, sl::RET);
-    if protocol != IPPROTO_TCP || ret <= 0 {
+/// raw tracepoint `sock_send_length` — `TP_PROTO(struct sock *sk, int ret, int flags)` (checked
+/// against the kernel's BTF by a test), fired by `sock_sendmsg_nosec()` when a send on any socket
+/// returns; `ret` is the bytes accepted (or a negative error). The first bytes a server sends after
+/// a request arrived close that request: time from the request reaching the socket to the response
+/// leaving the application, per local (listening) port. A raw tracepoint (see
+/// `agent_common::programs`): a skipped send lost that request's sample.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn tf_sock_send_length(ctx: RawTracePointContext) -> i32 {
+    let ret = ctx.arg::<u64>(1) as u32 as i32;
+    if ret <= 0 {
         return 0;
     }
-    let sk: u64 = field(&ctx, sl::SK);
+    let sk: u64 = ctx.arg(0);
+    // Every send on the host comes here: the map lookup first, the socket read only for ours.
     if let Lookup::Tracked(flow) = flow::lookup_quiet(sk) {
+        let Some(o) = flow::offsets() else {
+            return 0;
+        };
+        let protocol: u16 = flow::read_kernel(sk, o.sock_protocol);
         // SAFETY: as in `tf_tcp_probe`; a racing sender on the same socket at worst ends the
         // request a moment early or late.
         let f = unsafe { &mut *flow };
-        if f.req_start_ns != 0 {
+        if protocol == IPPROTO_TCP && f.req_start_ns != 0 {
             let now = flow::now_ns();
             flow::record_latency(
                 flow::Latency::Request,

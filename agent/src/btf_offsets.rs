@@ -36,6 +36,14 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         kernfs_id: off("kernfs_node", "id")?,
         skb_gso_segs: off("sk_buff", "cb")? + off("tcp_skb_cb", "tcp_gso_segs")?,
         tcp_total_retrans: off("tcp_sock", "total_retrans")?,
+        sock_family: off("sock", "__sk_common.skc_family")?,
+        sock_protocol: off("sock", "sk_protocol")?,
+        sock_dport: off("sock", "__sk_common.skc_dport")?,
+        sock_daddr: off("sock", "__sk_common.skc_daddr")?,
+        sock_v6_saddr: off("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        sock_v6_daddr: off("sock", "__sk_common.skc_v6_daddr")?,
+        inet_sport: off("inet_sock", "inet_sport")?,
+        inet_saddr: off("inet_sock", "inet_saddr")?,
         _pad: 0,
     })
 }
@@ -163,18 +171,33 @@ mod tests {
         assert!(o.kernfs_id > 0 && o.cgroup_kn > 0, "{o:?}");
         // `tcp_sock` starts with `inet_connection_sock`, which starts with `struct sock`.
         assert!(o.tcp_total_retrans > o.sock_cgroup, "{o:?}");
+        // `struct sock_common` opens with the address pair, then the port pair (dport first).
+        assert_eq!((o.sock_daddr, o.sock_dport), (0, 12), "{o:?}");
+        assert!(o.sock_family > o.sock_dport && o.sock_family < 24, "{o:?}");
+        assert!(
+            o.sock_v6_daddr > o.sock_family && o.sock_v6_saddr == o.sock_v6_daddr + 16,
+            "{o:?}"
+        );
+        assert!(o.sock_protocol > o.sock_v6_saddr, "{o:?}");
+        // `inet_sock` starts with `struct sock`.
+        assert!(
+            o.inet_saddr > o.sock_protocol && o.inet_sport > o.inet_saddr,
+            "{o:?}"
+        );
     }
 
-    /// The raw tracepoint program reads its arguments by position: check them against the kernel.
+    /// The raw tracepoint programs read their arguments by position: check them against the kernel.
     #[test]
-    fn tcp_retransmit_skb_raw_arguments_match() {
+    fn raw_tracepoint_arguments_match() {
         let path = Path::new(VMLINUX_BTF);
         if !path.exists() {
             eprintln!("skip: {VMLINUX_BTF} absent");
             return;
         }
-        let args = raw_tracepoint_args(path, "tcp_retransmit_skb").unwrap();
-        assert_eq!(args, ["*sock", "*sk_buff", "int"]);
+        let args = |name| raw_tracepoint_args(path, name).unwrap();
+        assert_eq!(args("tcp_retransmit_skb"), ["*sock", "*sk_buff", "int"]);
+        assert_eq!(args("inet_sock_set_state"), ["*sock", "int", "int"]);
+        assert_eq!(args("sock_send_length"), ["*sock", "int", "int"]);
     }
 
     #[test]

@@ -81,19 +81,17 @@ impl Capture {
         ensure_tracefs()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| privilege_hint(e.into()))?;
 
-        let mut cfg = Config::default();
-        match btf_offsets::kernel_offsets(btf) {
-            Ok(offsets) => {
-                cfg.offsets = offsets;
-                cfg.flags |= OFFSETS_VALID;
-            }
-            Err(e) if filter.netns.is_some() || filter.cgroup_id.is_some() => {
-                return Err(e).context("netns/cgroup filters need the kernel's BTF");
-            }
-            Err(e) => tracing::warn!(
-                "{e}; netns, cgroup and multi-segment retransmit counts will be missing"
-            ),
-        }
+        // The raw tracepoint programs read the socket through these: without them they would see
+        // no state change and no response, so no BTF is an error, not a degraded mode.
+        let offsets = btf_offsets::kernel_offsets(btf).context(
+            "the kernel programs read sockets at offsets from the kernel's BTF \
+             (CONFIG_DEBUG_INFO_BTF=y, or point --btf at a vmlinux BTF file)",
+        )?;
+        let mut cfg = Config {
+            flags: OFFSETS_VALID,
+            offsets,
+            ..Config::default()
+        };
         if !filter.ports.is_empty() {
             cfg.flags |= FILTER_PORTS;
             let mut ports: Array<_, u8> = Array::try_from(map(&mut ebpf, maps::PORTS)?)?;
@@ -132,12 +130,13 @@ impl Capture {
             .set(0, cfg, 0)
             .context("writing the capture config")?;
 
-        let (prog, tracepoint) = programs::TCP_RETRANSMIT;
-        let p: &mut RawTracePoint = program(&mut ebpf, prog)?;
-        p.load()
-            .with_context(|| format!("verifier rejected {prog}"))?;
-        p.attach(tracepoint)
-            .with_context(|| format!("attaching {prog} to raw tracepoint {tracepoint}"))?;
+        for (prog, tracepoint) in programs::RAW_TRACEPOINTS {
+            let p: &mut RawTracePoint = program(&mut ebpf, prog)?;
+            p.load()
+                .with_context(|| format!("verifier rejected {prog}"))?;
+            p.attach(tracepoint)
+                .with_context(|| format!("attaching {prog} to raw tracepoint {tracepoint}"))?;
+        }
         for (prog, category, tracepoint) in programs::TRACEPOINTS {
             let p: &mut TracePoint = program(&mut ebpf, prog)?;
             p.load()

@@ -72,7 +72,7 @@ pub struct Args {
     #[arg(long, env = "TOKENFLOW_CGROUP")]
     pub cgroup: Option<String>,
 
-    /// Kernel BTF used to locate struct fields (netns, cgroup, segment counts).
+    /// Kernel BTF used to locate the socket fields the kernel programs read (required).
     #[arg(long, env = "TOKENFLOW_BTF", default_value = crate::btf_offsets::VMLINUX_BTF)]
     pub btf: PathBuf,
 
