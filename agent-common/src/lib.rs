@@ -26,7 +26,8 @@ pub mod maps {
     pub const CIDRS: &str = "TF_CIDRS";
     /// `RingBuf`: the final [`crate::FlowState`] of each TCP socket reaching `TCP_CLOSE`.
     pub const CLOSED: &str = "TF_CLOSED";
-    /// `PerCpuArray<FlowState>` with one entry: where a new flow is built (larger than the BPF stack).
+    /// `PerCpuArray<FlowState>`, one entry per creating program: where a new flow is built (larger
+    /// than the BPF stack).
     pub const SCRATCH: &str = "TF_SCRATCH";
 }
 

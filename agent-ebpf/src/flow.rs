@@ -41,14 +41,26 @@ static PROBE_LAT: PerCpuHashMap<u32, LatencyHist> = PerCpuHashMap::with_max_entr
 #[map(name = "TF_LAT_ZERO")]
 static LAT_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
 
-/// Scratch space for building a new flow: `FlowState` is larger than the 512-byte BPF stack.
+/// Scratch space for building a new flow: `FlowState` is larger than the 512-byte BPF stack. One
+/// slot per creating program ([`Creator`]): a raw tracepoint program can run in a softirq that
+/// interrupts the classic one on the same CPU (and the other way round), and a shared slot would
+/// then hand one socket's half-built flow to the other.
 #[map(name = "TF_SCRATCH")] // agent_common::maps::SCRATCH
-static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(2, 0);
+
+/// Which program creates a flow: each has its own scratch slot (a program never nests in itself).
+#[derive(Clone, Copy)]
+pub enum Creator {
+    TcpProbe = 0,
+    SetState = 1,
+}
 
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, programs do not nest on one CPU for these tracepoints.
+        // SAFETY: per-CPU slot. A raw tracepoint program that interrupts another of ours on this
+        // CPU between its load and its store can lose one count: these are diagnostics, and the
+        // bpfel target has no atomic read-modify-write in `core` to rule it out.
         unsafe { *c += 1 };
     }
 }
@@ -123,10 +135,11 @@ pub fn read_kernel<T: Default>(base: u64, off: u32) -> T {
 /// Creates the flow for `sk` (first event seen for it), applying the filter once per flow.
 /// Returns `None` when the filter excludes it or the map is full.
 #[inline(always)]
-pub fn create(sk: u64, tuple: &Tuple, pid: u32) -> Option<*mut FlowState> {
+pub fn create(sk: u64, tuple: &Tuple, pid: u32, by: Creator) -> Option<*mut FlowState> {
     let cfg = CONFIG.get(0)?;
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch slot, exclusively ours for the duration of this program run.
+    let scratch = SCRATCH.get_ptr_mut(by as u32)?;
+    // SAFETY: per-CPU scratch slot of this program, which does not nest in itself: exclusively
+    // ours for the duration of this run.
     let flow = unsafe { &mut *scratch };
     *flow = FlowState::zeroed();
     flow.sk = sk;

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 
-use crate::flow::{self, CLOSED, FLOWS, Lookup, Tuple};
+use crate::flow::{self, CLOSED, Creator, FLOWS, Lookup, Tuple};
 
 /// Direct load from the tracepoint record. Only for naturally aligned fields: the verifier allows
 /// aligned context loads, which cost far less than `bpf_probe_read_kernel`.
@@ -57,7 +57,7 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
                 t.saddr = read(&ctx, tp::SADDR + 8);
                 t.daddr = read(&ctx, tp::DADDR + 8);
             }
-            match flow::create(sk, &t, 0) {
+            match flow::create(sk, &t, 0, Creator::TcpProbe) {
                 Some(f) => f,
                 None => return 0,
             }
@@ -224,7 +224,7 @@ pub fn tf_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
             } else {
                 0
             };
-            match flow::create(sk, &sock_tuple(sk, o), pid) {
+            match flow::create(sk, &sock_tuple(sk, o), pid, Creator::SetState) {
                 Some(f) => f,
                 None => return 0,
             }
