@@ -392,10 +392,16 @@ impl EchoProbe {
 
     /// Samples so far: (seconds since start at the write, round trip in ms).
     pub fn samples(&self) -> Vec<(f64, f64)> {
-        self.samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.samples_since(f64::NEG_INFINITY)
+    }
+
+    /// The samples written at `from` (seconds since start) or later: a copy of the recent tail
+    /// without copying the whole history. Replies come back over one connection in the order the
+    /// probes were written, so the samples are sorted by write time.
+    pub fn samples_since(&self, from: f64) -> Vec<(f64, f64)> {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let first = s.partition_point(|x| x.0 < from);
+        s[first..].to_vec()
     }
 }
 

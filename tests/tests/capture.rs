@@ -233,8 +233,9 @@ fn program_misses() -> Result<Vec<(String, u64)>> {
 /// guard): a timer's softirq delivering a segment in the middle of the agent's own map reads lost
 /// the event. Here threads read a map on every CPU without pause while connections open, lose
 /// segments behind a tbf bottleneck (delivered from its timer) and close. `tcp_probe`, the one
-/// classic tracepoint left, misses runs — the stress works — while the raw programs miss none, and
-/// every connection shows its whole life: connect with its owner, every retransmit, close.
+/// classic tracepoint left, misses runs — the stress works — while the raw programs miss at most
+/// the few runs in which one interrupts itself (counted by the kernel), and every connection shows
+/// its whole life — connect with its owner, five states, close — but for those counted runs.
 #[test]
 fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     use std::sync::{

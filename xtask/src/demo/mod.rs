@@ -523,9 +523,8 @@ fn drain(stack: &Stack, base_ms: f64) -> Duration {
                 let now = stack.probe.started().elapsed().as_secs_f64();
                 let recent: Vec<f64> = stack
                     .probe
-                    .samples()
+                    .samples_since(now - 1.0)
                     .iter()
-                    .filter(|s| s.0 > now - 1.0)
                     .map(|s| s.1)
                     .collect();
                 if !recent.is_empty() && stats::quantile(&recent, 0.99) <= base_ms + 5.0 {
@@ -751,33 +750,31 @@ fn run_one(
         if t > sc.duration.as_secs_f64() + 40.0 {
             bail!("{tag}: the pacers did not finish within 40 s of the run's end");
         }
-        if t < next_tick {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        next_tick = (next_tick + 0.5).max(t);
-        let mut tick = Tick {
-            t,
-            kbit,
-            ..Default::default()
-        };
-        if arm != "off" {
-            for (c, id, _) in &clients {
-                if let Some(h) = stack.hint(id) {
-                    tick.hint_rps
-                        .push((c.role.name().to_string(), h.rate_limit_rps));
-                    tick.observed_p95_ms = tick.observed_p95_ms.or(h.observed_rtt_ms);
-                    if c.role == Role::Batch {
-                        tick.stale = h.stale;
-                        tick.reason = h.reason;
+        if t >= next_tick {
+            next_tick = (next_tick + 0.5).max(t);
+            let mut tick = Tick {
+                t,
+                kbit,
+                ..Default::default()
+            };
+            if arm != "off" {
+                for (c, id, _) in &clients {
+                    if let Some(h) = stack.hint(id) {
+                        tick.hint_rps
+                            .push((c.role.name().to_string(), h.rate_limit_rps));
+                        tick.observed_p95_ms = tick.observed_p95_ms.or(h.observed_rtt_ms);
+                        if c.role == Role::Batch {
+                            tick.stale = h.stale;
+                            tick.reason = h.reason;
+                        }
                     }
                 }
             }
-        }
-        ticks.push(tick);
-        if t - last_inc >= 1.0 {
-            bar.inc(1);
-            last_inc = t;
+            ticks.push(tick);
+            if t - last_inc >= 1.0 {
+                bar.inc(1);
+                last_inc = t;
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -807,9 +804,8 @@ fn run_one(
     }
     let probe = stack
         .probe
-        .samples()
+        .samples_since(probe_from)
         .into_iter()
-        .filter(|(t, _)| *t >= probe_from)
         .map(|(t, rtt)| (t - probe_from, rtt))
         .collect();
     let inter = format!("{SERVER_ADDR_2}:{BACKEND_PORT}");
