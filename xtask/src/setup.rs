@@ -45,6 +45,7 @@ pub fn setup() -> Result<()> {
     python_tools()?;
     ui_vendor()?;
     kernel_filesystems()?;
+    kernel_btf()?;
     step("setup", "ready");
     Ok(())
 }
@@ -253,4 +254,31 @@ fn kernel_filesystems() -> Result<()> {
         run(Command::new("mount").args(["-t", fs, fs, dir]))?;
     }
     Ok(())
+}
+
+/// The agent reads socket fields at offsets from the kernel's BTF and refuses to start without
+/// it; the tests and the demo start the agent, so a machine without BTF is told here, first.
+/// `TOKENFLOW_BTF` (the agent's `--btf`, inherited by the agents the tests and demo start) points
+/// at a vmlinux BTF file where the kernel does not expose one.
+fn kernel_btf() -> Result<()> {
+    let (path, from_env) = match std::env::var_os("TOKENFLOW_BTF") {
+        Some(p) => (std::path::PathBuf::from(p), true),
+        None => (std::path::PathBuf::from("/sys/kernel/btf/vmlinux"), false),
+    };
+    if path.is_file() {
+        step("setup", format!("kernel BTF at {}: present", path.display()));
+        return Ok(());
+    }
+    if from_env {
+        bail!(
+            "TOKENFLOW_BTF={} is not a file: point it at this kernel's vmlinux BTF",
+            path.display()
+        );
+    }
+    bail!(
+        "this kernel exposes no BTF at {}: the agent needs it (a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y, as Debian's and Ubuntu's are), or set TOKENFLOW_BTF to a vmlinux \
+         BTF file for this kernel (e.g. from btfhub)",
+        path.display()
+    )
 }
