@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bpf;
 pub mod hint_server;
 pub mod redis_server;
 pub mod ss;

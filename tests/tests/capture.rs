@@ -14,7 +14,7 @@ use tokenflow_testbed::{
     CLIENT_ADDR, SERVER_ADDR, Testbed,
     traffic::{DiscardServer, connect_from, send_paced, wait_acked},
 };
-use tokenflow_tests::{agent::Agent, privileged, ss};
+use tokenflow_tests::{agent::Agent, bpf::Misses, privileged, ss};
 
 fn server(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(SERVER_ADDR, port))
@@ -211,23 +211,6 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
     Ok(())
 }
 
-/// Each of the agent's programs with the runs the kernel skipped (`recursion_misses`; absent
-/// means none).
-fn program_misses() -> Result<Vec<(String, u64)>> {
-    Ok(bpftool_programs()?
-        .iter()
-        .filter_map(|p| {
-            let name = p["name"].as_str()?;
-            name.starts_with("tf_").then(|| {
-                (
-                    name.to_string(),
-                    p["recursion_misses"].as_u64().unwrap_or(0),
-                )
-            })
-        })
-        .collect())
-}
-
 /// The agent's state changes, retransmits and sends are raw tracepoints because classic tracepoint
 /// programs are skipped while any BPF map syscall runs on the CPU (the per-CPU `bpf_prog_active`
 /// guard): a timer's softirq delivering a segment in the middle of the agent's own map reads lost
@@ -254,7 +237,7 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     bed.set_loss(100, 5208)?;
     let _srv = DiscardServer::start(&bed.server, server(5208))?;
     let mut agent = agent_for(&bed, 5208)?;
-    let before = program_misses()?;
+    let before = Misses::now()?;
     // The agent's scratch flow: every read copies one FlowState per CPU, a long stretch with
     // the guard held.
     let scratch = loaded_maps()
@@ -314,17 +297,9 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
         .into_iter()
         .map(|r| r.join().expect("reader thread panicked"))
         .sum::<Result<u64>>()?;
-    let after = program_misses()?;
+    let after = Misses::now()?;
     agent.signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))?;
-    let missed = |name: &str| {
-        let of = |v: &[(String, u64)]| {
-            v.iter()
-                .filter(|(n, _)| name.starts_with(n.as_str()))
-                .map(|(_, m)| m)
-                .sum::<u64>()
-        };
-        of(&after).saturating_sub(of(&before))
-    };
+    let missed = |name: &str| after.since(&before, name);
     let windows = agent.windows();
     let mut retransmits = 0;
     let mut incomplete = Vec::new();
@@ -456,24 +431,9 @@ fn cgroup_and_netns_filters_keep_only_matching_flows() -> Result<()> {
     result
 }
 
-/// Every loaded BPF program as `bpftool prog show --json` describes it.
-fn bpftool_programs() -> Result<Vec<serde_json::Value>> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("bpftool")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
-
 /// Names of loaded BPF programs.
 fn loaded_programs() -> Result<Vec<String>> {
-    Ok(bpftool_programs()?
+    Ok(tokenflow_tests::bpf::programs()?
         .iter()
         .filter_map(|p| p["name"].as_str().map(str::to_string))
         .collect())
