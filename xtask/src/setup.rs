@@ -266,7 +266,10 @@ fn kernel_btf() -> Result<()> {
         None => (std::path::PathBuf::from("/sys/kernel/btf/vmlinux"), false),
     };
     if path.is_file() {
-        step("setup", format!("kernel BTF at {}: present", path.display()));
+        step(
+            "setup",
+            format!("kernel BTF at {}: present", path.display()),
+        );
         return Ok(());
     }
     if from_env {
