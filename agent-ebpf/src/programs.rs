@@ -243,7 +243,10 @@ pub fn tf_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     }
     flow::sync_retrans(f);
     if newstate == TCP_CLOSE as i32 {
-        if CLOSED.output::<agent_common::FlowState>(&*f, 0).is_err() {
+        if CLOSED
+            .output::<agent_common::FlowState>(&*f, flow::closed_wakeup())
+            .is_err()
+        {
             flow::count(counters::CLOSED_DROPPED);
         }
         let _ = FLOWS.remove(sk);
