@@ -188,6 +188,7 @@ fn close_window(
         backlog: backlog.sample(),
         req_lat: k.req_lat,
         probe_lat: k.probe_lat,
+        skipped_runs: k.skipped_runs,
     });
     *start_ms = end;
     Ok(w)

@@ -32,6 +32,8 @@ pub struct Snapshot {
     /// Cumulative request latency per local port, and per uprobe id.
     pub req_lat: BTreeMap<u32, LatencyHist>,
     pub probe_lat: BTreeMap<u32, LatencyHist>,
+    /// Runs of the programs the kernel skipped since they were loaded.
+    pub skipped_runs: u64,
 }
 
 /// Snapshots a vanished flow's last live copy is kept waiting for its final state.
@@ -49,6 +51,7 @@ pub struct WindowBuilder {
     /// whole life into one window.
     vanished: HashMap<(u64, u64), (FlowState, u32)>,
     prev_counters: Counters,
+    prev_skipped_runs: u64,
     next_seq: u64,
     /// (label, target) of each uprobe, by probe id.
     probes: Vec<(String, String)>,
@@ -218,8 +221,10 @@ impl WindowBuilder {
             filtered_events: c(counters::FILTERED_EVENTS),
             retransmits_untracked: c(counters::RETRANSMIT_UNTRACKED),
             flows_tracked: snap.live.len() as u32,
+            runs_skipped: snap.skipped_runs.saturating_sub(self.prev_skipped_runs),
         };
         self.prev_counters = snap.counters;
+        self.prev_skipped_runs = snap.skipped_runs;
         let request_latency = latency_deltas(&snap.req_lat, &self.prev_req_lat)
             .map(|(port, latency)| PortLatency {
                 port: port as u16,

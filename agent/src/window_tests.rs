@@ -36,6 +36,7 @@ fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
         backlog: Default::default(),
         req_lat: Default::default(),
         probe_lat: Default::default(),
+        skipped_runs: 0,
     }
 }
 

@@ -299,6 +299,12 @@ pub struct CaptureStats {
     pub retransmits_untracked: u64,
     /// Flows in the kernel map at the end of the interval.
     pub flows_tracked: u32,
+    /// Runs of the agent's programs that the kernel skipped (their `recursion_misses`): events
+    /// never seen. A classic tracepoint (`tcp_probe`) or a uprobe is skipped while a BPF map
+    /// syscall or another tracing program holds the CPU; a raw tracepoint only when it would
+    /// interrupt itself (a softirq's state change during a connect() or close() on the same CPU).
+    #[serde(default)]
+    pub runs_skipped: u64,
 }
 
 /// Labelled telemetry recorded from the test bed (`cargo xtask record-trace`), one JSON line per

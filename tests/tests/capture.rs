@@ -352,6 +352,15 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
         probe_missed > 0,
         "the map reads never held off tcp_probe: this test no longer stresses what it is about"
     );
+    // The agent reports the skips itself (its windows' `capture.runs_skipped`, from the
+    // programs' fdinfo): at least every one bpftool counted before it stopped (its last window
+    // may hold a few more).
+    let counted: u64 = agent_common::programs::ALL.iter().map(|p| missed(p)).sum();
+    let reported: u64 = windows.iter().map(|w| w.capture.runs_skipped).sum();
+    assert!(
+        reported >= counted,
+        "the agent reported {reported} skipped runs, bpftool counted {counted}"
+    );
     assert!(retransmits > 0, "10 % loss produced no retransmit");
     Ok(())
 }

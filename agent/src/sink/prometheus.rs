@@ -235,6 +235,7 @@ fn record(w: &TelemetryWindow) {
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "flow_map_full")
         .increment(c.flow_insert_failed);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
+    counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "skipped_by_kernel").increment(c.runs_skipped);
     record_gpu(&w.gpu);
     for l in &w.backlog.listeners {
         let port = [("port", l.port.to_string())];
