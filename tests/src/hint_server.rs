@@ -23,34 +23,51 @@ pub struct HintServer {
 
 impl HintServer {
     /// Starts the server next to the test executable on free ports and waits for `/healthz`.
+    /// A port found free can be taken before the server binds it (another test's outgoing
+    /// connection picks its source port from the same range): a server that exits before it
+    /// answers is started again on other ports, up to three times.
     pub fn start(redis_url: &str, token: &str, extra: &[&str]) -> Result<Self> {
         let bin = crate::agent::sibling_binary("tokenflow-hint-server")?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let child = Command::new(&bin)
-            .arg("serve")
-            .args(["--redis", redis_url, "--listen", &addr.to_string()])
-            .args(["--metrics-addr", &metrics.to_string(), "--token", token])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let s = Self {
-            child,
-            addr,
-            metrics,
-        };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if s.request("GET", "/healthz", None, None)
-                .is_ok_and(|(c, _)| c == 200)
-            {
-                return Ok(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        for attempt in 1..=3 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let mut child = Command::new(&bin)
+                .arg("serve")
+                .args(["--redis", redis_url, "--listen", &addr.to_string()])
+                .args(["--metrics-addr", &metrics.to_string(), "--token", token])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let t0 = Instant::now();
+            let exited = loop {
+                if http(addr, "GET", "/healthz", None, None).is_ok_and(|(c, _)| c == 200) {
+                    return Ok(Self {
+                        child,
+                        addr,
+                        metrics,
+                    });
+                }
+                if let Some(status) = child.try_wait()? {
+                    break status;
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    // Dropped as a HintServer: stopped and reaped.
+                    drop(Self {
+                        child,
+                        addr,
+                        metrics,
+                    });
+                    bail!("the hint server did not answer /healthz within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            eprintln!(
+                "the hint server exited ({exited}) before answering on {addr} (attempt {attempt} of 3)"
+            );
         }
-        bail!("the hint server did not answer /healthz within 10 s")
+        bail!("the hint server exited before answering, three times (its error is above)")
     }
 
     /// One request; returns the status code and body.
