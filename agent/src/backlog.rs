@@ -154,12 +154,12 @@ fn open_socket() -> Result<Socket> {
     Ok(socket)
 }
 
-/// Listeners, and established connections grouped by the listening port they belong to.
 /// A port the report covers: one of `only`, or any when `only` is empty.
 fn watched(only: &BTreeSet<u16>, port: u16) -> bool {
     only.is_empty() || only.contains(&port)
 }
 
+/// Listeners, and established connections grouped by the listening port they belong to.
 pub fn summarise(sockets: &[InetResponseHeader], only: &BTreeSet<u16>) -> BacklogWindow {
     let wanted = |p: u16| watched(only, p);
     let mut listeners = Vec::new();

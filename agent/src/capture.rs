@@ -207,8 +207,11 @@ impl Capture {
         for (name, p) in self.ebpf.programs() {
             // Programs not loaded (no uprobe asked for) have no fd and no runs.
             if let Ok(fd) = p.fd() {
-                skipped_runs += skipped(std::os::fd::AsFd::as_fd(fd))
-                    .with_context(|| format!("reading {name}'s skipped runs"))?;
+                // A count that cannot be read is not worth the window: it reads as none.
+                match skipped(std::os::fd::AsFd::as_fd(fd)) {
+                    Ok(n) => skipped_runs += n,
+                    Err(e) => tracing::warn!(program = name, "reading its skipped runs: {e:#}"),
+                }
             }
         }
         Ok(KernelState {
