@@ -334,8 +334,11 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     );
     // A raw program is still skipped when it interrupts itself on one CPU (a softirq's state
     // change while a process-context one runs): rarely — where the classic program lost 20–27
-    // of these 300 changes — and the kernel counts each, so every state a connection lacks is
-    // one of those (a skipped run may also be another socket's: the server's, unwatched).
+    // of these 300 changes — and the kernel counts each, so every state a connection lacks must
+    // be one of those (a skipped run may also be another socket's: the server's, unwatched).
+    // Open bug: twice in local CI runs (at 54fcec0 and a47d784; not in dozens of runs alone) one
+    // connection lacked ESTABLISHED with no skip counted — 299 changes in all, so the event was
+    // not counted on any flow. Its cause is not found yet; this assertion stays to catch it.
     for (prog, _) in agent_common::programs::RAW_TRACEPOINTS {
         assert!(missed(prog) <= 5, "{prog} skipped {} runs", missed(prog));
     }
