@@ -1,19 +1,13 @@
 //! The kernel's view of the loaded BPF programs (`bpftool prog show --json`), for tests that must
 //! tell an event the agent lost from one the kernel never ran its program for.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 /// Every loaded BPF program as `bpftool prog show --json` describes it.
 pub fn programs() -> Result<Vec<serde_json::Value>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("bpftool")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = tokenflow_testbed::run(
+        std::process::Command::new("bpftool").args(["prog", "show", "--json"]),
+    )?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     Ok(v.as_array().cloned().unwrap_or_default())
 }

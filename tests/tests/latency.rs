@@ -104,20 +104,20 @@ impl Skipped {
             uprobe: now.since(before, UPROBE_ENTRY) + now.since(before, UPROBE_RETURN),
         })
     }
+}
 
-    /// `n` samples of `what` for `requests`: every one missing is a counted skip.
-    fn check(n: u64, requests: u64, skipped: u64, what: &str) {
-        assert!(
-            n <= requests && requests - n <= skipped,
-            "{n} {what} samples for {requests} requests, and the kernel skipped {skipped} runs of the programs they need: \
-             each missing sample must be a counted skip"
+/// `n` samples of `what` for `requests`: every one missing is a counted skip.
+fn assert_counted(n: u64, requests: u64, skipped: u64, what: &str) {
+    assert!(
+        n <= requests && requests - n <= skipped,
+        "{n} {what} samples for {requests} requests, and the kernel skipped {skipped} runs of the programs they need: \
+         each missing sample must be a counted skip"
+    );
+    if n < requests {
+        eprintln!(
+            "{} of {requests} {what} samples lost to runs the kernel skipped ({skipped} counted)",
+            requests - n
         );
-        if n < requests {
-            eprintln!(
-                "{} of {requests} {what} samples lost to runs the kernel skipped ({skipped} counted)",
-                requests - n
-            );
-        }
     }
 }
 
@@ -181,8 +181,8 @@ fn kernel_request_latency_matches_a_real_http_client() -> Result<()> {
     eprintln!(
         "30 requests: client TTFB mean {client_mean:.0} µs; kernel socket-level {n} × {kernel_mean:.0} µs; uprobe {pn} × {probe_mean:.0} µs"
     );
-    Skipped::check(n, 30, skipped.socket, "socket-level");
-    Skipped::check(pn, 30, skipped.uprobe, "uprobe");
+    assert_counted(n, 30, skipped.socket, "socket-level");
+    assert_counted(pn, 30, skipped.uprobe, "uprobe");
     assert!(
         kernel_mean <= client_mean,
         "the kernel sees the request later and the response earlier"
@@ -309,7 +309,7 @@ fn kernel_request_latency_matches_a_real_grpc_client() -> Result<()> {
         / n.max(1) as f64;
     let client_mean = client.iter().sum::<Duration>().as_micros() as f64 / client.len() as f64;
     eprintln!("gRPC: client mean {client_mean:.0} µs; kernel windows {lat:?}");
-    Skipped::check(n, 30, skipped.socket, "socket-level");
+    assert_counted(n, 30, skipped.socket, "socket-level");
     assert!(kernel_mean <= client_mean);
     assert!(
         client_mean - kernel_mean <= 1000.0 + 0.1 * client_mean,
