@@ -23,9 +23,10 @@ pub struct HintServer {
 
 impl HintServer {
     /// Starts the server next to the test executable on free ports and waits for `/healthz`.
-    /// A port found free can be taken before the server binds it (another test's outgoing
-    /// connection picks its source port from the same range): a server that exits before it
-    /// answers is started again on other ports, up to three times.
+    /// A port found free can still be taken before the server binds it (by a test binary running
+    /// beside this one; [`free_port`] keeps out of the range outgoing connections take theirs
+    /// from): a server that exits before it answers is started again on other ports, up to three
+    /// times.
     pub fn start(redis_url: &str, token: &str, extra: &[&str]) -> Result<Self> {
         let bin = crate::agent::sibling_binary("tokenflow-hint-server")?;
         for attempt in 1..=3 {

@@ -19,11 +19,36 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-/// A free loopback port (bound and released; good enough for a test).
+/// A free loopback port for a test server to listen on: checked free by binding it, handed out once
+/// per process, and taken from below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+/// A port the kernel picks for `bind(0)` comes from that range, and so does every outgoing
+/// connection's source port: one such connection took the port between the check and the server's
+/// bind, and CI failed on "Address already in use".
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_from.saturating_sub(FIRST);
+    if span < 1000 {
+        // An ephemeral range reaching down to the well-known ports leaves nothing outside it.
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port());
+    }
+    // Processes start at different points, so that test binaries run side by side rarely meet.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {FIRST}..{ephemeral_from} on 127.0.0.1")
 }
 
 impl RedisServer {
@@ -198,5 +223,34 @@ impl RedisCluster {
             .iter()
             .map(|n| Ok(redis::cmd("DBSIZE").query(&mut n.client()?)?))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            ports.len(),
+            "a port was handed out twice: {ports:?}"
+        );
+        for p in ports {
+            assert!(p < ephemeral_from, "{p} is in the ephemeral range");
+            std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
     }
 }
