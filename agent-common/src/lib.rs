@@ -74,7 +74,10 @@ pub mod counters {
     pub const FILTERED_EVENTS: u32 = 6;
     /// Retransmits of sockets the agent was not tracking yet (opened before it started, silent since).
     pub const RETRANSMIT_UNTRACKED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// State changes of tracked flows that no run of the state-change program saw, recovered from
+    /// the next one's old state.
+    pub const STATES_INFERRED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Capacity of the per-flow LRU map.

@@ -222,6 +222,7 @@ impl WindowBuilder {
             retransmits_untracked: c(counters::RETRANSMIT_UNTRACKED),
             flows_tracked: snap.live.len() as u32,
             runs_skipped: snap.skipped_runs.saturating_sub(self.prev_skipped_runs),
+            states_inferred: c(counters::STATES_INFERRED),
         };
         self.prev_counters = snap.counters;
         self.prev_skipped_runs = snap.skipped_runs;

@@ -305,6 +305,11 @@ pub struct CaptureStats {
     /// interrupt itself (a softirq's state change during a connect() or close() on the same CPU).
     #[serde(default)]
     pub runs_skipped: u64,
+    /// State changes no run saw, recovered from the next change's old state (counted in the
+    /// flows' `state_changes` and `states_seen`): a skipped run, or a change the kernel ran no
+    /// program for.
+    #[serde(default)]
+    pub states_inferred: u64,
 }
 
 /// Labelled telemetry recorded from the test bed (`cargo xtask record-trace`), one JSON line per

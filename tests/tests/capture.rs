@@ -211,6 +211,62 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
     Ok(())
 }
 
+/// A state change that no run of the program saw is recovered from the next change, which names
+/// the state the socket leaves. Seen in the map-read stress test below now and then: a connection's
+/// SYN_SENT → ESTABLISHED reached neither the agent's raw program (its entry count one short, no
+/// skip counted) nor a classic tracepoint program bpftrace had on the same event, whose log showed
+/// the connection's next change leaving ESTABLISHED. Here the test makes the gap itself: once the
+/// connection is established it sets the flow's entry back to what it held in SYN_SENT, as if
+/// ESTABLISHED had gone unseen, and closes it.
+#[test]
+fn a_state_change_no_run_saw_is_recovered_from_the_next_one() -> Result<()> {
+    use agent_common::{FlowState, TCP_SYN_SENT};
+    use aya::maps::{HashMap, Map, MapData, loaded_maps};
+    let Some(_lock) = privileged("state_change_recovered") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("unseen")?;
+    let _srv = DiscardServer::start(&bed.server, server(5213))?;
+    let agent = agent_for(&bed, 5213)?;
+    let mut stream = connect_from(&bed.client, server(5213))?;
+    let port = stream.local_addr()?.port();
+    send_paced(&mut stream, 20_000, 1_000, Duration::from_millis(100))?;
+    let flows_map = loaded_maps()
+        .filter_map(Result::ok)
+        .find(|m| m.name_as_str() == Some(agent_common::maps::FLOWS))
+        .context("the agent's flow map is not loaded")?
+        .id();
+    let mut flows: HashMap<_, u64, FlowState> =
+        HashMap::try_from(Map::from_map_data(MapData::from_id(flows_map)?)?)?;
+    let (sk, mut flow) = flows
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(_, f)| f.sport == port && f.dport == 5213)
+        .context("the connection's flow is not in the map")?;
+    assert_eq!(flow.state_changes, 2, "SYN_SENT and ESTABLISHED recorded");
+    flow.state = TCP_SYN_SENT as u32;
+    flow.states_seen = 1 << TCP_SYN_SENT;
+    flow.state_changes = 1;
+    flows.insert(sk, flow, 0)?;
+    drop(stream);
+    let seen = agent.windows().len();
+    let windows = agent.wait_windows(seen + 2, Duration::from_secs(5))?;
+    let entries = flow_entries(&windows, port);
+    let last = entries
+        .last()
+        .context("the closed flow is missing from the windows")?;
+    assert!(last.closed);
+    assert_eq!(
+        last.states_seen,
+        ["ESTABLISHED", "SYN_SENT", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    );
+    // (The windows' summed state changes would depend on whether a window read the entry
+    // between its rewrite and the close: a count going back reads as no change.)
+    let inferred: u64 = windows.iter().map(|w| w.capture.states_inferred).sum();
+    assert_eq!(inferred, 1, "the unseen change counted once");
+    Ok(())
+}
+
 /// The agent's state changes, retransmits and sends are raw tracepoints because classic tracepoint
 /// programs are skipped while any BPF map syscall runs on the CPU (the per-CPU `bpf_prog_active`
 /// guard): a timer's softirq delivering a segment in the middle of the agent's own map reads lost
@@ -329,16 +385,21 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     let probe_missed = missed(agent_common::programs::TCP_PROBE.0);
     let state_missed = missed(agent_common::programs::SOCK_SET_STATE.0);
     eprintln!(
-        "{reads} map reads on {cpus} CPUs; runs skipped: tcp_probe {probe_missed}, raw programs {:?}; {retransmits} retransmits; {changes} state changes; incomplete {incomplete:?}",
-        agent_common::programs::RAW_TRACEPOINTS.map(|(p, _)| missed(p))
+        "{reads} map reads on {cpus} CPUs; runs skipped: tcp_probe {probe_missed}, raw programs {:?}; {retransmits} retransmits; {changes} state changes, {} of them inferred; incomplete {incomplete:?}",
+        agent_common::programs::RAW_TRACEPOINTS.map(|(p, _)| missed(p)),
+        windows
+            .iter()
+            .map(|w| w.capture.states_inferred)
+            .sum::<u64>()
     );
     // A raw program is still skipped when it interrupts itself on one CPU (a softirq's state
     // change while a process-context one runs): rarely — where the classic program lost 20–27
-    // of these 300 changes — and the kernel counts each, so every state a connection lacks must
-    // be one of those (a skipped run may also be another socket's: the server's, unwatched).
-    // Open bug: twice in local CI runs (at 54fcec0 and a47d784; not in dozens of runs alone) one
-    // connection lacked ESTABLISHED with no skip counted — 299 changes in all, so the event was
-    // not counted on any flow. Its cause is not found yet; this assertion stays to catch it.
+    // of these 300 changes — and the kernel counts each. A change in the middle of a
+    // connection's life that no run saw (skipped, or never run for: about one run of this test
+    // in ten had a SYN_SENT → ESTABLISHED with no run and no skip counted — see
+    // `a_state_change_no_run_saw_is_recovered_from_the_next_one`) is recovered from the next
+    // change; only a first or last one cannot be, so every connection lacking a state must be one
+    // of the counted skips (a skipped run may also be another socket's: the server's, unwatched).
     for (prog, _) in agent_common::programs::RAW_TRACEPOINTS {
         assert!(missed(prog) <= 5, "{prog} skipped {} runs", missed(prog));
     }

@@ -236,6 +236,9 @@ fn record(w: &TelemetryWindow) {
         .increment(c.flow_insert_failed);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "skipped_by_kernel").increment(c.runs_skipped);
+    // Unseen, but recovered from the next change: not missing from the flows.
+    counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "state_change_inferred")
+        .increment(c.states_inferred);
     record_gpu(&w.gpu);
     for l in &w.backlog.listeners {
         let port = [("port", l.port.to_string())];
