@@ -395,8 +395,8 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     // A raw program is still skipped when it interrupts itself on one CPU (a softirq's state
     // change while a process-context one runs): rarely — where the classic program lost 20–27
     // of these 300 changes — and the kernel counts each. A change in the middle of a
-    // connection's life that no run saw (skipped, or never run for: about one run of this test
-    // in ten had a SYN_SENT → ESTABLISHED with no run and no skip counted — see
+    // connection's life that no run saw (skipped, or never run for: 8 of about 120 runs of
+    // this test had a SYN_SENT → ESTABLISHED with no run and no skip counted — see
     // `a_state_change_no_run_saw_is_recovered_from_the_next_one`) is recovered from the next
     // change; only a first or last one cannot be, so every connection lacking a state must be one
     // of the counted skips (a skipped run may also be another socket's: the server's, unwatched).
