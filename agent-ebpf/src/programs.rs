@@ -237,10 +237,9 @@ pub fn tf_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         f.sport = u16::from_be(flow::read_kernel(sk, o.inet_sport));
     }
     // The state the socket leaves is not the last one this program recorded: a change came and
-    // went unseen — a run the kernel skipped, or a change this program was never run for (on the
-    // test bed now and then a SYN_SENT → ESTABLISHED that a classic tracepoint program on the same
-    // event missed too, with no skip counted for either). The old state says where it went: count
-    // that change and record the state.
+    // went unseen — a run the kernel skipped, or one it did not run and did not count (on the test
+    // bed now and then a SYN_SENT → ESTABLISHED, which a classic tracepoint program on the same
+    // event missed too). The old state says where it went: count that change and record the state.
     if f.state_changes > 0 && f.state != oldstate as u32 {
         f.state_changes += 1;
         if (0..32).contains(&oldstate) {

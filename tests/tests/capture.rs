@@ -213,8 +213,8 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
 
 /// A state change that no run of the program saw is recovered from the next change, which names
 /// the state the socket leaves. Seen in the map-read stress test below now and then: a connection's
-/// SYN_SENT → ESTABLISHED reached neither the agent's raw program (its entry count one short, no
-/// skip counted) nor a classic tracepoint program bpftrace had on the same event, whose log showed
+/// SYN_SENT → ESTABLISHED went unrecorded by the agent's raw program with no skip counted, and a
+/// classic tracepoint program bpftrace had on the same event missed it too, while its log showed
 /// the connection's next change leaving ESTABLISHED. Here the test makes the gap itself: once the
 /// connection is established it sets the flow's entry back to what it held in SYN_SENT, as if
 /// ESTABLISHED had gone unseen, and closes it.
@@ -396,7 +396,7 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
     // change while a process-context one runs): rarely — where the classic program lost 20–27
     // of these 300 changes — and the kernel counts each. A change in the middle of a
     // connection's life that no run saw (skipped, or never run for: 8 of about 120 runs of
-    // this test had a SYN_SENT → ESTABLISHED with no run and no skip counted — see
+    // this test had a SYN_SENT → ESTABLISHED unrecorded with no skip counted — see
     // `a_state_change_no_run_saw_is_recovered_from_the_next_one`) is recovered from the next
     // change; only a first or last one cannot be, so every connection lacking a state must be one
     // of the counted skips (a skipped run may also be another socket's: the server's, unwatched).
