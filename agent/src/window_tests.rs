@@ -107,6 +107,29 @@ fn a_slot_read_one_lower_than_before_adds_nothing() {
 }
 
 #[test]
+fn a_flow_before_its_source_port_is_chosen_waits_for_the_next_window() {
+    let mut b = WindowBuilder::new("n1");
+    let mut f = flow(1, [198, 18, 2, 2], 10);
+    f.sport = 0;
+    f.state = agent_common::TCP_SYN_SENT as u32;
+    f.states_seen = 1 << agent_common::TCP_SYN_SENT;
+    f.state_changes = 1;
+    let w1 = b.build(snap(vec![f], vec![], 0));
+    assert!(w1.flows.is_empty(), "{:?}", w1.flows);
+    f.sport = 40000;
+    f.state = TCP_ESTABLISHED as u32;
+    f.states_seen |= 1 << TCP_ESTABLISHED;
+    f.state_changes = 2;
+    let w2 = b.build(snap(vec![f], vec![], 1000));
+    assert_eq!(w2.flows.len(), 1);
+    assert_eq!(w2.flows[0].local, "198.18.0.1:40000");
+    assert_eq!(
+        w2.flows[0].state_changes, 2,
+        "both changes, in the window that shows the port"
+    );
+}
+
+#[test]
 fn idle_flows_are_left_out() {
     let mut b = WindowBuilder::new("n1");
     let mut f = flow(1, [198, 18, 2, 2], 10);

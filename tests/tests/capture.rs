@@ -373,8 +373,7 @@ fn map_reads_on_every_cpu_skip_no_state_change_or_retransmit() -> Result<()> {
         retransmits += flows.iter().map(|f| f.retransmits).sum::<u64>();
     }
     // Every change counted once: per connection SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2,
-    // CLOSE. Summed over all the windows' flows to the server, since a window that ends between
-    // connect and the source port's choice shows the flow with local port 0.
+    // CLOSE. Summed over all the windows' flows to the server, whatever their local port.
     let remote = format!("{SERVER_ADDR}:5208");
     let changes: u64 = windows
         .iter()
