@@ -150,6 +150,13 @@ pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
         f.retrans_segs += flow::skb_segments(ctx.arg(1));
     }
     f.retrans_events += 1;
+    if f.sport == 0
+        && let Some(o) = flow::offsets()
+    {
+        // A SYN sent again: the port was picked before the first one. (User space holds a flow
+        // back from its windows until its port is known.)
+        f.sport = u16::from_be(flow::read_kernel(sk, o.inet_sport));
+    }
     0
 }
 

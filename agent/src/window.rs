@@ -140,10 +140,10 @@ impl WindowBuilder {
         let mut deltas: BTreeMap<(u64, u64), Delta> = BTreeMap::new();
         let mut next_prev = HashMap::with_capacity(snap.live.len());
         for cur in &snap.live {
-            // connect() enters SYN_SENT before it picks the source port, which the kernel program
-            // learns at the flow's next event: a window ending in between would show the flow with
-            // local port 0. It waits for the next window instead, where its changes count from
-            // nothing (it is no baseline yet).
+            // connect() enters SYN_SENT before it picks the source port, which the kernel programs
+            // learn at the flow's next event (its establishment, or its SYN's first retransmission):
+            // a window ending in between would show the flow with local port 0. It waits for a later
+            // window instead, where its changes count from nothing (it is no baseline yet).
             if cur.sport == 0 && cur.state == u32::from(agent_common::TCP_SYN_SENT) {
                 continue;
             }

@@ -268,11 +268,16 @@ impl Testbed {
     }
 
     /// Drops `per_mille`/1000 of the client→server packets of TCP port `dport` in the router (nftables
-    /// `numgen random`): real losses, so real retransmits.
+    /// `numgen random`; 1000 or more: every one): real losses, so real retransmits.
     pub fn set_loss(&self, per_mille: u32, dport: u16) -> Result<()> {
+        let random = if per_mille >= 1000 {
+            String::new()
+        } else {
+            format!("numgen random mod 1000 < {per_mille} ")
+        };
         let rules = format!(
             "table inet tokenflow_loss {{\n chain forward_loss {{\n  type filter hook forward priority 0; policy accept;\n  \
-             ip saddr 198.18.1.0/24 tcp dport {dport} numgen random mod 1000 < {per_mille} counter drop\n }}\n}}\n"
+             ip saddr 198.18.1.0/24 tcp dport {dport} {random}counter drop\n }}\n}}\n"
         );
         let _ =
             run(self

@@ -211,6 +211,50 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
     Ok(())
 }
 
+/// connect() enters SYN_SENT before it picks the source port: a flow is held back from the windows
+/// until its port is known — at its establishment, or here, where every SYN is dropped, at its
+/// SYN's first retransmission (about 1 s): never shown with local port 0, and not hidden until
+/// connect() gives up.
+#[test]
+fn a_connection_whose_syn_goes_unanswered_shows_its_port_after_the_first_retransmission()
+-> Result<()> {
+    let Some(_lock) = privileged("unanswered_syn") else {
+        return Ok(());
+    };
+    let bed = Testbed::create("synloss")?;
+    bed.set_loss(1000, 5214)?;
+    let agent = agent_for(&bed, 5214)?;
+    let client = bed.client.clone();
+    let connecting = std::thread::spawn(move || connect_from(&client, server(5214)).is_err());
+    let remote = format!("{SERVER_ADDR}:5214");
+    let t0 = Instant::now();
+    let shown = loop {
+        let windows = agent.windows();
+        let flows: Vec<FlowWindow> = windows
+            .iter()
+            .flat_map(|w| w.flows.iter().filter(|f| f.remote == remote).cloned())
+            .collect();
+        if let Some(f) = flows.iter().find(|f| f.retransmits > 0) {
+            break Some((f.clone(), flows));
+        }
+        if t0.elapsed() > Duration::from_secs(4) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        connecting.join().expect("connect thread panicked"),
+        "a connect through a link that drops every SYN succeeded"
+    );
+    let (flow, all) = shown.context("the connection was not shown within 4 s")?;
+    assert_eq!(flow.state, "SYN_SENT");
+    assert!(
+        all.iter().all(|f| !f.local.ends_with(":0")),
+        "shown with local port 0: {all:?}"
+    );
+    Ok(())
+}
+
 /// A state change that no run of the program saw is recovered from the next change, which names
 /// the state the socket leaves. Seen in the map-read stress test below now and then: a connection's
 /// SYN_SENT → ESTABLISHED went unrecorded by the agent's raw program with no skip counted, and a
