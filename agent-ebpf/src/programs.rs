@@ -155,9 +155,15 @@ pub fn tf_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
     {
         // A SYN sent again: the port was picked before the first one. (User space holds a flow
         // back from its windows until its port is known.)
-        f.sport = u16::from_be(flow::read_kernel(sk, o.inet_sport));
+        f.sport = local_port(sk, o);
     }
     0
+}
+
+/// The socket's local port in host order (0 while connect() has not picked it yet).
+#[inline(always)]
+fn local_port(sk: u64, o: &KernelOffsets) -> u16 {
+    u16::from_be(flow::read_kernel(sk, o.inet_sport))
 }
 
 /// The socket's addresses and ports as the `inet_sock_set_state` tracepoint's record gives them:
@@ -167,7 +173,7 @@ fn sock_tuple(sk: u64, o: &KernelOffsets) -> Tuple {
     let family: u16 = flow::read_kernel(sk, o.sock_family);
     let mut t = Tuple {
         family,
-        sport: u16::from_be(flow::read_kernel(sk, o.inet_sport)),
+        sport: local_port(sk, o),
         dport: u16::from_be(flow::read_kernel(sk, o.sock_dport)),
         saddr: [0; 16],
         daddr: [0; 16],
@@ -241,7 +247,7 @@ pub fn tf_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let f = unsafe { &mut *flow };
     if f.sport == 0 {
         // connect() enters SYN_SENT before it picks the source port: take it from a later event.
-        f.sport = u16::from_be(flow::read_kernel(sk, o.inet_sport));
+        f.sport = local_port(sk, o);
     }
     // The state the socket leaves is not the last one this program recorded: a change came and
     // went unseen — a run the kernel skipped, or one it did not run and did not count (on the test
