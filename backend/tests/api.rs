@@ -79,7 +79,8 @@ async fn chat_stream_is_framed_as_vllm_frames_it_and_counts_tokens_with_the_toke
     .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(h["content-type"], "text/event-stream");
-    assert!(h.contains_key("x-queue-time-ms") && h.contains_key("x-prefill-time-ms"));
+    // A stream's headers leave before prefill: its timing is in the final chunk instead.
+    assert!(!h.contains_key("x-prefill-time-ms"));
     let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert!(events.iter().all(|e| e.starts_with("data: ")), "{body}");
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
@@ -99,6 +100,7 @@ async fn chat_stream_is_framed_as_vllm_frames_it_and_counts_tokens_with_the_toke
         .unwrap();
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     assert!(finish["tokenflow"]["prefill_time_ms"].as_f64().unwrap() > 0.0);
+    assert!(finish["tokenflow"]["queue_time_ms"].as_f64().unwrap() >= 0.0);
     let usage = &chunks.last().unwrap()["usage"];
     // Usage equals the tokenizer's own counts: the chat template plus BOS, and every sampled token.
     let msgs = vec![Message {
@@ -225,6 +227,82 @@ async fn a_full_waiting_queue_answers_429_with_retry_after() {
     assert_eq!(h["retry-after"], "1");
     let v: Value = serde_json::from_str(&b).unwrap();
     assert_eq!(v["error"]["type"], "RateLimitError");
+}
+
+/// A stream answers at once, as vLLM's does, even while its request waits for a running slot: a
+/// response held until prefill also held the kernel's acknowledgement of the request (a delayed ACK
+/// rides on the response), adding the server's queueing and prefill to every RTT sample of the
+/// client's connection. The role chunk still comes with the first token, after the wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_answers_before_its_turn_and_its_role_chunk_comes_with_the_first_token() {
+    let (r, engine, _) = app(Limits {
+        max_running: 1,
+        max_waiting: 4,
+        token_budget: 512,
+    });
+    let stream = |max_tokens: u32| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"model": model_name(), "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": max_tokens, "stream": true, "ignore_eos": true,
+                       "stream_options": {"include_usage": true}})
+                .to_string(),
+            ))
+            .unwrap()
+    };
+    // The one running slot, taken by a long generation.
+    let long = r.clone().oneshot(stream(3000)).await.unwrap();
+    let mut long = long.into_body();
+    let _ = long.frame().await.unwrap().unwrap();
+    let t0 = Instant::now();
+    while engine.running.load(Ordering::SeqCst) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the first request never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second waits for that slot, but its response (status, headers) is there at once.
+    let resp = tokio::time::timeout(Duration::from_secs(2), r.clone().oneshot(stream(3)))
+        .await
+        .expect("a waiting stream's response came only with its turn")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    // … while it still waits: the long generation holds the slot for seconds.
+    let t0 = Instant::now();
+    while engine.waiting.load(Ordering::SeqCst) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the second request never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(engine.running.load(Ordering::SeqCst), 1);
+    // Freed, its turn comes: the role chunk, then the tokens.
+    drop(long);
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("the waiting stream never finished")
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    let chunks: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"]["role"], "assistant",
+        "{body}"
+    );
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["completion_tokens"],
+        3,
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
