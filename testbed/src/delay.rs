@@ -28,6 +28,8 @@ const QUEUE_PACKETS: usize = 65_536;
 
 pub struct DelayLine {
     stop: Arc<AtomicBool>,
+    /// One-way delay, µs: read for each packet as it enters, so a change applies from the next.
+    delay_us: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
     /// Packets delivered after their delay.
     pub forwarded: Arc<AtomicU64>,
@@ -71,13 +73,14 @@ impl DelayLine {
         let stop = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let delay_us = Arc::new(AtomicU64::new(delay.as_micros() as u64));
         let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(QUEUE_PACKETS);
         let threads = vec![
             {
-                let (stop, dropped) = (stop.clone(), dropped.clone());
+                let (stop, dropped, delay) = (stop.clone(), dropped.clone(), delay_us.clone());
                 thread::Builder::new()
                     .name("delay-in".into())
-                    .spawn(move || read_loop(reader, tx, delay, &stop, &dropped))?
+                    .spawn(move || read_loop(reader, tx, &delay, &stop, &dropped))?
             },
             {
                 let (stop, forwarded) = (stop.clone(), forwarded.clone());
@@ -88,6 +91,7 @@ impl DelayLine {
         ];
         Ok(Self {
             stop,
+            delay_us,
             threads,
             forwarded,
             dropped,
@@ -95,10 +99,20 @@ impl DelayLine {
     }
 }
 
+impl DelayLine {
+    /// Changes the delay of the packets that enter from now on; those already in the line keep
+    /// theirs and their order (a path that lengthens or shortens, without the loss and the TUN
+    /// device's churn of replacing the line).
+    pub fn set(&self, delay: Duration) {
+        self.delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 fn read_loop(
     mut reader: impl Read + AsRawFd,
     tx: SyncSender<(Instant, Vec<u8>)>,
-    delay: Duration,
+    delay: &AtomicU64,
     stop: &AtomicBool,
     dropped: &AtomicU64,
 ) {
@@ -114,7 +128,7 @@ fn read_loop(
             match reader.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
-                    let due = Instant::now() + delay;
+                    let due = Instant::now() + Duration::from_micros(delay.load(Ordering::Relaxed));
                     match tx.try_send((due, buf[..n].to_vec())) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => {

@@ -297,10 +297,13 @@ impl Testbed {
         .map(|_| ())
     }
 
-    /// Adds a fixed one-way delay to every client→server packet (a TUN delay line in the router).
+    /// Adds a fixed one-way delay to every client→server packet (a TUN delay line in the router);
+    /// with a line already there, changes its delay for the packets that enter from now on.
     pub fn set_delay(&mut self, one_way: Duration) -> Result<()> {
-        self.delay = None;
-        self.delay = Some(DelayLine::start(&self.router, one_way)?);
+        match &self.delay {
+            Some(line) => line.set(one_way),
+            None => self.delay = Some(DelayLine::start(&self.router, one_way)?),
+        }
         Ok(())
     }
 
