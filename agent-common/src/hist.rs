@@ -70,6 +70,35 @@ pub const fn bucket_bounds(i: usize) -> (u64, u64) {
     (lo, lo + width)
 }
 
+/// The RTT sample (µs) the kernel took between two `tcp_probe` events of one socket, from the
+/// smoothed RTT each reports (`srtt_us >> 3`, before the event's segment is processed): the
+/// kernel's estimator moves the smoothed RTT an eighth of the way to each sample
+/// (`tcp_rtt_estimator()`: `srtt_us += m − srtt_us / 8`, kept ×8), so one sample `m` between
+/// `before` and `after` is `8 · after − 7 · before`, to within 8 µs of rounding; with no estimate
+/// before (`before == 0`) the first sample is the estimate itself. An estimate that fell further
+/// than one sample can move it took several (or none was there to undo): the smoothed value stands
+/// in. A histogram of the smoothed RTT would carry each sample on for about eight more: a flow that
+/// sends a request or two a second showed a queue for seconds after it had gone, and its first
+/// sample (the handshake) for as long.
+#[inline(always)]
+pub const fn rtt_sample_us(before: u32, after: u32) -> u32 {
+    if before == 0 {
+        return after;
+    }
+    let (b, a) = (before as u64, after as u64);
+    if 8 * a < 7 * b {
+        return after;
+    }
+    let m = 8 * a - 7 * b;
+    if m > u32::MAX as u64 {
+        u32::MAX
+    } else if m == 0 {
+        1
+    } else {
+        m as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +150,62 @@ mod tests {
                 "gap before bucket {i}"
             );
         }
+    }
+
+    /// The kernel's estimator, as `tcp_rtt_estimator()` keeps it (×8) and `tcp_probe` reports it.
+    struct Estimator(u32);
+    impl Estimator {
+        fn sample(&mut self, m: u32) {
+            if self.0 == 0 {
+                self.0 = m << 3;
+            } else {
+                let err = m as i64 - (self.0 >> 3) as i64;
+                self.0 = (self.0 as i64 + err) as u32;
+            }
+        }
+        fn reported(&self) -> u32 {
+            self.0 >> 3
+        }
+    }
+
+    #[test]
+    fn each_sample_is_recovered_from_the_smoothed_rtt_around_it() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut est = Estimator(0);
+        let mut before = est.reported();
+        for k in 0..10_000 {
+            // Queues that come and go: 10 ms to 300 ms, with jumps either way.
+            let m = if k % 50 < 5 { 300_000 } else { 10_000 } + (next() % 40_000) as u32;
+            est.sample(m);
+            let after = est.reported();
+            let got = rtt_sample_us(before, after);
+            assert!(
+                got.abs_diff(m) <= 8,
+                "sample {m} µs read as {got} ({before} → {after})"
+            );
+            before = after;
+        }
+    }
+
+    #[test]
+    fn the_first_sample_is_the_estimate_and_several_fall_back_to_it() {
+        let mut est = Estimator(0);
+        est.sample(24_000);
+        assert_eq!(rtt_sample_us(0, est.reported()), 24_000);
+        // Two samples between reports that pulled the estimate down further than one can: the
+        // smoothed value, not a negative or wrapped sample.
+        let before = est.reported();
+        est.sample(1_000);
+        est.sample(1_000);
+        assert_eq!(rtt_sample_us(before, est.reported()), est.reported());
+        // An ACK with no sample leaves the estimate: the sample read is the estimate itself.
+        assert_eq!(rtt_sample_us(20_000, 20_000), 20_000);
+        assert_eq!(rtt_sample_us(u32::MAX, u32::MAX), u32::MAX);
     }
 }

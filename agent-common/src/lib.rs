@@ -5,7 +5,7 @@
 pub mod hist;
 pub mod tracepoints;
 
-pub use hist::{HIST_BUCKETS, bucket_index};
+pub use hist::{HIST_BUCKETS, bucket_index, rtt_sample_us};
 
 /// Map names: the kernel declares them, user space looks them up; never repeat the strings.
 pub mod maps {
@@ -170,9 +170,10 @@ pub struct FlowState {
     /// The kernel's socket cookie (`sock_cookie` of `tcp:tcp_probe`); 0 until the first RTT sample.
     pub cookie: u64,
     pub first_seen_ns: u64,
-    /// RTT samples (one per `tcp_probe` event: an incoming segment on an established socket).
+    /// RTT samples: one per ACK that covered new data (seen at the socket's next `tcp_probe` event).
     pub rtt_samples: u64,
-    pub srtt_sum_us: u64,
+    /// Sum of those samples, µs.
+    pub rtt_sum_us: u64,
     pub bytes_acked: u64,
     /// Retransmitted segments (what `ss`'s `retrans:…/total` and `TcpRetransSegs` count).
     pub retrans_segs: u64,
@@ -207,7 +208,7 @@ pub struct FlowState {
     /// The socket's `total_retrans` when the flow was first seen: retransmits from before are not ours.
     pub retrans_base: u32,
     pub _pad: u32,
-    /// RTT histogram, buckets from [`bucket_index`] of the smoothed RTT in µs.
+    /// RTT histogram: buckets from [`bucket_index`] of each sample in µs ([`hist::rtt_sample_us`]).
     pub rtt_hist: [u32; HIST_BUCKETS],
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 168 + 4 * HIST_BUCKETS);
@@ -219,7 +220,7 @@ impl FlowState {
             cookie: 0,
             first_seen_ns: 0,
             rtt_samples: 0,
-            srtt_sum_us: 0,
+            rtt_sum_us: 0,
             bytes_acked: 0,
             retrans_segs: 0,
             retrans_events: 0,

@@ -4,7 +4,8 @@
 
 use agent_common::{
     AF_INET, AF_INET6, FLOW_HAVE_UNA, IPPROTO_TCP, KernelOffsets, TCP_CLOSE, TCP_LISTEN,
-    TCP_SYN_RECV, TCP_SYN_SENT, bucket_index, counters, tracepoints::tcp_probe as tp,
+    TCP_SYN_RECV, TCP_SYN_SENT, bucket_index, counters, rtt_sample_us,
+    tracepoints::tcp_probe as tp,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -66,13 +67,13 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     let srtt: u32 = field(&ctx, tp::SRTT);
     let una: u32 = field(&ctx, tp::SND_UNA);
     let nxt: u32 = field(&ctx, tp::SND_NXT);
-    let bucket = bucket_index(srtt);
     // SAFETY: map value pointer; updates of one flow are serialised by the socket lock.
     let f = unsafe { &mut *flow };
     if f.cookie == 0 {
         f.cookie = field(&ctx, tp::SOCK_COOKIE);
         f.sport = field(&ctx, tp::SPORT);
     }
+    let srtt_before = f.last_srtt_us;
     f.last_srtt_us = srtt;
     f.snd_cwnd = field(&ctx, tp::SND_CWND);
     f.bytes_in_flight = nxt.wrapping_sub(una);
@@ -92,9 +93,12 @@ pub fn tf_tcp_probe(ctx: TracePointContext) -> u32 {
     f.last_snd_una = una;
     f.flags |= FLOW_HAVE_UNA;
     if fresh {
+        // The sample that ACK gave, not the smoothed estimate, which carries each sample on for
+        // about eight more (see `rtt_sample_us`).
+        let sample = rtt_sample_us(srtt_before, srtt);
         f.rtt_samples += 1;
-        f.srtt_sum_us += srtt as u64;
-        if let Some(slot) = f.rtt_hist.get_mut(bucket) {
+        f.rtt_sum_us += sample as u64;
+        if let Some(slot) = f.rtt_hist.get_mut(bucket_index(sample)) {
             *slot += 1;
         }
     }

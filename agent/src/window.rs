@@ -64,7 +64,7 @@ struct Delta {
     flow: FlowState,
     hist: Vec<u64>,
     samples: u64,
-    srtt_sum_us: u64,
+    rtt_sum_us: u64,
     bytes_acked: u64,
     retransmits: u64,
     state_changes: u64,
@@ -94,7 +94,7 @@ impl Delta {
             flow: *cur,
             hist,
             samples: cur.rtt_samples.saturating_sub(p.rtt_samples),
-            srtt_sum_us: cur.srtt_sum_us.saturating_sub(p.srtt_sum_us),
+            rtt_sum_us: cur.rtt_sum_us.saturating_sub(p.rtt_sum_us),
             bytes_acked: cur.bytes_acked.saturating_sub(p.bytes_acked),
             retransmits: cur.retrans_segs.saturating_sub(p.retrans_segs),
             state_changes: cur.state_changes.saturating_sub(p.state_changes),
@@ -106,7 +106,7 @@ impl Delta {
         merge(&mut self.hist, &other.hist);
         self.flow = other.flow;
         self.samples += other.samples;
-        self.srtt_sum_us += other.srtt_sum_us;
+        self.rtt_sum_us += other.rtt_sum_us;
         self.bytes_acked += other.bytes_acked;
         self.retransmits += other.retransmits;
         self.state_changes += other.state_changes;
@@ -205,7 +205,7 @@ impl WindowBuilder {
         }
         let retransmits: u64 = active.iter().map(|d| d.retransmits).sum();
         let node = NodeWindow {
-            rtt: summarize(&node_hist, active.iter().map(|d| d.srtt_sum_us).sum()),
+            rtt: summarize(&node_hist, active.iter().map(|d| d.rtt_sum_us).sum()),
             active_flows: active.iter().filter(|d| !d.closed).count() as u32,
             closed_flows: active.iter().filter(|d| d.closed).count() as u32,
             bytes_acked: active.iter().map(|d| d.bytes_acked).sum(),
@@ -288,7 +288,7 @@ fn flow_window(d: &Delta, secs: f64) -> FlowWindow {
             .filter(|s| f.states_seen & (1 << s) != 0)
             .map(|s| tcp_state_name(s).to_string())
             .collect(),
-        rtt: summarize(&d.hist, d.srtt_sum_us),
+        rtt: summarize(&d.hist, d.rtt_sum_us),
         rtt_hist: sparse(&d.hist),
         last_srtt_us: f.last_srtt_us,
         snd_cwnd: f.snd_cwnd,
@@ -318,7 +318,7 @@ fn remote_windows<'a>(deltas: impl Iterator<Item = &'a Delta>, secs: f64) -> Vec
             .or_default();
         a.flows += 1;
         merge(&mut a.hist, &d.hist);
-        a.sum += d.srtt_sum_us;
+        a.sum += d.rtt_sum_us;
         a.bytes_acked += d.bytes_acked;
         a.retransmits += d.retransmits;
         a.state_changes += d.state_changes;

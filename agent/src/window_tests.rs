@@ -22,7 +22,7 @@ fn flow(sk: u64, remote: [u8; 4], first_seen: u64) -> FlowState {
 fn sample(f: &mut FlowState, rtt_us: u32, n: u32) {
     f.rtt_hist[bucket_index(rtt_us)] += n;
     f.rtt_samples += n as u64;
-    f.srtt_sum_us += rtt_us as u64 * n as u64;
+    f.rtt_sum_us += rtt_us as u64 * n as u64;
 }
 
 fn snap(live: Vec<FlowState>, closed: Vec<FlowState>, t: u64) -> Snapshot {
