@@ -1370,3 +1370,24 @@ fn a_p95_a_bucket_over_the_floor_is_not_a_widened_path() {
         );
     }
 }
+
+#[test]
+fn a_queue_emptied_by_the_anomaly_damping_is_not_a_widened_path() {
+    use super::pid::PidGains;
+    let l = limits();
+    // The full run at 3ba9d19, `pid` on the network-bound test bed: a standing queue past the
+    // setpoint, damped 10 % and then 9 % by an anomaly score of 0.66 at a rate held steady; the
+    // queue was gone in the next window, and the one after (no queue again) was read as the path
+    // widened: startup doubled 23.8 → 47.7 req/s and the p95 reached 238 ms. The queue went
+    // because of the cuts, which the widening test — the rate held from one period to the next —
+    // did not see, both periods being cut alike.
+    let (mut pid, k, r0) = pid_at_the_setpoint_scored(PidGains::default(), 0.66);
+    let mut rate = r0;
+    for (i, w) in [(63.0, 45.0), (59.0, 45.0), (20.0, 20.0), (22.0, 20.0)]
+        .into_iter()
+        .enumerate()
+    {
+        rate = observe_scored(&mut pid, &l, k + i, w.0, Some(w.1), Some(rate * 0.8), 0.66);
+        assert!(rate < r0 * 1.3, "window {i} {w:?}: {r0:.2} → {rate:.2}");
+    }
+}
