@@ -4,7 +4,10 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, OnceLock, atomic::Ordering},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -57,6 +60,15 @@ async fn post(r: &Router, path: &str, body: Value) -> (StatusCode, axum::http::H
     let (status, headers) = (resp.status(), resp.headers().clone());
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// Waits up to 2 s for a scheduler count (published at the end of each step) to read `value`.
+async fn settles(count: &AtomicUsize, value: usize, what: &str) {
+    let t0 = Instant::now();
+    while count.load(Ordering::SeqCst) != value {
+        assert!(t0.elapsed() < Duration::from_secs(2), "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn model_name() -> String {
@@ -255,14 +267,7 @@ async fn a_stream_answers_before_its_turn_and_its_role_chunk_comes_with_the_firs
     let long = r.clone().oneshot(stream(3000)).await.unwrap();
     let mut long = long.into_body();
     let _ = long.frame().await.unwrap().unwrap();
-    let t0 = Instant::now();
-    while engine.running.load(Ordering::SeqCst) != 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "the first request never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    settles(&engine.running, 1, "the first request never ran").await;
     // The second waits for that slot, but its response (status, headers) is there at once.
     let resp = tokio::time::timeout(Duration::from_secs(2), r.clone().oneshot(stream(3)))
         .await
@@ -271,14 +276,7 @@ async fn a_stream_answers_before_its_turn_and_its_role_chunk_comes_with_the_firs
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     // … while it still waits: the long generation holds the slot for seconds.
-    let t0 = Instant::now();
-    while engine.waiting.load(Ordering::SeqCst) != 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "the second request never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    settles(&engine.waiting, 1, "the second request never waited").await;
     assert_eq!(engine.running.load(Ordering::SeqCst), 1);
     // Freed, its turn comes: the role chunk, then the tokens.
     drop(long);
@@ -320,24 +318,15 @@ async fn a_client_that_disconnects_stops_its_generation() {
     let _first = body.frame().await.unwrap().unwrap();
     // The scheduler publishes its running count at the end of the step that admitted the request,
     // which may come a moment after the first token was sent.
-    let t0 = Instant::now();
-    while engine.running.load(Ordering::SeqCst) != 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "the request never showed as running"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    settles(&engine.running, 1, "the request never showed as running").await;
     drop(body);
     // 3000 tokens would take seconds; the scheduler drops the sequence at its next step.
-    let t0 = Instant::now();
-    while engine.running.load(Ordering::SeqCst) != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "generation went on after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    settles(
+        &engine.running,
+        0,
+        "generation went on after the client left",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
