@@ -26,6 +26,9 @@ pub const FLOWS_TRACKED: &str = "tokenflow_agent_flows_tracked";
 pub const WINDOWS_TOTAL: &str = "tokenflow_agent_windows_total";
 pub const CAPTURE_EVENTS_TOTAL: &str = "tokenflow_agent_capture_events_total";
 pub const CAPTURE_LOST_EVENTS_TOTAL: &str = "tokenflow_agent_capture_lost_events_total";
+/// State changes no program run saw, recovered from the next change: counted apart from the lost
+/// events, since the flows do not miss them.
+pub const CAPTURE_STATES_INFERRED_TOTAL: &str = "tokenflow_agent_capture_states_inferred_total";
 pub const REDIS_BUFFERED_WINDOWS: &str = "tokenflow_agent_redis_buffered_windows";
 pub const REDIS_DROPPED_WINDOWS_TOTAL: &str = "tokenflow_agent_redis_dropped_windows_total";
 pub const REDIS_CONNECTED: &str = "tokenflow_agent_redis_connected";
@@ -236,9 +239,7 @@ fn record(w: &TelemetryWindow) {
         .increment(c.flow_insert_failed);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "ringbuf_full").increment(c.closed_dropped);
     counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "skipped_by_kernel").increment(c.runs_skipped);
-    // Unseen, but recovered from the next change: not missing from the flows.
-    counter!(CAPTURE_LOST_EVENTS_TOTAL, "reason" => "state_change_inferred")
-        .increment(c.states_inferred);
+    counter!(CAPTURE_STATES_INFERRED_TOTAL).increment(c.states_inferred);
     record_gpu(&w.gpu);
     for l in &w.backlog.listeners {
         let port = [("port", l.port.to_string())];
@@ -367,8 +368,20 @@ mod tests {
     #[test]
     fn every_exported_name_follows_the_convention() {
         let (recorder, exporter) = local_recorder().unwrap();
-        metrics::with_local_recorder(&recorder, || exporter.record(&window()));
+        let mut w = window();
+        w.capture.runs_skipped = 1;
+        w.capture.states_inferred = 2;
+        metrics::with_local_recorder(&recorder, || exporter.record(&w));
         let text = exporter.render();
+        // A change recovered from the next is counted apart from the events lost.
+        assert!(
+            text.contains("tokenflow_agent_capture_states_inferred_total 2")
+                && text.contains(
+                    r#"tokenflow_agent_capture_lost_events_total{reason="skipped_by_kernel"} 1"#
+                )
+                && !text.contains("inferred\"}"),
+            "{text}"
+        );
         let names: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
