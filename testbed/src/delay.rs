@@ -97,9 +97,7 @@ impl DelayLine {
             dropped,
         })
     }
-}
 
-impl DelayLine {
     /// Changes the delay of the packets that enter from now on; those already in the line keep
     /// theirs and their order (a path that lengthens or shortens, without the loss and the TUN
     /// device's churn of replacing the line).

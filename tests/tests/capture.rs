@@ -33,6 +33,15 @@ fn agent_for(bed: &Testbed, port: u16) -> Result<Agent> {
     ])
 }
 
+/// A test bed named `name` with a discard server on `port` in the server namespace and an agent
+/// watching that port from the client namespace.
+fn bed_with_server(name: &str, port: u16) -> Result<(Testbed, DiscardServer, Agent)> {
+    let bed = Testbed::create(name)?;
+    let srv = DiscardServer::start(&bed.server, server(port))?;
+    let agent = agent_for(&bed, port)?;
+    Ok((bed, srv, agent))
+}
+
 /// Every window entry of the client flow with this local port.
 fn flow_entries(windows: &[TelemetryWindow], local_port: u16) -> Vec<FlowWindow> {
     let local = format!("{CLIENT_ADDR}:{local_port}");
@@ -48,10 +57,8 @@ fn rtt_agrees_with_ss_at_20_and_80_ms() -> Result<()> {
         return Ok(());
     };
     for delay_ms in [20u64, 80] {
-        let mut bed = Testbed::create("rtt")?;
+        let (mut bed, _srv, agent) = bed_with_server("rtt", 5201)?;
         bed.set_delay(Duration::from_millis(delay_ms))?;
-        let _srv = DiscardServer::start(&bed.server, server(5201))?;
-        let agent = agent_for(&bed, 5201)?;
         let mut stream = connect_from(&bed.client, server(5201))?;
         let port = stream.local_addr()?.port();
         // App-limited (200 KB/s), so the only queue is the fixed delay: RTT is the path's.
@@ -137,8 +144,9 @@ fn rtt_samples_follow_the_path_not_the_smoothed_estimate() -> Result<()> {
     // From the bucket that holds 75 ms up.
     let agent_high = count(&|lo| lo >= 73_728);
     let agent_all = count(&|_| true);
-    // Replacing the delay line loses what it held: a ping retransmitted reads long in the probe
-    // (from its first write), and the kernel's sample, if any, is of the retransmission.
+    // The delay changes without loss (`set_delay` retunes the line), so no ping should be
+    // retransmitted; one that was would read long in the probe (from its first write) while the
+    // kernel's sample, if any, is of the retransmission: such pings are counted apart.
     let long = echoes.iter().filter(|(_, ms)| *ms >= 150.0).count() as u64;
     let high = echoes
         .iter()
@@ -252,9 +260,7 @@ fn connect_and_close_show_every_state_transition() -> Result<()> {
     let Some(_lock) = privileged("connect_and_close") else {
         return Ok(());
     };
-    let bed = Testbed::create("state")?;
-    let _srv = DiscardServer::start(&bed.server, server(5203))?;
-    let agent = agent_for(&bed, 5203)?;
+    let (bed, _srv, agent) = bed_with_server("state", 5203)?;
     let mut stream = connect_from(&bed.client, server(5203))?;
     let port = stream.local_addr()?.port();
     send_paced(&mut stream, 100_000, 1_000, Duration::from_millis(300))?;
@@ -343,9 +349,7 @@ fn a_state_change_no_run_saw_is_recovered_from_the_next_one() -> Result<()> {
     let Some(_lock) = privileged("state_change_recovered") else {
         return Ok(());
     };
-    let bed = Testbed::create("unseen")?;
-    let _srv = DiscardServer::start(&bed.server, server(5213))?;
-    let agent = agent_for(&bed, 5213)?;
+    let (bed, _srv, agent) = bed_with_server("unseen", 5213)?;
     let mut stream = connect_from(&bed.client, server(5213))?;
     let port = stream.local_addr()?.port();
     send_paced(&mut stream, 20_000, 1_000, Duration::from_millis(100))?;
