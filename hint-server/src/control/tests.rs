@@ -902,6 +902,32 @@ fn a_queueing_backend_ends_startup_and_holds_the_rate() {
 }
 
 #[test]
+fn a_backend_that_queued_is_not_remembered_as_the_paths_limit() {
+    use super::pid::{Pid, PidGains};
+    // The compute-bound test bed: startup ended on the backend's queue at 12 req/s, the loop
+    // remembered that rate as the one that overloads the path and crept past it 5 % a period —
+    // the batch rate held 10.6–12.2 req/s in every full run while the unpaced arm served 13–21.
+    // The backend's side is the concurrency limit's (`control::compute`); once the backend keeps
+    // up the path's room is probed as usual.
+    let l = limits();
+    let mut pid = Pid::new(PidGains::default(), &l);
+    backend_period(&mut pid, &l, 0, false);
+    backend_period(&mut pid, &l, 1, true);
+    backend_period(&mut pid, &l, 2, false);
+    backend_period(&mut pid, &l, 3, false);
+    backend_period(&mut pid, &l, 4, true);
+    let exit = backend_period(&mut pid, &l, 5, true);
+    let mut r = exit;
+    for k in 6..11 {
+        r = backend_period(&mut pid, &l, k, false);
+    }
+    assert!(
+        r > 1.6 * exit,
+        "five calm periods after the backend's queue: {exit:.2} → {r:.2}"
+    );
+}
+
+#[test]
 fn one_window_of_backend_queue_does_not_end_startup() {
     use super::pid::{Pid, PidGains};
     // The network-bound test bed: a group's first requests reached the backend together and its
