@@ -16,7 +16,8 @@
 //! - with no standing queue (p95 near the path's base RTT) the RTT says nothing about headroom, so
 //!   the rate probes upward multiplicatively at the slew limit, and once well past the rate that
 //!   last built a queue it forgets that rate (the path has widened);
-//! - with a standing queue (the median lifted off its base) the loop tracks the link instead:
+//! - with a standing queue under twice the setpoint (the median lifted off its floor by a quarter
+//!   of the room up to the setpoint) the loop tracks the link instead:
 //!   the queue's slope between two windows and the rates that made it give the rate the link
 //!   carries (in rate per Mbit/s delivered, smoothed), and the next rate is that fit plus or minus
 //!   the queue's distance from its target over `track_horizon` — the target being the setpoint
