@@ -108,14 +108,10 @@ impl FeatureBuilder {
         let max5 = self.recent_p95.iter().copied().fold(0.0, f64::max);
         let delta = self.prev_p95.map_or(0.0, |p| p95 - p);
         self.prev_p95 = Some(p95);
-        let ewma = self.ewma.map_or(p95, |e| e + EWMA_ALPHA * (p95 - e));
-        self.ewma = Some(ewma);
+        let ewma = crate::ewma(&mut self.ewma, p95, EWMA_ALPHA);
         let secs = ((w.end_unix_ms.saturating_sub(w.start_unix_ms)) as f64 / 1000.0).max(1e-3);
         let throughput = w.node.bytes_acked as f64 * 8.0 / secs / 1e6;
-        let throughput_ewma = self
-            .throughput_ewma
-            .map_or(throughput, |e| e + EWMA_ALPHA * (throughput - e));
-        self.throughput_ewma = Some(throughput_ewma);
+        let throughput_ewma = crate::ewma(&mut self.throughput_ewma, throughput, EWMA_ALPHA);
         let inflight: u64 = w.flows.iter().map(|f| f.bytes_in_flight as u64).sum();
         let accept: u64 = w
             .backlog

@@ -121,7 +121,7 @@ impl ComputeLimit {
         };
         self.last_queue_ms = Some(load.queue_p95_ms);
         if let Some(b) = load.busy {
-            self.busy = Some(self.busy.map_or(b, |e| e + BUSY_ALPHA * (b - e)));
+            crate::ewma(&mut self.busy, b, BUSY_ALPHA);
         }
         let queued = load.queue_p95_ms > QUEUE_OBJECTIVE_MS;
         if self.limit.is_none() {

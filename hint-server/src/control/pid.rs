@@ -384,6 +384,14 @@ impl Pid {
         self.u_per_mbit.map(|k| (k * mbit).min(1.0))
     }
 
+    /// The rate (fraction of max) a link delivering `mbit` Mbit/s carries, for the tracking law:
+    /// from the queue's slope where measured (unbiased), else the fit.
+    fn carried_at(&self, mbit: f64) -> Option<f64> {
+        self.slope_per_mbit
+            .or(self.u_per_mbit)
+            .map(|k| (k * mbit).min(1.0))
+    }
+
     /// Remembers a rate guessed to overload the path (`None`: forgets it).
     fn remember_overload(&mut self, u: Option<f64>) {
         self.congested_u = u;
@@ -502,11 +510,7 @@ impl Controller for Pid {
         if let (Some(m), Some(pm), Some(g), true) = (obs.mean_rtt_ms, prev_mean, got, holdable) {
             let carried = (self.prev_u + self.last_u) / 2.0 / (1.0 + (m - pm) / 1000.0 / dt);
             if carried.is_finite() && carried > 0.0 {
-                let k = carried / g;
-                self.slope_per_mbit = Some(
-                    self.slope_per_mbit
-                        .map_or(k, |e| e + TRACK_SMOOTHING * (k - e)),
-                );
+                crate::ewma(&mut self.slope_per_mbit, carried / g, TRACK_SMOOTHING);
             }
         }
         let tracked = std::mem::take(&mut self.tracked);
@@ -844,7 +848,7 @@ impl Controller for Pid {
                 self.g.severe, self.g.severe_cut
             );
         } else if let Some((f, mean)) = got
-            .and_then(|g| self.slope_per_mbit.map(|k| (k * g).min(1.0)).or(fit))
+            .and_then(|g| self.carried_at(g))
             .zip(obs.mean_rtt_ms)
             .filter(|_| self.g.track_horizon > 0.0 && holdable && !after_drain)
         {
@@ -855,11 +859,11 @@ impl Controller for Pid {
             // queue reads a period late.
             // (At most half the room over the median's floor: the target stays a queue.)
             let floor = self.base50_ms.unwrap_or(base);
-            let spread = (y - mean).clamp(0.0, (sp - floor).max(0.0) / 2.0);
-            let spread = self
-                .spread_ms
-                .map_or(spread, |s| s + TRACK_SMOOTHING * (spread - s));
-            self.spread_ms = Some(spread);
+            let spread = crate::ewma(
+                &mut self.spread_ms,
+                (y - mean).clamp(0.0, (sp - floor).max(0.0) / 2.0),
+                TRACK_SMOOTHING,
+            );
             let slope = (self.last_u / f.max(1e-9) - 1.0) * dt;
             let queue_end = mean / 1000.0 + slope / 2.0;
             let target = (sp - spread) / 1000.0;
@@ -928,10 +932,7 @@ impl Controller for Pid {
         } else {
             1.0
         };
-        let anomaly = self
-            .anomaly_ewma
-            .map_or(obs.anomaly, |prev| a * obs.anomaly + (1.0 - a) * prev);
-        self.anomaly_ewma = Some(anomaly);
+        let anomaly = crate::ewma(&mut self.anomaly_ewma, obs.anomaly, a);
         // The score damps only while the delay says the path is congested (p95 at or past the
         // setpoint, or a forecast past it): a full-but-fast link under heavy load looks unusual to
         // the forest, yet cutting it costs throughput and buys no latency (on the test bed the

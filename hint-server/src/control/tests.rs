@@ -13,11 +13,16 @@ fn limits() -> Limits {
 
 /// Mean figures of each controller over several seeds of the default plant (20 → 5 → 20 Mbit/s).
 fn mean_figures(kind: ControllerKind) -> (f64, f64, f64) {
+    mean_figures_with(kind, || Governor::new(kind, limits()))
+}
+
+/// [`mean_figures`] of the governor `make` builds (a controller with its own gains).
+fn mean_figures_with(kind: ControllerKind, make: impl Fn() -> Governor) -> (f64, f64, f64) {
     let plant = Plant::default();
     let (mut band, mut mape, mut util) = (0.0, 0.0, 0.0);
     let seeds = 8;
     for seed in 0..seeds {
-        let f = figures(kind, &plant, 50.0, &simulate(kind, &plant, limits(), seed));
+        let f = figures(kind, &plant, 50.0, &simulate_with(make(), &plant, seed));
         band += f.steady_in_band;
         mape += f.steady_mape;
         util += f.steady_utilisation;
@@ -62,22 +67,10 @@ fn a_standing_queue_is_tracked_within_the_band() {
     // a bottleneck queue integrates the rate's excess over the link, and a PID on the p95 alone
     // swings around the link's rate (about 60 % of steady periods in the band).
     let band = |g: PidGains| {
-        let plant = Plant::default();
-        let seeds = 8;
-        (0..seeds)
-            .map(|seed| {
-                let gov =
-                    Governor::with_controller(AnyController::Pid(Pid::new(g, &limits())), limits());
-                figures(
-                    ControllerKind::Pid,
-                    &plant,
-                    50.0,
-                    &simulate_with(gov, &plant, seed),
-                )
-                .steady_in_band
-            })
-            .sum::<f64>()
-            / seeds as f64
+        mean_figures_with(ControllerKind::Pid, || {
+            Governor::with_controller(AnyController::Pid(Pid::new(g, &limits())), limits())
+        })
+        .0
     };
     let tracking = band(PidGains::default());
     let pid_alone = band(PidGains {
