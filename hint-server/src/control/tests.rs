@@ -1222,6 +1222,23 @@ fn a_fit_read_high_across_the_step_is_lowered_by_the_window_after_the_drain() {
 }
 
 #[test]
+fn a_queue_falling_from_the_buffer_after_a_drain_is_not_cut_by_half() {
+    use super::pid::PidGains;
+    let l = limits();
+    let (mut pid, k, r0) = pid_at_the_setpoint(PidGains::default());
+    let fit = r0 / 4.0;
+    // Narrowed to a quarter: cut, drained; the next window's p95 is still over three times the
+    // setpoint, but down from the buffer by half — draining, not a full buffer to halve.
+    pid_window(&mut pid, &l, k, (320.0, 320.0), r0 * 0.8 / 4.0);
+    pid_window(&mut pid, &l, k + 1, (300.0, 180.0), r0 * 0.8 / 4.0);
+    let next = pid_window(&mut pid, &l, k + 2, (170.0, 80.0), r0 * 0.8 / 4.0);
+    assert!(
+        next >= 0.75 * fit,
+        "a queue falling 300 → 170 ms: {next:.2} where {fit:.2} fits"
+    );
+}
+
+#[test]
 fn a_drain_sized_to_the_queue_is_not_damped_again_by_the_anomaly_score() {
     use super::pid::PidGains;
     let l = limits();
