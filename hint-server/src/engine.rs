@@ -79,6 +79,7 @@ pub fn on_window(
         predicted_p95_ms: st.last_predicted_ms,
         anomaly: st.last_anomaly,
         inflight: None,
+        retransmits_per_s: f.get("retransmits_per_s"),
         backend_queued: load.is_some_and(|l| l.queue_p95_ms > compute::QUEUE_OBJECTIVE_MS),
         stale: false,
     };
@@ -106,6 +107,7 @@ pub fn on_stale(
         predicted_p95_ms: None,
         anomaly: st.last_anomaly,
         inflight: None,
+        retransmits_per_s: 0.0,
         backend_queued: false,
         stale: true,
     };
@@ -472,6 +474,7 @@ mod tests {
             predicted_p95_ms: None,
             anomaly: 0.0,
             inflight: None,
+            retransmits_per_s: 0.0,
             backend_queued: false,
             stale: false,
         };

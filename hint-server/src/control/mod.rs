@@ -37,6 +37,10 @@ pub struct Observation {
     pub mean_rtt_ms: Option<f64>,
     /// What the node's connections delivered in the window (bytes acknowledged), Mbit/s.
     pub delivered_mbit_s: Option<f64>,
+    /// Segments the node's connections retransmitted in the window, per second. A window with
+    /// retransmissions acknowledges late — repairing a hole acknowledges at once the bytes
+    /// received past it, delivered in an earlier window — so what it delivered misreads the link.
+    pub retransmits_per_s: f64,
     /// Forecast of the p95 RTT one interval ahead, milliseconds.
     pub predicted_p95_ms: Option<f64>,
     /// Isolation Forest score, 0 … 1.

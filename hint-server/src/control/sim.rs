@@ -172,6 +172,8 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             predicted_p95_ms: Some(forecast),
             anomaly: 0.4,
             inflight: None,
+            // Every dropped segment is sent again.
+            retransmits_per_s: dropped / 1448.0 / plant.period_s,
             backend_queued: false,
             stale: false,
         });

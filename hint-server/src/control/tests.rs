@@ -182,7 +182,7 @@ proptest! {
         for (rtt, pred, anomaly, stale, dt) in steps {
             now += dt;
             let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None, mean_rtt_ms: None,
-        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, backend_queued: false, stale });
+        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, retransmits_per_s: 0.0, backend_queued: false, stale });
             prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
             prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
             prop_assert!(d.max_concurrency >= 1 && d.max_concurrency <= l.max_concurrency);
@@ -255,6 +255,7 @@ fn a_lasting_anomaly_damps_the_rate_without_ratcheting_it_down() {
             predicted_p95_ms: Some(45.0),
             anomaly: 1.0,
             inflight: None,
+            retransmits_per_s: 0.0,
             backend_queued: false,
             stale: false,
         };
@@ -288,6 +289,7 @@ fn the_anomaly_score_damps_only_while_the_path_is_congested() {
                     predicted_p95_ms: Some(p95),
                     anomaly,
                     inflight: None,
+                    retransmits_per_s: 0.0,
                     backend_queued: false,
                     stale: false,
                 };
@@ -1218,6 +1220,66 @@ fn a_fit_read_high_across_the_step_is_lowered_by_the_window_after_the_drain() {
         most <= fit * 1.05,
         "climbed to {most:.2} under the setpoint where {fit:.2} fits (the straddled fit {:.2})",
         fit * 1.5
+    );
+}
+
+#[test]
+fn a_draining_window_that_still_drops_returns_under_the_fit_it_was_read_from() {
+    use super::pid::PidGains;
+    let l = limits();
+    // The link narrows to a quarter; the window that shows it straddled the step and delivered
+    // 1.25× what the link now carries. The draining window after the cut, with `retransmits`
+    // per second: the loop goes back to the fit read from the first, under it by the fit's
+    // margin (10 %) while the window still drops, to the fit itself once it does not.
+    // The window after that, without retransmissions, its queue drained partway through (no
+    // queue in its p95, 95 % of the link delivered): the loop refits on it, not back to the fit
+    // read high.
+    let held_after = |retransmits: f64, windows: &[(f64, f64)], over: f64| {
+        let (mut pid, k, r0) = pid_at_the_setpoint(PidGains::default());
+        let read = r0 * over / 4.0;
+        let mut rate = 0.0;
+        for (i, &(p95, p50)) in windows.iter().enumerate() {
+            let obs = Observation {
+                now: (k + i) as f64,
+                p95_rtt_ms: Some(p95),
+                p50_rtt_ms: Some(p50),
+                delivered_mbit_s: Some(if i < 2 {
+                    read * 0.8
+                } else {
+                    r0 * 0.8 / 4.0 * 0.95
+                }),
+                predicted_p95_ms: Some(p95),
+                retransmits_per_s: if i < 2 { retransmits } else { 0.0 },
+                ..Observation::default()
+            };
+            rate = pid.update(&obs, &l).0;
+            pid.applied(rate);
+        }
+        (rate, read, r0 / 4.0)
+    };
+    let drain = [(320.0, 320.0), (300.0, 180.0)];
+    let (dropping, read, fits) = held_after(40.0, &drain, 1.25);
+    let (clean, _, _) = held_after(0.0, &drain, 1.25);
+    let after_drain = [drain[0], drain[1], (16.0, 11.0)];
+    let (after, _, _) = held_after(40.0, &after_drain, 1.25);
+    // A fit read only 4 % high is refitted too (within the fit's margin, but the suspect one).
+    let (after_near, near, _) = held_after(40.0, &after_drain, 1.04);
+    assert!(
+        (dropping / (read * 0.9) - 1.0).abs() < 0.03,
+        "still dropping: {dropping:.2}, expected {:.2} (the fit read {read:.2}, less 10 %)",
+        read * 0.9
+    );
+    assert!(
+        (clean / read - 1.0).abs() < 0.03,
+        "no drops: {clean:.2}, expected the fit {read:.2}"
+    );
+    assert!(
+        after <= fits * 1.02 && after >= fits * 0.9,
+        "the clean window after: {after:.2} where {fits:.2} fits (the fit read {read:.2})"
+    );
+    assert!(
+        after_near <= fits * 1.02,
+        "the clean window after: {after_near:.2} where {fits:.2} fits (the fit read {near:.2})"
     );
 }
 
