@@ -817,8 +817,8 @@ impl Controller for Pid {
             // from windows that acknowledged late or straddled the step, and such fits err high
             // — on the test bed 5.4–6.0 Mbit/s read on a link that delivers 4.7, and the loop went
             // back to 6.8–7.4 req/s where 5.85 fitted, refilling the queue for two more windows.
-            // Under the fit by its margin for this period; the next window without
-            // retransmissions refits the link (below).
+            // Under the fit by its margin for this period; in the next, a window without
+            // retransmissions refits the link (`clean_after_dropping`).
             if self.drain_sized && obs.retransmits_per_s > 0.0 {
                 terms = (1.0 - FIT_MARGIN).ln();
                 self.fit_read_dropping = true;
