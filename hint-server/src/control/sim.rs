@@ -19,6 +19,9 @@
 use super::{Governor, Limits, Observation};
 use tokenflow_schema::ControllerKind;
 
+/// Payload bytes per TCP segment (Ethernet, timestamps): the plant's drops in retransmitted segments.
+const MSS_BYTES: f64 = 1448.0;
+
 #[derive(Clone, Debug)]
 pub struct Plant {
     pub base_rtt_ms: f64,
@@ -173,7 +176,7 @@ pub fn simulate_with(mut gov: Governor, plant: &Plant, seed: u64) -> Vec<Period>
             anomaly: 0.4,
             inflight: None,
             // Every dropped segment is sent again.
-            retransmits_per_s: dropped / 1448.0 / plant.period_s,
+            retransmits_per_s: dropped / MSS_BYTES / plant.period_s,
             backend_queued: false,
             stale: false,
         });

@@ -170,7 +170,8 @@ proptest! {
     fn rates_stay_within_limits_for_any_input(
         kind in kind_strategy(),
         steps in proptest::collection::vec(
-            (proptest::option::of(0.0f64..5000.0), proptest::option::of(0.0f64..5000.0), 0.0f64..1.0, any::<bool>(), 0.01f64..5.0),
+            (proptest::option::of(0.0f64..5000.0), proptest::option::of(0.0f64..5000.0), 0.0f64..1.0, any::<bool>(), 0.01f64..5.0,
+             proptest::option::of(0.0f64..100.0), prop_oneof![Just(0.0f64), 0.0f64..500.0]),
             1..80,
         ),
         max in 1.0f64..500.0,
@@ -179,10 +180,11 @@ proptest! {
         let mut g = Governor::new(kind, l);
         let mut now = 0.0;
         let mut last = g.last_rps();
-        for (rtt, pred, anomaly, stale, dt) in steps {
+        // What the link delivered and its retransmits too: the fits, the drain and its refit.
+        for (rtt, pred, anomaly, stale, dt, delivered_mbit_s, retransmits_per_s) in steps {
             now += dt;
-            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: None, mean_rtt_ms: None,
-        delivered_mbit_s: None, predicted_p95_ms: pred, anomaly, inflight: None, retransmits_per_s: 0.0, backend_queued: false, stale });
+            let d = g.update(&Observation { now, p95_rtt_ms: rtt, p50_rtt_ms: rtt.map(|r| r * 0.6), mean_rtt_ms: rtt.map(|r| r * 0.7),
+        delivered_mbit_s, predicted_p95_ms: pred, anomaly, inflight: None, retransmits_per_s, backend_queued: false, stale });
             prop_assert!(d.rate_rps.is_finite() && d.rate_rps >= 0.0);
             prop_assert!(d.rate_rps >= l.min_rps - 1e-9 && d.rate_rps <= l.max_rps + 1e-9);
             prop_assert!(d.max_concurrency >= 1 && d.max_concurrency <= l.max_concurrency);
