@@ -16,13 +16,13 @@ use axum::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
     },
-    routing::{get, put},
+    routing::{get, post, put},
 };
 use futures_util::{Stream, StreamExt};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use redis::{AsyncCommands, streams::StreamRangeReply};
 use serde::{Deserialize, Serialize};
-use tokenflow_schema::{ClientConfig, ClientConfigInput, Hint, keys};
+use tokenflow_schema::{ClientConfig, ClientConfigInput, DispatchReport, Hint, keys};
 use tokio_stream::wrappers::BroadcastStream;
 use utoipa::{OpenApi, ToSchema};
 
@@ -396,6 +396,31 @@ async fn put_client(
     Ok(Json(cfg))
 }
 
+#[utoipa::path(post, path = "/v1/clients/{client_id}/dispatched", request_body = DispatchReport,
+    params(("client_id" = String, Path, description = "A registered client")),
+    responses((status = 204, description = "recorded: the client's next hints say what it sent in each telemetry window"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn post_dispatched(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    ClientId(id): ClientId,
+    body: Result<Json<DispatchReport>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&app, &headers, true)?;
+    let Json(report) = body?;
+    let clients = app.clients().await.map_err(ApiError::unavailable)?;
+    if !clients.iter().any(|(c, _)| *c == id) {
+        return Err(ApiError::not_found(format!(
+            "client {id} is not registered"
+        )));
+    }
+    app.store
+        .record_dispatched(&id, unix_ms(), report.requests_total)
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/v1/clients/{client_id}", params(("client_id" = String, Path)),
     responses((status = 200, body = ClientConfig), (status = 404, body = ErrorBody)))]
 async fn get_client(
@@ -470,6 +495,7 @@ async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
         nodes,
         history,
         put_client,
+        post_dispatched,
         get_client,
         delete_client,
         healthz,
@@ -479,6 +505,7 @@ async fn readyz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
         Hint,
         ClientConfig,
         ClientConfigInput,
+        DispatchReport,
         ErrorBody,
         ErrorDetail,
         NodeInfo,
@@ -523,6 +550,7 @@ pub fn router(app: AppState) -> Router {
             "/v1/clients/{client_id}",
             put(put_client).get(get_client).delete(delete_client),
         )
+        .route("/v1/clients/{client_id}/dispatched", post(post_dispatched))
         .route("/v1/schema/telemetry-window", get(window_schema))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -54,6 +54,7 @@ pub fn decision(trace_path: &Path) -> Result<serde_json::Value> {
                 &l.window,
                 &clients,
                 Some(&models),
+                &Default::default(),
                 l.window.end_unix_ms,
                 1000,
             );

@@ -22,6 +22,46 @@ use crate::{
 /// Windows missed before a node's input counts as stale.
 pub const STALE_INTERVALS: u64 = 3;
 
+/// Each client's dispatch reports, oldest first: (arrival unix ms, requests dispatched so far).
+pub type Dispatched = std::collections::HashMap<String, Vec<(u64, u64)>>;
+
+/// A report this much older than a window's end still counts for it (the pacer reports every
+/// 100 ms; the window is decided on at once).
+const REPORT_LAG_MS: u64 = 300;
+
+/// Requests per second dispatched between `from_ms` and `to_ms`, read from a client's reports:
+/// the counter at each end, interpolated between the reports around it. The newest report may be
+/// up to [`REPORT_LAG_MS`] before the end: then the rate is of the span up to it (counting nothing
+/// after it would read the window low by up to a tenth). None unless the reports cover the span
+/// so and the counter never went back (a restarted pacer).
+pub fn dispatched_rps(reports: &[(u64, u64)], from_ms: u64, to_ms: u64) -> Option<f64> {
+    if reports
+        .windows(2)
+        .any(|p| p[1].1 < p[0].1 || p[1].0 < p[0].0)
+    {
+        return None;
+    }
+    let (first, last) = (reports.first()?, reports.last()?);
+    let to_ms = if to_ms > last.0 && to_ms - last.0 <= REPORT_LAG_MS {
+        last.0
+    } else {
+        to_ms
+    };
+    if from_ms < first.0 || to_ms > last.0 || to_ms <= from_ms {
+        return None;
+    }
+    let at = |t: u64| {
+        let k = reports.partition_point(|r| r.0 <= t).max(1);
+        let a = reports[k - 1];
+        let Some(&b) = reports.get(k) else {
+            return a.1 as f64;
+        };
+        let f = (t - a.0) as f64 / (b.0 - a.0).max(1) as f64;
+        a.1 as f64 + f * (b.1 - a.1) as f64
+    };
+    Some((at(to_ms) - at(from_ms)) / ((to_ms - from_ms) as f64 / 1000.0))
+}
+
 /// What the hint server remembers about a node between windows.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeState {
@@ -52,6 +92,7 @@ pub fn on_window(
     w: &TelemetryWindow,
     clients: &[(String, ClientConfig)],
     models: Option<&Models>,
+    dispatched: &Dispatched,
     now_ms: u64,
     interval_ms: u64,
 ) -> Outcome {
@@ -83,7 +124,21 @@ pub fn on_window(
         backend_queued: load.is_some_and(|l| l.queue_p95_ms > compute::QUEUE_OBJECTIVE_MS),
         stale: false,
     };
-    let hints = decide(st, &w.node_id, clients, &o, load, now_ms, interval_ms);
+    let sent = |id: &str| {
+        dispatched
+            .get(id)
+            .and_then(|r| dispatched_rps(r, w.start_unix_ms, w.end_unix_ms))
+    };
+    let hints = decide(
+        st,
+        &w.node_id,
+        clients,
+        &o,
+        &sent,
+        load,
+        now_ms,
+        interval_ms,
+    );
     Outcome {
         hints,
         features: Some(f),
@@ -111,18 +166,30 @@ pub fn on_stale(
         backend_queued: false,
         stale: true,
     };
-    decide(st, node_id, clients, &o, None, now_ms, interval_ms)
+    decide(
+        st,
+        node_id,
+        clients,
+        &o,
+        &|_| None,
+        None,
+        now_ms,
+        interval_ms,
+    )
 }
 
 pub fn is_stale(st: &NodeState, now_ms: u64, interval_ms: u64) -> bool {
     st.windows == 0 || now_ms.saturating_sub(st.last_window_end_ms) > STALE_INTERVALS * interval_ms
 }
 
+/// `sent`: a client's requests per second dispatched in the window, where its pacer reported them.
+#[allow(clippy::too_many_arguments)]
 fn decide(
     st: &mut NodeState,
     node_id: &str,
     clients: &[(String, ClientConfig)],
     obs: &Observation,
+    sent: &dyn Fn(&str) -> Option<f64>,
     load: Option<ServerLoad>,
     now_ms: u64,
     interval_ms: u64,
@@ -195,6 +262,11 @@ fn decide(
             let mut h = hint(id, c, kind, &d, rate, st, now_ms, interval_ms);
             if let Some(cap) = caps.as_ref().and_then(|c| c.get(i)) {
                 h.max_concurrency = h.max_concurrency.min(*cap);
+            }
+            // What the client's pacer says it dispatched in the window, beside what it is now
+            // allowed: whether its users fill the allowance, and whether it paces at all.
+            if let Some(s) = sent(id) {
+                h.reason = format!("{}; this client sent {s:.1} req/s in the window", h.reason);
             }
             hints.push(h);
         }
@@ -390,7 +462,16 @@ mod tests {
         for seq in 1..=12 {
             let queue_us = if seq < 11 { 20_000 } else { 2_000_000 };
             let now = 10_000 + seq * 1_000;
-            hints = on_window(&mut st, &window(seq, queue_us), &clients, None, now, 1_000).hints;
+            hints = on_window(
+                &mut st,
+                &window(seq, queue_us),
+                &clients,
+                None,
+                &Dispatched::new(),
+                now,
+                1_000,
+            )
+            .hints;
         }
         let get = |id: &str| hints.iter().find(|h| h.client_id == id).unwrap();
         // 8 busy slots: the interactive client keeps its 2, the batch client gets the other 6.
@@ -420,6 +501,7 @@ mod tests {
                 &window(seq, queue_us),
                 clients,
                 None,
+                &Dispatched::new(),
                 10_000 + seq * 1_000,
                 1_000,
             )
@@ -478,7 +560,7 @@ mod tests {
             backend_queued: false,
             stale: false,
         };
-        let hints = decide(&mut st, "n", &clients, &obs, None, 1_000, 1_000);
+        let hints = decide(&mut st, "n", &clients, &obs, &|_| None, None, 1_000, 1_000);
         let rate = |hs: &[Hint], id: &str| {
             hs.iter()
                 .find(|h| h.client_id == id)
@@ -503,6 +585,7 @@ mod tests {
             "n",
             &plain,
             &obs,
+            &|_| None,
             None,
             1_000,
             1_000,
@@ -513,5 +596,69 @@ mod tests {
             "{h2:?}"
         );
         assert!(uploads > up2, "with costs {uploads} req/s, without {up2}");
+    }
+
+    #[test]
+    fn what_was_dispatched_is_read_from_the_counter_between_the_windows_edges() {
+        // Reports every 100 ms of a pacer sending 6 requests a second, from t = 1000 ms.
+        let six: Vec<(u64, u64)> = (0..=30).map(|i| (1_000 + i * 100, i * 6 / 10)).collect();
+        let r = dispatched_rps(&six, 1_500, 2_500).unwrap();
+        assert!((r - 6.0).abs() < 0.7, "{r}");
+        // Between reports the counter is interpolated: 2.5 s at 6/s from 0 is 15, not 12 or 18.
+        let even = [(1_000, 0), (2_000, 6), (3_000, 12), (4_000, 18)];
+        assert_eq!(dispatched_rps(&even, 1_500, 3_500), Some(6.0));
+        // A window that starts before the first report, or ends long after the newest (the
+        // pacer stopped), is not covered; one ending a report's lag after it is read up to it.
+        assert_eq!(dispatched_rps(&even, 500, 1_500), None);
+        assert_eq!(dispatched_rps(&even, 3_000, 4_250), Some(6.0));
+        assert_eq!(dispatched_rps(&even, 3_500, 4_400), None);
+        // A counter that went back (the pacer restarted) says nothing.
+        assert_eq!(
+            dispatched_rps(&[(1_000, 50), (2_000, 3), (3_000, 9)], 1_500, 2_500),
+            None
+        );
+        assert_eq!(dispatched_rps(&[], 1_500, 2_500), None);
+    }
+
+    #[test]
+    fn each_hint_says_what_its_client_sent_in_the_window_where_it_reported() {
+        let with = |class| {
+            ClientConfig::merge(
+                None,
+                &ClientConfigInput {
+                    node_id: Some("n".into()),
+                    class: Some(class),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let clients = vec![
+            ("uploads".to_string(), with(ClientClass::Batch)),
+            ("chat".to_string(), with(ClientClass::Interactive)),
+        ];
+        let obs = Observation {
+            now: 1.0,
+            p95_rtt_ms: Some(40.0),
+            ..Default::default()
+        };
+        let hints = decide(
+            &mut NodeState::default(),
+            "n",
+            &clients,
+            &obs,
+            &|id| (id == "uploads").then_some(6.04),
+            None,
+            1_000,
+            1_000,
+        );
+        let reason = |id: &str| &hints.iter().find(|h| h.client_id == id).unwrap().reason;
+        assert!(
+            reason("uploads").ends_with("; this client sent 6.0 req/s in the window"),
+            "{}",
+            reason("uploads")
+        );
+        // A client whose pacer does not report (an old one, or one without the token).
+        assert!(!reason("chat").contains("sent"), "{}", reason("chat"));
     }
 }

@@ -484,6 +484,12 @@ async fn read_one(
 pub async fn process(app: &App, w: &TelemetryWindow) -> Result<()> {
     let clients = app.clients().await?;
     let mut st = app.store.node_state(&w.node_id).await?;
+    let mine: Vec<&str> = clients
+        .iter()
+        .filter(|(_, c)| c.node_id == w.node_id)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let dispatched = app.store.dispatched(&mine).await?;
     let models = app.models.load_full();
     let t0 = Instant::now();
     let out = on_window(
@@ -491,6 +497,7 @@ pub async fn process(app: &App, w: &TelemetryWindow) -> Result<()> {
         w,
         &clients,
         models.as_deref(),
+        &dispatched,
         unix_ms(),
         app.settings.interval.as_millis() as u64,
     );

@@ -12,6 +12,11 @@ use tokenflow_schema::{
 
 use crate::engine::NodeState;
 
+/// Dispatch reports kept per client (at the pacer's ten a second, four seconds of them), and how
+/// long they outlive the newest.
+pub const DISPATCH_KEEP: isize = 40;
+pub const DISPATCH_TTL_MS: u64 = 10_000;
+
 /// A replica not seen for this long is forgotten, and removed from the consumer group.
 pub const REPLICA_FORGET_MS: u64 = 60_000;
 
@@ -103,12 +108,14 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a client's settings, then its hint (two keys, two slots in a cluster; a hint left
-    /// behind by a failure in between expires with its TTL); false when it was not registered.
+    /// Removes a client's settings, then its hint and dispatch reports (separate keys and slots in
+    /// a cluster; what a failure in between leaves behind expires); false when it was not
+    /// registered.
     pub async fn delete_client(&self, id: &str) -> Result<bool> {
         let mut con = self.con.clone();
         let removed: u32 = con.hdel(keys::CLIENTS, id).await?;
         let _: u32 = con.del(keys::hint(id)).await?;
+        let _: u32 = con.del(keys::dispatched(id)).await?;
         Ok(removed > 0)
     }
 
@@ -145,6 +152,42 @@ impl Store {
         }
         b.exec(&mut self.con.clone(), true).await?;
         Ok(())
+    }
+
+    /// Appends a client's [`tokenflow_schema::DispatchReport`], stamped `at_ms` on arrival,
+    /// keeping the last [`DISPATCH_KEEP`] for [`DISPATCH_TTL_MS`] after the newest.
+    pub async fn record_dispatched(&self, id: &str, at_ms: u64, total: u64) -> Result<()> {
+        let key = keys::dispatched(id);
+        let mut b = Batch::new();
+        let mut push = redis::cmd("RPUSH");
+        push.arg(&key).arg(format!("{at_ms} {total}"));
+        let mut trim = redis::cmd("LTRIM");
+        trim.arg(&key).arg(-DISPATCH_KEEP).arg(-1);
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(DISPATCH_TTL_MS);
+        b.keyed(&key, push).keyed(&key, trim).keyed(&key, expire);
+        b.exec(&mut self.con.clone(), true).await?;
+        Ok(())
+    }
+
+    /// The dispatch reports of `ids` (those with any), oldest first.
+    pub async fn dispatched(&self, ids: &[&str]) -> Result<crate::engine::Dispatched> {
+        let reads = ids.iter().map(|id| async move {
+            let raw: Vec<String> = self.con.clone().lrange(keys::dispatched(id), 0, -1).await?;
+            let samples: Vec<(u64, u64)> = raw
+                .iter()
+                .filter_map(|r| {
+                    let (t, n) = r.split_once(' ')?;
+                    Some((t.parse().ok()?, n.parse().ok()?))
+                })
+                .collect();
+            anyhow::Ok((id.to_string(), samples))
+        });
+        Ok(futures_util::future::try_join_all(reads)
+            .await?
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect())
     }
 
     pub async fn nodes(&self) -> Result<Vec<String>> {

@@ -165,6 +165,56 @@ async fn writes_need_the_token_and_bad_input_names_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dispatch_reports_need_the_token_and_a_registered_client_and_are_kept_for_the_engine() {
+    let redis = RedisServer::start_ephemeral().unwrap();
+    let app = app(&redis, Some(TOKEN), None).await;
+    let r = router(app.clone());
+    let good = r#"{"requests_total":42}"#;
+    let url = "/v1/clients/c1/dispatched";
+    let (s, v) = call(&r, "POST", url, None, Some(good)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    let (s, v) = call(&r, "POST", url, Some(TOKEN), Some(good)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "not registered yet: {v}");
+    let (s, _) = call(
+        &r,
+        "PUT",
+        "/v1/clients/c1",
+        Some(TOKEN),
+        Some(r#"{"node_id":"n1"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    for (body, field) in [
+        (r#"{"requests_total":-1}"#, Some("requests_total")),
+        (r#"{"requests_total":"many"}"#, Some("requests_total")),
+        (r#"{"requests":42}"#, Some("requests")),
+        ("{not json", Some("body")),
+    ] {
+        let (s, v) = call(&r, "POST", url, Some(TOKEN), Some(body)).await;
+        assert_eq!(s.as_u16() / 100, 4, "{body}: {s} {v}");
+        assert_eq!(v["error"]["field"].as_str(), field, "{body}: {v}");
+    }
+    for total in [40, 42] {
+        let body = format!(r#"{{"requests_total":{total}}}"#);
+        let (s, v) = call(&r, "POST", url, Some(TOKEN), Some(&body)).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
+    // What the engine reads for the node's clients: both reports, stamped on arrival, in order.
+    let kept = app.store.dispatched(&["c1", "c2"]).await.unwrap();
+    let c1 = &kept["c1"];
+    assert_eq!(
+        c1.iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![40, 42],
+        "{kept:?}"
+    );
+    assert!(c1[0].0 <= c1[1].0 && !kept.contains_key("c2"), "{kept:?}");
+    // Deregistering forgets them.
+    let (s, _) = call(&r, "DELETE", "/v1/clients/c1", Some(TOKEN), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(app.store.dispatched(&["c1"]).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn hints_follow_the_recorded_windows() {
     let redis = RedisServer::start_ephemeral().unwrap();
     let trace = Trace::load(&fixture()).unwrap();

@@ -131,6 +131,70 @@ pub struct HintSource {
     pub client_id: String,
     /// What the gate falls back to without a fresh hint.
     pub safe: Limit,
+    /// Bearer token for the hint server's writes: with it the pacer reports what it dispatched.
+    pub token: Option<String>,
+}
+
+/// How often the pacer tells the hint server how many requests it has dispatched: often enough
+/// that the server reads each one-second telemetry window's share to a tenth of a second.
+pub const DISPATCH_REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// Requests dispatched so far, to the backends a hint governs.
+pub type Dispatched = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Dispatched so far to `targets` (those of `node`, or all of them).
+pub fn dispatched_to(targets: Arc<Vec<Target>>, node: Option<String>) -> Dispatched {
+    Arc::new(move || {
+        targets
+            .iter()
+            .filter(|t| node.is_none() || t.node == node)
+            .map(|t| t.sent.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    })
+}
+
+/// Reports `dispatched` to `POST /v1/clients/{id}/dispatched` every [`DISPATCH_REPORT_EVERY`], for
+/// as long as the process runs. The hint server reads from the counter what this client sent in
+/// each telemetry window and states it in the client's hint (its users may leave part of the
+/// allowance unused). A refusal (no such client yet, a wrong token) is logged once and retried;
+/// without a token nothing is reported.
+pub async fn report_dispatched(http: reqwest::Client, src: HintSource, dispatched: Dispatched) {
+    let Some(token) = src.token.clone() else {
+        return;
+    };
+    let url = format!("{}/v1/clients/{}/dispatched", src.url, src.client_id);
+    let mut tick = tokio::time::interval(DISPATCH_REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut refused = None;
+    loop {
+        tick.tick().await;
+        let body = tokenflow_schema::DispatchReport {
+            requests_total: dispatched(),
+        };
+        let r = http
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&body)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        let status = r.as_ref().map(|r| r.status()).ok();
+        match (&r, status) {
+            (Ok(_), Some(s)) if s.is_success() => refused = None,
+            _ if refused == status.map(|s| s.as_u16()) => {}
+            _ => {
+                refused = status.map(|s| s.as_u16());
+                match r {
+                    Ok(r) => tracing::warn!(
+                        "reporting dispatched requests: HTTP {}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ),
+                    Err(e) => tracing::debug!("reporting dispatched requests: {e}"),
+                }
+            }
+        }
+    }
 }
 
 /// The latest hint and when it stops being valid.
@@ -154,12 +218,21 @@ pub fn apply(gate: &dyn LimitSink, latest: &Mutex<Latest>, h: Hint) {
 }
 
 /// Runs until the process ends: SSE first, polling when the stream fails, the watchdog always.
-pub async fn follow(src: HintSource, gate: Arc<dyn LimitSink>, latest: Arc<Mutex<Latest>>) {
+/// Reports what was dispatched alongside, when `dispatched` is given (see [`report_dispatched`]).
+pub async fn follow(
+    src: HintSource,
+    gate: Arc<dyn LimitSink>,
+    latest: Arc<Mutex<Latest>>,
+    dispatched: Option<Dispatched>,
+) {
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(1))
         .build()
         .unwrap_or_default();
     tokio::spawn(watchdog(src.safe, gate.clone(), latest.clone()));
+    if let Some(d) = dispatched {
+        tokio::spawn(report_dispatched(http.clone(), src.clone(), d));
+    }
     loop {
         if let Err(e) = stream(&http, &src, &gate, &latest).await {
             tracing::debug!("hint stream: {e:#}; polling");

@@ -77,7 +77,10 @@ struct Args {
     /// `interactive` or `batch` (registered at the hint server with --hint-token).
     #[arg(long, default_value = "interactive")]
     class: String,
-    /// Bearer token to register this client at the hint server (PUT /v1/clients/{id}).
+    /// Bearer token for the hint server's writes: registering this client (PUT /v1/clients/{id},
+    /// with --node-id or `URL#NODE` targets) and reporting how many requests it has dispatched,
+    /// ten times a second (POST /v1/clients/{id}/dispatched), which each hint's reason then
+    /// states beside the allowance.
     #[arg(long, env = "TOKENFLOW_HINT_TOKEN", hide_env_values = true)]
     hint_token: Option<String>,
     /// Node whose telemetry governs this client (for registration; with `URL#NODE` targets each
@@ -169,6 +172,7 @@ fn pacing(a: &Args) -> anyhow::Result<Pacing> {
             url: url.trim_end_matches('/').to_string(),
             client_id: a.client_id.clone(),
             safe,
+            token: a.hint_token.clone(),
         }),
         _ => anyhow::bail!(
             "--pacing: `{}` is not off, fixed:RATE or hints:URL",
@@ -183,11 +187,12 @@ async fn main_run(a: Args) -> anyhow::Result<()> {
         // Checked before anything is registered: a bad --target registers nothing.
         let (_, nodes) = tokenflow_pacer::route::parse_targets(&a.target)?;
         // One client per backend node, or this client on the node --node-id names.
+        // Without a node the client is registered by someone else (the token still reports).
         let clients: Vec<(String, String)> = if nodes.is_empty() {
-            let node = a.node_id.clone().ok_or_else(|| {
-                anyhow::anyhow!("--node-id is needed to register at the hint server")
-            })?;
-            vec![(a.client_id.clone(), node)]
+            a.node_id
+                .iter()
+                .map(|node| (a.client_id.clone(), node.clone()))
+                .collect()
         } else {
             nodes
                 .into_iter()

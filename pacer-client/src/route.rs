@@ -42,6 +42,8 @@ pub struct Target {
     pub node: Option<String>,
     /// Requests in flight.
     pub requests: AtomicUsize,
+    /// Requests sent to it since the start (a retry on another backend counts there too).
+    pub sent: AtomicU64,
     /// Estimated tokens in flight (prompt + `max_tokens` per request).
     pub tokens: AtomicU64,
     healthy: AtomicBool,
@@ -56,6 +58,7 @@ impl Target {
             url: url.trim_end_matches('/').to_string(),
             node: None,
             requests: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             allowed_rps: AtomicU64::new(0),
@@ -102,6 +105,7 @@ impl Target {
     }
 
     fn record_sent(&self, now: Instant) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut r) = self.recent.lock() {
             r.count = r.decayed(now) + 1.0;
             r.at = Some(now);

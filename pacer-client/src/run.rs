@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::{
     client::{Attempt, Call, Record, attempt, itl, jitter, ms},
     gate::{Gate, Limit},
-    hints::{HintSource, Latest, NodeLimits, follow, node_client},
+    hints::{HintSource, Latest, NodeLimits, dispatched_to, follow, node_client},
     prompts::Prompts,
     route::{self, Target, health_checks},
     socket::{HttpClient, SocketPacing, http_client},
@@ -111,7 +111,12 @@ pub async fn run(
     let targets: Arc<Vec<Target>> = Arc::new(targets);
     if let Pacing::Hints(src) = &cfg.pacing {
         if nodes.is_empty() {
-            tokio::spawn(follow(src.clone(), gate.clone(), latest.clone()));
+            tokio::spawn(follow(
+                src.clone(),
+                gate.clone(),
+                latest.clone(),
+                Some(dispatched_to(targets.clone(), None)),
+            ));
         } else {
             // One hint per node; the safe floor is shared out, so a dead hint server still
             // leaves the pacer at the floor in all.
@@ -131,6 +136,7 @@ pub async fn run(
                     per_node,
                     shares.node(node),
                     Arc::new(Mutex::new(Latest::default())),
+                    Some(dispatched_to(targets.clone(), Some(node.clone()))),
                 ));
             }
         }

@@ -11,7 +11,7 @@ use std::{
 use tokenflow_pacer::{
     client::{Chunk, parse_chunk},
     gate::{Gate, Limit},
-    hints::{HintSource, Latest, follow},
+    hints::{HintSource, Latest, follow, report_dispatched},
     prompts::Prompts,
     run::{Load, Pacing, RunConfig, run},
     summary::summarize,
@@ -163,8 +163,9 @@ async fn without_a_hint_server_the_gate_falls_to_the_safe_floor() {
         url: "http://127.0.0.1:1".into(),
         client_id: "c".into(),
         safe,
+        token: None,
     };
-    tokio::spawn(follow(src, gate.clone(), latest.clone()));
+    tokio::spawn(follow(src, gate.clone(), latest.clone(), None));
     let t0 = Instant::now();
     while gate.limit() != safe {
         assert!(
@@ -175,6 +176,70 @@ async fn without_a_hint_server_the_gate_falls_to_the_safe_floor() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(latest.lock().unwrap().fallbacks >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pacer_reports_what_it_dispatched_with_its_token() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A hint server that keeps every report: (bearer token, body).
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+    let keep = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/clients/c/dispatched",
+        axum::routing::post(
+            move |h: axum::http::HeaderMap, axum::Json(v): axum::Json<serde_json::Value>| {
+                let keep = keep.clone();
+                async move {
+                    let auth = h
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    keep.lock().unwrap().push((auth, v));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let src = |token: Option<&str>| HintSource {
+        url: url.clone(),
+        client_id: "c".into(),
+        safe: Limit {
+            rate: 1.0,
+            concurrency: 1,
+        },
+        token: token.map(str::to_string),
+    };
+    // Requests dispatched so far: one more each time it is read.
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let dispatched: tokenflow_pacer::hints::Dispatched =
+        Arc::new(move || counter.fetch_add(1, Ordering::Relaxed));
+    let http = reqwest::Client::new();
+    let silent = tokio::spawn(report_dispatched(
+        http.clone(),
+        src(None),
+        dispatched.clone(),
+    ));
+    let reporting = tokio::spawn(report_dispatched(http, src(Some("t0k")), dispatched));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    reporting.abort();
+    let seen = seen.lock().unwrap().clone();
+    // Every 100 ms, the first at once: four or five in 450 ms, none from the pacer without a
+    // token (it returned at once).
+    assert!((4..=6).contains(&seen.len()), "{seen:?}");
+    assert!(silent.is_finished());
+    let totals: Vec<u64> = seen
+        .iter()
+        .map(|(auth, v)| {
+            assert_eq!(auth, "Bearer t0k");
+            v["requests_total"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(totals.windows(2).all(|w| w[1] > w[0]), "{totals:?}");
 }
 
 #[test]

@@ -180,6 +180,11 @@ pub mod keys {
     pub fn hint_state(node_id: &str) -> String {
         format!("tokenflow:hint-state:{{{node_id}}}")
     }
+    /// The client's recent [`super::DispatchReport`]s, oldest first, each `"<arrival unix ms> <requests_total>"`,
+    /// kept short and expiring when the client stops reporting.
+    pub fn dispatched(client_id: &str) -> String {
+        format!("tokenflow:dispatched:{client_id}")
+    }
     /// Short lock a hint-server replica takes to do a node's periodic stale check.
     pub fn stale_lock(node_id: &str) -> String {
         format!("tokenflow:stale-lock:{{{node_id}}}")
@@ -420,6 +425,18 @@ pub struct ClientConfig {
 
 fn one() -> f64 {
     1.0
+}
+
+/// Body of `POST /v1/clients/{client_id}/dispatched`: how many requests the client's pacer has sent
+/// since it started, a counter that only grows. The hint server stamps each report on arrival,
+/// reads from the counter what the client sent in each telemetry window and says so in the
+/// client's next hint: a hint is an allowance, and users may leave part of it unused — or a client
+/// may not pace at all.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchReport {
+    pub requests_total: u64,
 }
 
 /// Body of `PUT /v1/clients/{client_id}`: every field optional; omitted fields keep their current

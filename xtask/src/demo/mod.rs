@@ -644,6 +644,10 @@ fn spawn_pacer(
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("pacer.log"))?);
+    if pacing.starts_with("hints:") {
+        // Registered by the demo; the token lets it report what it dispatched.
+        cmd.env("TOKENFLOW_HINT_TOKEN", stack::TOKEN);
+    }
     if let Some(k) = c.truncate_prompt_tokens {
         cmd.args(["--truncate-prompt-tokens", &k.to_string()]);
     }
