@@ -44,6 +44,8 @@ pub struct Call<'a> {
     /// vLLM's `ignore_eos`: always generate `max_tokens` (output lengths the same in every arm).
     pub ignore_eos: bool,
     pub timeout: Duration,
+    /// Counts the request among the uploads in progress until the response's head is back.
+    pub uploads: Option<&'a crate::socket::Uploads>,
 }
 
 /// The outcome of one attempt.
@@ -98,7 +100,10 @@ pub async fn attempt(c: &Call<'_>) -> Attempt {
             return a;
         }
     };
-    let r = match tokio::time::timeout_at(deadline, c.http.request(req)).await {
+    let upload = c.uploads.map(crate::socket::Uploads::start);
+    let r = tokio::time::timeout_at(deadline, c.http.request(req)).await;
+    drop(upload);
+    let r = match r {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             a.error = Some(format!("{e}: {}", source_chain(&e)));

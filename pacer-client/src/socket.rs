@@ -28,6 +28,47 @@ use hyper_util::{
 };
 use tokio::net::TcpStream;
 
+/// Requests whose body is on its way to a backend — sent, the response's head not yet back (the
+/// backend answers a stream's head once it has read the request) — which share the allowed byte
+/// rate between their sockets.
+#[derive(Default)]
+pub struct Uploads {
+    n: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Uploads {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn count(&self) -> usize {
+        self.n.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// One upload starts; it ends when the guard drops.
+    pub fn start(&self) -> Upload<'_> {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+        Upload(self)
+    }
+
+    /// Resolves after the count changed (at once if it changed since the last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// An upload in progress (see [`Uploads::start`]).
+pub struct Upload<'a>(&'a Uploads);
+
+impl Drop for Upload<'_> {
+    fn drop(&mut self) {
+        self.0.n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.changed.notify_one();
+    }
+}
+
 /// The kernel's "no cap" value for `SO_MAX_PACING_RATE`.
 const UNLIMITED: u64 = u64::MAX;
 

@@ -242,6 +242,35 @@ async fn the_pacer_reports_what_it_dispatched_with_its_token() {
     assert!(totals.windows(2).all(|w| w[1] > w[0]), "{totals:?}");
 }
 
+#[tokio::test]
+async fn uploads_in_progress_share_the_allowed_byte_rate() {
+    use tokenflow_pacer::{run::socket_rate, socket::Uploads};
+    // 6 req/s of 100 KB prompts: a lone upload may send 1.2 × their byte rate; two at once half
+    // of that each, so that together they send no more than one.
+    let one = socket_rate(6.0, 100_000.0, 1).unwrap();
+    assert_eq!(one, (6.0 * 100_400.0 * 1.04 * 1.2_f64).ceil() as u64);
+    assert_eq!(
+        socket_rate(6.0, 100_000.0, 0),
+        Some(one),
+        "none yet: as one"
+    );
+    let two = socket_rate(6.0, 100_000.0, 2).unwrap();
+    assert!((2 * two).abs_diff(one) <= 2, "{two} × 2 vs {one}");
+    assert_eq!(socket_rate(f64::INFINITY, 100_000.0, 3), None, "unpaced");
+    // The count follows the uploads, and each change wakes whoever follows it.
+    let u = Uploads::new();
+    let a = u.start();
+    let b = u.start();
+    assert_eq!(u.count(), 2);
+    drop(a);
+    assert_eq!(u.count(), 1);
+    tokio::time::timeout(Duration::from_millis(100), u.changed())
+        .await
+        .expect("a change was signalled");
+    drop(b);
+    assert_eq!(u.count(), 0);
+}
+
 #[test]
 fn parses_vllm_stream_chunks() {
     // Shapes from vLLM's OpenAI-compatible server (chat, completions, usage, error, done).
@@ -447,6 +476,7 @@ async fn reads_vllm_streams_from_recorded_fixtures() {
         ("error_legacy.sse", 1, 0, 1, Some("maximum context length")),
     ];
     let http = http_client(SocketPacing::new());
+    let uploads = tokenflow_pacer::socket::Uploads::new();
     for (file, chunks, prompt, completion, error) in cases {
         let (target, server) = serve_stream(std::fs::read(dir.join(file)).unwrap()).await;
         let a = attempt(&Call {
@@ -458,9 +488,15 @@ async fn reads_vllm_streams_from_recorded_fixtures() {
             truncate_prompt_tokens: None,
             ignore_eos: false,
             timeout: Duration::from_secs(5),
+            uploads: Some(&uploads),
         })
         .await;
         server.abort();
+        assert_eq!(
+            uploads.count(),
+            0,
+            "{file}: the upload ended with the response's head"
+        );
         assert_eq!(a.status, 200, "{file}");
         assert_eq!(a.token_times.len(), chunks, "{file}: content chunks");
         assert_eq!((a.tokens_in, a.tokens_out), (prompt, completion), "{file}");
