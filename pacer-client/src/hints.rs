@@ -156,8 +156,8 @@ pub fn dispatched_to(targets: Arc<Vec<Target>>, node: Option<String>) -> Dispatc
 /// Reports `dispatched` to `POST /v1/clients/{id}/dispatched` every [`DISPATCH_REPORT_EVERY`], for
 /// as long as the process runs. The hint server reads from the counter what this client sent in
 /// each telemetry window and states it in the client's hint (its users may leave part of the
-/// allowance unused). A refusal (no such client yet, a wrong token) is logged once and retried;
-/// without a token nothing is reported.
+/// allowance unused). A refusal (no such client yet, a wrong token) or an unreachable server is
+/// logged once for as long as it lasts, and retried; without a token nothing is reported.
 pub async fn report_dispatched(http: reqwest::Client, src: HintSource, dispatched: Dispatched) {
     let Some(token) = src.token.clone() else {
         return;
@@ -165,7 +165,9 @@ pub async fn report_dispatched(http: reqwest::Client, src: HintSource, dispatche
     let url = format!("{}/v1/clients/{}/dispatched", src.url, src.client_id);
     let mut tick = tokio::time::interval(DISPATCH_REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut refused = None;
+    // The last failure logged (its HTTP status, 0 when unreachable): each new kind is logged once,
+    // a success clears it.
+    let mut failing: Option<u16> = None;
     loop {
         tick.tick().await;
         let body = tokenflow_schema::DispatchReport {
@@ -178,21 +180,24 @@ pub async fn report_dispatched(http: reqwest::Client, src: HintSource, dispatche
             .timeout(Duration::from_secs(1))
             .send()
             .await;
-        let status = r.as_ref().map(|r| r.status()).ok();
-        match (&r, status) {
-            (Ok(_), Some(s)) if s.is_success() => refused = None,
-            _ if refused == status.map(|s| s.as_u16()) => {}
-            _ => {
-                refused = status.map(|s| s.as_u16());
-                match r {
-                    Ok(r) => tracing::warn!(
-                        "reporting dispatched requests: HTTP {}: {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ),
-                    Err(e) => tracing::debug!("reporting dispatched requests: {e}"),
-                }
+        let (kind, why) = match r {
+            Ok(r) if r.status().is_success() => {
+                failing = None;
+                continue;
             }
+            Ok(r) => (
+                r.status().as_u16(),
+                format!(
+                    "HTTP {}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
+            ),
+            Err(e) => (0, e.to_string()),
+        };
+        if failing != Some(kind) {
+            failing = Some(kind);
+            tracing::warn!("reporting dispatched requests to {url}: {why} (retrying)");
         }
     }
 }

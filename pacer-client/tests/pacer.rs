@@ -181,8 +181,9 @@ async fn without_a_hint_server_the_gate_falls_to_the_safe_floor() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pacer_reports_what_it_dispatched_with_its_token() {
     use std::sync::atomic::{AtomicU64, Ordering};
-    // A hint server that keeps every report: (bearer token, body).
-    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+    // A hint server that keeps every report: (when it arrived, bearer token, body).
+    type Seen = Arc<Mutex<Vec<(Instant, String, serde_json::Value)>>>;
+    let seen: Seen = Default::default();
     let keep = seen.clone();
     let app = axum::Router::new().route(
         "/v1/clients/c/dispatched",
@@ -195,7 +196,7 @@ async fn the_pacer_reports_what_it_dispatched_with_its_token() {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default()
                         .to_string();
-                    keep.lock().unwrap().push((auth, v));
+                    keep.lock().unwrap().push((Instant::now(), auth, v));
                     axum::http::StatusCode::NO_CONTENT
                 }
             },
@@ -225,16 +226,30 @@ async fn the_pacer_reports_what_it_dispatched_with_its_token() {
         dispatched.clone(),
     ));
     let reporting = tokio::spawn(report_dispatched(http, src(Some("t0k")), dispatched));
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Waits for five reports (the first goes at once), however slow the machine.
+    let t0 = Instant::now();
+    while seen.lock().unwrap().len() < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     reporting.abort();
     let seen = seen.lock().unwrap().clone();
-    // Every 100 ms, the first at once: four or five in 450 ms, none from the pacer without a
-    // token (it returned at once).
-    assert!((4..=6).contains(&seen.len()), "{seen:?}");
+    // Never faster than every 100 ms: the fifth at least 400 ms after the first (10 ms of timer
+    // slack); none from the pacer without a token (it returned at once).
+    assert!(seen.len() >= 5, "{seen:?}");
+    let span = seen[4].0 - seen[0].0;
+    assert!(
+        span >= Duration::from_millis(390),
+        "five reports in {span:?}"
+    );
     assert!(silent.is_finished());
     let totals: Vec<u64> = seen
         .iter()
-        .map(|(auth, v)| {
+        .map(|(_, auth, v)| {
             assert_eq!(auth, "Bearer t0k");
             v["requests_total"].as_u64().unwrap()
         })
